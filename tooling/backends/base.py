@@ -1,0 +1,89 @@
+"""The backend interface: probe, optional compile step, load, run.
+
+A backend turns an artifact into a ``Session`` whose ``run(feeds)`` maps input names to arrays and
+returns output names to arrays. Backends that need a compile step (ATC for OM, AOTInductor) build
+their artifact from the exported ONNX or the torch network through the shared artifact cache, so
+the same code path (build, cache, load, parity, benchmark) serves every deployed target.
+"""
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+    from tooling.model_spec import Case, ModelSpec
+
+Arrays = dict[str, np.ndarray]
+
+
+class BackendError(RuntimeError):
+    """A backend failed to compile, load or run an artifact."""
+
+
+@dataclass(frozen=True)
+class Availability:
+    ok: bool
+    reason: str = ""
+
+
+class Session(Protocol):
+    output_names: list[str]
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> Arrays: ...
+
+
+@dataclass
+class BackendConfig:
+    threads: int = 1
+    device: str | None = None  # an NPU or GPU id for backends that select one
+
+
+@dataclass
+class CompileRequest:
+    """Everything a compile step may need; each backend reads the parts it uses."""
+
+    spec: "ModelSpec"
+    case: "Case"
+    dims: dict[str, int]
+    onnx_path: Path | None
+    build_network: Callable[[], "torch.nn.Module"]
+    example_feeds: Arrays
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Backend:
+    name: str = ""
+    deployed: bool = True  # False for references (torch eager, ONNX reference)
+    consumes: str = "onnx"  # "onnx": loads the exported file; "torch": runs/compiles the network
+    needs_compile: bool = False
+    marker: str | None = None  # "npu" / "gpu": tests on this backend also carry that marker
+    timing_scope: str = "host wall time per call, inputs already on the device"
+
+    def __init__(self, config: BackendConfig | None = None):
+        self.config = config or BackendConfig()
+
+    def availability(self) -> Availability:
+        return Availability(True)
+
+    def device_class(self) -> str:
+        return "cpu"
+
+    def versions(self) -> dict[str, str]:
+        """Tool versions that change a compiled artifact's bytes (part of its cache key)."""
+        return {}
+
+    def compile(self, request: CompileRequest, staging: Path) -> None:
+        raise NotImplementedError(f"{self.name} has no compile step")
+
+    def load(self, artifact: Any, request: CompileRequest) -> Session:
+        raise NotImplementedError
+
+
+def host_description() -> str:
+    return f"{platform.machine()} {platform.processor() or ''}".strip()

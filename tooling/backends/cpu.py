@@ -1,0 +1,135 @@
+"""CPU backends: torch eager (the reference), ONNX Runtime and OpenVINO."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from tooling.backends.base import Arrays, Availability, Backend, BackendError, CompileRequest
+
+
+class TorchSession:
+    def __init__(self, network: torch.nn.Module, input_names: list[str], output_names: list[str]):
+        self.network = network.eval()
+        self.input_names = input_names
+        self.output_names = output_names
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> Arrays:
+        with torch.inference_mode():
+            result = self.network(*(torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in self.input_names))
+        if isinstance(result, Mapping):
+            values = [result[n] for n in self.output_names]
+        elif isinstance(result, torch.Tensor):
+            values = [result]
+        else:
+            values = list(result)
+        return {n: v.detach().cpu().numpy() for n, v in zip(self.output_names, values)}
+
+
+class TorchEagerBackend(Backend):
+    name = "torch"
+    deployed = False
+    consumes = "torch"
+
+    def load(self, artifact: torch.nn.Module, request: CompileRequest) -> TorchSession:
+        net = request.spec.networks[request.case.network]
+        return TorchSession(artifact, net.input_names, net.output_names)
+
+
+class OrtSession:
+    def __init__(self, path: Path, threads: int, optimize: bool, providers: list[str]):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = (
+            ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        )
+        # A spinning worker steals the other core from a parallel test or the timed backend.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as exc:  # noqa: BLE001 - ORT raises its own exception hierarchy
+            raise BackendError(f"onnxruntime cannot load {path}: {exc}") from exc
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> Arrays:
+        values = self.session.run(self.output_names, dict(feeds))
+        return dict(zip(self.output_names, values))
+
+
+class OnnxReferenceBackend(Backend):
+    """The ONNX graph as written, executed without graph rewrites: what "ONNX" means in a parity gate."""
+
+    name = "onnx"
+    deployed = False
+
+    def availability(self) -> Availability:
+        if importlib.util.find_spec("onnxruntime") is None:
+            return Availability(False, "onnxruntime is not installed (pip install onnxruntime)")
+        return Availability(True)
+
+    def load(self, artifact: Path, request: CompileRequest) -> OrtSession:
+        return OrtSession(artifact, self.config.threads, optimize=False, providers=["CPUExecutionProvider"])
+
+
+class OnnxRuntimeBackend(OnnxReferenceBackend):
+    name = "onnxruntime"
+    deployed = True
+
+    def versions(self) -> dict[str, str]:
+        import onnxruntime
+
+        return {"onnxruntime": onnxruntime.__version__}
+
+    def load(self, artifact: Path, request: CompileRequest) -> OrtSession:
+        return OrtSession(artifact, self.config.threads, optimize=True, providers=["CPUExecutionProvider"])
+
+
+class OpenVinoSession:
+    def __init__(self, path: Path, threads: int, expected_shapes: dict[str, tuple[int, ...]] | None):
+        import openvino as ov
+
+        core = ov.Core()
+        try:
+            model = core.read_model(str(path))
+            # Without the f32 hint OpenVINO runs bf16 on CPUs that have it (errors around 1e-2).
+            self.compiled = core.compile_model(
+                model, "CPU", {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads}
+            )
+        except Exception as exc:  # noqa: BLE001 - OpenVINO raises RuntimeError subclasses with the reason
+            raise BackendError(f"openvino cannot compile {path}: {exc}") from exc
+        self.request = self.compiled.create_infer_request()
+        self.output_names = [o.get_any_name() for o in self.compiled.outputs]
+        self.expected_shapes = expected_shapes or {}
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> Arrays:
+        result = self.request.infer(dict(feeds))
+        outputs = {name: np.array(result[port]) for name, port in zip(self.output_names, self.compiled.outputs)}
+        # OpenVINO has been seen to return wrongly shaped outputs without an error; never pass one on.
+        for name, shape in self.expected_shapes.items():
+            if name in outputs and tuple(outputs[name].shape) != tuple(shape):
+                raise BackendError(f"openvino returned {name} with shape {outputs[name].shape}, expected {shape}")
+        return outputs
+
+
+class OpenVinoBackend(Backend):
+    name = "openvino"
+
+    def availability(self) -> Availability:
+        if importlib.util.find_spec("openvino") is None:
+            return Availability(False, "openvino is not installed (pip install openvino)")
+        return Availability(True)
+
+    def versions(self) -> dict[str, str]:
+        import openvino
+
+        return {"openvino": openvino.__version__}
+
+    def load(self, artifact: Path, request: CompileRequest) -> OpenVinoSession:
+        return OpenVinoSession(artifact, self.config.threads, request.extra.get("expected_shapes"))

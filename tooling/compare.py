@@ -1,0 +1,100 @@
+"""Output comparison with per-output tolerances and a report that localises the worst element."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+
+from tooling.model_spec import Tolerance
+
+
+@dataclass(frozen=True)
+class OutputStats:
+    name: str
+    shape: tuple[int, ...]
+    max_abs: float
+    mean_abs: float
+    p99_abs: float
+    max_rel: float
+    cosine: float
+    worst_index: tuple[int, ...]
+    worst_actual: float
+    worst_expected: float
+    violations: int
+    tolerance: Tolerance
+
+    @property
+    def passed(self) -> bool:
+        return self.violations == 0 and self.cosine >= self.tolerance.min_cosine
+
+    def line(self) -> str:
+        verdict = "ok  " if self.passed else "FAIL"
+        return (
+            f"{verdict} {self.name} {self.shape}: max_abs={self.max_abs:.3g} mean_abs={self.mean_abs:.3g} "
+            f"p99_abs={self.p99_abs:.3g} max_rel={self.max_rel:.3g} cos={self.cosine:.7f} "
+            f"worst@{self.worst_index}: got {self.worst_actual:.6g} want {self.worst_expected:.6g} "
+            f"(atol={self.tolerance.atol:g} rtol={self.tolerance.rtol:g}, {self.violations} elements out)"
+        )
+
+
+class ComparisonError(AssertionError):
+    pass
+
+
+def compare_array(name: str, actual: np.ndarray, expected: np.ndarray, tol: Tolerance) -> OutputStats:
+    actual = np.asarray(actual)
+    expected = np.asarray(expected)
+    if actual.shape != expected.shape:
+        raise ComparisonError(f"{name}: shape {actual.shape} differs from expected {expected.shape}")
+    a = actual.astype(np.float64).ravel()
+    e = expected.astype(np.float64).ravel()
+    if a.size == 0:
+        return OutputStats(name, expected.shape, 0, 0, 0, 0, 1.0, (), 0, 0, 0, tol)
+    nonfinite = ~np.isfinite(a) | ~np.isfinite(e)
+    diff = np.abs(a - e)
+    diff[nonfinite & (a != e) & ~(np.isnan(a) & np.isnan(e))] = np.inf
+    diff[np.isnan(a) & np.isnan(e)] = 0.0
+    rel = diff / np.maximum(np.abs(e), np.finfo(np.float64).tiny)
+    # The combined bound keeps near-zero outputs (huge relative error, tiny absolute) from failing.
+    excess = diff - (tol.atol + tol.rtol * np.abs(e))
+    worst = int(np.argmax(excess))
+    norm = np.linalg.norm(a) * np.linalg.norm(e)
+    cosine = float(np.dot(a, e) / norm) if norm > 0 else float(np.array_equal(a, e))
+    return OutputStats(
+        name=name,
+        shape=tuple(expected.shape),
+        max_abs=float(diff.max()),
+        mean_abs=float(diff.mean()),
+        p99_abs=float(np.percentile(diff, 99)),
+        max_rel=float(rel.max()),
+        cosine=cosine,
+        worst_index=tuple(int(i) for i in np.unravel_index(worst, expected.shape)),
+        worst_actual=float(a[worst]),
+        worst_expected=float(e[worst]),
+        violations=int(np.count_nonzero(excess > 0)),
+        tolerance=tol,
+    )
+
+
+def compare_outputs(
+    actual: Mapping[str, np.ndarray], expected: Mapping[str, np.ndarray], tolerances: Mapping[str, Tolerance]
+) -> list[OutputStats]:
+    missing = [n for n in tolerances if n not in actual]
+    if missing:
+        raise ComparisonError(f"outputs missing from the result: {missing} (got {sorted(actual)})")
+    return [compare_array(n, actual[n], expected[n], tol) for n, tol in tolerances.items()]
+
+
+def assert_outputs_match(
+    actual: Mapping[str, np.ndarray],
+    expected: Mapping[str, np.ndarray],
+    tolerances: Mapping[str, Tolerance],
+    what: str,
+) -> list[OutputStats]:
+    stats = compare_outputs(actual, expected, tolerances)
+    failed = [s for s in stats if not s.passed]
+    if failed:
+        detail = "\n  ".join(s.line() for s in stats)
+        raise ComparisonError(f"{what}: {', '.join(s.name for s in failed)} out of tolerance\n  {detail}")
+    return stats

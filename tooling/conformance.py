@@ -1,0 +1,182 @@
+"""The shared conformance gates. A model's test module subclasses ``ConformanceSuite`` and names
+its model; the plugin parametrizes every gate from ``baselines/<model>.yaml``:
+
+    class TestVideoPose3D(ConformanceSuite):
+        model = "videopose3d"
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tooling.compare import assert_outputs_match
+from tooling.model_spec import Case
+from tooling.sources import UpstreamNotStaged
+from tooling.weights import WeightsChoice
+from tooling.workspace import AccuracyInputsMissing, Workspace
+
+# Gate label per test, shown in the conformance matrix.
+GATES = {
+    "test_port_matches_golden": "golden",
+    "test_onnx_matches_torch": "onnx-vs-torch",
+    "test_deployed_matches_onnx": "deployed-vs-onnx",
+    "test_decoded_outputs_agree": "decoded-vs-torch",
+    "test_port_matches_upstream": "port-vs-upstream",
+    "test_accuracy_on_staged_dataset": "accuracy",
+    "test_accuracy_pipeline_known_answer": "accuracy-known-answer",
+    "test_throughput": "throughput",
+}
+
+
+def require_backend(zoo: Workspace, name: str) -> None:
+    availability = zoo.availability(name)
+    if not availability.ok:
+        pytest.skip(f"{name} unavailable: {availability.reason}")
+
+
+def record(request: pytest.FixtureRequest, **result) -> None:
+    """Attach figures to the test report; the plugin puts them in the conformance matrix and JSON."""
+    request.node.user_properties.append(("zoo_result", result))
+
+
+class ConformanceSuite:
+    model: str = ""
+
+    @pytest.mark.parity
+    def test_port_matches_golden(self, zoo: Workspace, golden: dict):
+        """The port reproduces outputs the upstream code computed under the seeded init."""
+        handle = zoo.model(self.model)
+        net = handle.spec.networks[golden["network"]]
+        path = handle.spec.fixtures / "golden" / golden["file"]
+        with np.load(path) as data:
+            feeds = {name: data[name] for name in net.input_names}
+            expected = {name: data[name] for name in net.output_names}
+        weights = WeightsChoice(None, golden.get("salt", "public"))
+        module, _ = handle.network(net.name, "default", weights)
+        from tooling.backends.cpu import TorchSession
+
+        actual = TorchSession(module, net.input_names, net.output_names).run(feeds)
+        assert_outputs_match(actual, expected, net.outputs, f"{self.model}/{net.name} port vs {path.name}")
+
+    @pytest.mark.parity
+    def test_onnx_matches_torch(self, zoo: Workspace, case: Case, request):
+        handle = zoo.model(self.model)
+        net = handle.spec.networks[case.network]
+        onnx_out = handle.session("onnx", case).run(handle.feeds(case))
+        stats = assert_outputs_match(onnx_out, handle.reference(case), net.outputs, f"{case.id}: ONNX vs torch")
+        record(request, worst_max_abs=max(s.max_abs for s in stats))
+
+    @pytest.mark.parity
+    def test_deployed_matches_onnx(self, zoo: Workspace, case: Case, deployed_backend: str, request):
+        require_backend(zoo, deployed_backend)
+        handle = zoo.model(self.model)
+        feeds = handle.feeds(case)
+        expected = handle.session("onnx", case).run(feeds)
+        actual = handle.session(deployed_backend, case).run(feeds)
+        tolerances = {o: handle.spec.tolerance(case.network, o, deployed_backend) for o in expected}
+        stats = assert_outputs_match(actual, expected, tolerances, f"{case.id}: {deployed_backend} vs ONNX")
+        record(request, worst_max_abs=max(s.max_abs for s in stats))
+
+    @pytest.mark.parity
+    def test_decoded_outputs_agree(self, zoo: Workspace, case: Case, deployed_backend: str):
+        """What the task reports (poses, keypoints, flow) agrees, not only the raw tensors."""
+        require_backend(zoo, deployed_backend)
+        handle = zoo.model(self.model)
+        feeds = handle.feeds(case)
+        expected = handle.slice.decode(case.network, feeds, handle.reference(case))
+        actual = handle.slice.decode(case.network, feeds, handle.session(deployed_backend, case).run(feeds))
+        decoded = handle.spec.networks[case.network].decoded
+        assert_outputs_match(actual, expected, decoded, f"{case.id}: decoded {deployed_backend} vs torch")
+
+    @pytest.mark.parity
+    @pytest.mark.upstream
+    def test_port_matches_upstream(self, zoo: Workspace, case: Case):
+        handle = zoo.model(self.model)
+        seeded = WeightsChoice(None, zoo.options.salt)
+        try:
+            upstream, _ = handle.network(case.network, case.variant, seeded, source="upstream")
+        except UpstreamNotStaged as exc:
+            pytest.skip(str(exc))
+        from tooling.backends.cpu import TorchSession
+
+        net = handle.spec.networks[case.network]
+        feeds = handle.feeds(case)
+        actual = TorchSession(handle.network(case.network, case.variant, seeded)[0], net.input_names, net.output_names).run(feeds)
+        expected = TorchSession(upstream, net.input_names, net.output_names).run(feeds)
+        assert_outputs_match(actual, expected, net.outputs, f"{case.id}: port vs upstream")
+
+    @pytest.mark.accuracy
+    def test_accuracy_on_staged_dataset(self, zoo: Workspace, accuracy_backend: str, request):
+        require_backend(zoo, accuracy_backend)
+        handle = zoo.model(self.model)
+        accuracy = handle.spec.accuracy
+        try:
+            metrics = handle.run_accuracy(accuracy_backend, limit=zoo.options.accuracy_limit)
+        except AccuracyInputsMissing as exc:
+            pytest.skip(f"{self.model} accuracy needs staged inputs: {exc}")
+        value = metrics[accuracy.metric]
+        record(request, metrics=metrics, target=accuracy.target)
+        print(f"{self.model} {accuracy.metric} = {value:.4f} on {accuracy_backend} (target {accuracy.target})")
+        if zoo.options.accuracy_limit is not None:
+            pytest.skip(
+                f"quick look on the first {zoo.options.accuracy_limit} samples: {accuracy.metric}={value:.4f} "
+                f"(not gated: the target applies to the full set)"
+            )
+        comparison = ">=" if accuracy.higher_is_better else "<="
+        assert accuracy.passes(value), (
+            f"{self.model} {accuracy.metric} = {value:.4f}, needs {comparison} {accuracy.target} "
+            f"(tolerance {accuracy.tolerance}); all metrics: {metrics}"
+        )
+        for name, target in accuracy.extra_targets.items():
+            assert accuracy.passes(metrics[name], target), f"{self.model} {name} = {metrics[name]:.4f} vs {target}"
+
+    @pytest.mark.accuracy
+    def test_accuracy_pipeline_known_answer(self, zoo: Workspace, tmp_path, request):
+        """The whole accuracy path (reader, preprocessing, export, deployed run, metric) on generated
+        data whose correct score is known in advance."""
+        require_backend(zoo, "onnxruntime")
+        answer = zoo.model(self.model).slice.make_known_answer(tmp_path)
+        staged = zoo.with_roots(data_root=answer.data_root, weights_root=answer.weights_root)
+        metrics = staged.model(self.model).run_accuracy(
+            "onnxruntime", profile=answer.profile, label=f"{self.model} known answer"
+        )
+        record(request, metrics=metrics, expected=answer.expected)
+        for name, want in answer.expected.items():
+            assert metrics[name] == pytest.approx(want, abs=answer.tolerance), f"{name}: got {metrics[name]}, want {want}"
+
+    @pytest.mark.benchmark
+    def test_throughput(self, zoo: Workspace, case: Case, backend: str, benchmark, request, throughput_log):
+        if benchmark.disabled:
+            pytest.skip("benchmarks run in the separate -n 0 pass (pytest-benchmark is off under xdist)")
+        require_backend(zoo, backend)
+        handle = zoo.model(self.model)
+        spec = handle.spec
+        session = handle.session(backend, case)
+        feeds = handle.feeds(case)
+        session.run(feeds)  # first call pays one-off allocation and kernel selection
+        rounds = spec.profiles[case.profile].benchmark_rounds
+        benchmark.pedantic(session.run, args=(feeds,), rounds=rounds, warmup_rounds=1, iterations=1)
+        mean_s = benchmark.stats.stats.mean
+        items = spec.throughput.items(spec.dims(case), case.batch)
+        rate = items / mean_s
+        device = zoo.backend(backend).device_class()
+        entry = throughput_log.add(self.model, case, backend, device, rate, spec.throughput.unit, mean_s)
+        benchmark.extra_info.update(entry.as_dict())
+        record(request, throughput=entry.as_dict())
+        if not zoo.backend(backend).deployed:
+            return
+        if device == "cpu":
+            torch_rate = throughput_log.rate(self.model, case, "torch")
+            if torch_rate is None:
+                pytest.skip(f"{backend}: {rate:.1f} {spec.throughput.unit}; no floor checked: the torch eager "
+                            "baseline for this case was not measured in this session")
+            floor = spec.throughput.cpu_speedup_vs_torch
+            assert rate / torch_rate >= floor, (
+                f"{backend} is {rate / torch_rate:.2f}x torch eager ({rate:.1f} vs {torch_rate:.1f} "
+                f"{spec.throughput.unit}), floor {floor}x"
+            )
+        else:
+            floor = spec.throughput.floors.get(device, {}).get(case.batch)
+            if floor is None:
+                pytest.skip(f"{backend} on {device}: {rate:.1f} {spec.throughput.unit}; no floor for this device/batch")
+            assert rate >= floor, f"{backend} on {device}: {rate:.1f} {spec.throughput.unit} < floor {floor}"

@@ -1,0 +1,347 @@
+"""Per-model facts, read from ``baselines/<model>.yaml``.
+
+Everything the engine needs to know about a model lives in its yaml (shapes, tolerances, targets,
+floors, ATC settings) or in its slice package (network port, pre/post-processing, metric). The
+engine itself never branches on a model name.
+"""
+from __future__ import annotations
+
+import importlib
+import itertools
+import math
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+BASELINES_DIR = PROJECT_ROOT / "baselines"
+FIXTURES_DIR = PROJECT_ROOT / "fixtures"
+PATCHES_DIR = PROJECT_ROOT / "patches"
+
+EXPORTERS = ("torchscript", "dynamo")
+
+
+class ModelSpecError(ValueError):
+    """A baseline yaml is missing a field or holds a value of the wrong kind."""
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    atol: float
+    rtol: float
+    min_cosine: float = 0.0
+
+    @classmethod
+    def parse(cls, raw: dict[str, Any], where: str) -> "Tolerance":
+        try:
+            return cls(float(raw["atol"]), float(raw["rtol"]), float(raw.get("min_cosine", 0.0)))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelSpecError(f"{where}: tolerance needs numeric atol and rtol ({exc})") from exc
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    shape: tuple[int | str, ...]
+    dtype: str = "float32"
+
+    def concrete_shape(self, dims: dict[str, int]) -> tuple[int, ...]:
+        try:
+            return tuple(d if isinstance(d, int) else int(dims[d]) for d in self.shape)
+        except KeyError as exc:
+            raise ModelSpecError(f"input {self.name}: dimension {exc} is not set by the profile") from exc
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way of expressing the network in ONNX (e.g. a deformable conv as grid_sample or DeformConv)."""
+
+    name: str
+    backends: tuple[str, ...] | None = None  # None: every backend
+    exporters: tuple[str, ...] | None = None
+
+    def runs_on(self, backend: str) -> bool:
+        return self.backends is None or backend in self.backends
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    name: str
+    inputs: tuple[InputSpec, ...]
+    outputs: dict[str, Tolerance]
+    opset: dict[str, int]
+    default_exporter: str
+    variants: tuple[Variant, ...]
+    checkpoint_files: tuple[str, ...]
+    checkpoint_keys: tuple[str, ...]
+    goldens: tuple[dict[str, Any], ...]
+    decoded: dict[str, Tolerance] = field(default_factory=dict)
+    om: dict[str, Any] = field(default_factory=dict)
+    dynamic_axes: dict[str, dict[int, str]] = field(default_factory=dict)
+
+    @property
+    def input_names(self) -> list[str]:
+        return [i.name for i in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return list(self.outputs)
+
+    def variant(self, name: str) -> Variant:
+        for v in self.variants:
+            if v.name == name:
+                return v
+        raise ModelSpecError(f"network {self.name}: unknown variant {name!r}")
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    dims: dict[str, int]
+    batch_sizes: tuple[int, ...]
+    exporters: tuple[str, ...] | None
+    slow: bool
+    benchmark_rounds: int
+    networks: tuple[str, ...] | None
+
+    def label(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True)
+class Case:
+    """One exported artifact: network x profile x batch x exporter x variant."""
+
+    model: str
+    network: str
+    profile: str
+    batch: int
+    exporter: str
+    variant: str
+    slow: bool
+
+    @property
+    def id(self) -> str:
+        parts = [self.network, self.profile, f"b{self.batch}", self.exporter]
+        if self.variant != "default":
+            parts.append(self.variant)
+        return "-".join(parts)
+
+
+@dataclass(frozen=True)
+class AccuracySpec:
+    metric: str
+    target: float
+    tolerance: float
+    higher_is_better: bool
+    reference: float | None
+    data: tuple[str, ...]
+    profile: str
+    extra_targets: dict[str, float]
+
+    def passes(self, value: float, target: float | None = None) -> bool:
+        goal = self.target if target is None else target
+        if self.higher_is_better:
+            return value >= goal - self.tolerance
+        return value <= goal + self.tolerance
+
+
+@dataclass(frozen=True)
+class ThroughputSpec:
+    unit: str
+    items_per_call: tuple[str, ...]
+    floors: dict[str, dict[int, float]]
+    cpu_speedup_vs_torch: float
+
+    def items(self, dims: dict[str, int], batch: int) -> int:
+        values = {**dims, "batch": batch}
+        return math.prod(int(values[name]) for name in self.items_per_call)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    title: str
+    guide: str
+    slice_module: str
+    upstream: dict[str, Any]
+    networks: dict[str, NetworkSpec]
+    profiles: dict[str, Profile]
+    accuracy: AccuracySpec | None
+    throughput: ThroughputSpec
+    backend_tolerances: dict[str, dict[str, Tolerance]]
+    om: dict[str, Any]
+    raw: dict[str, Any]
+
+    @property
+    def fixtures(self) -> Path:
+        return FIXTURES_DIR / self.name
+
+    @property
+    def patches(self) -> Path:
+        return PATCHES_DIR / self.name
+
+    def tolerance(self, network: str, output: str, backend: str | None = None) -> Tolerance:
+        per_backend = self.backend_tolerances.get(backend or "", {})
+        return per_backend.get(output, self.networks[network].outputs[output])
+
+    def cases(self, *, exporters: tuple[str, ...] | None = None) -> list[Case]:
+        """Every (network, profile, batch, exporter, variant) the yaml declares, smoke before slow."""
+        result: list[Case] = []
+        for profile in self.profiles.values():
+            for net in self.networks.values():
+                if profile.networks is not None and net.name not in profile.networks:
+                    continue
+                wanted = profile.exporters or (net.default_exporter,)
+                if exporters:
+                    wanted = tuple(e for e in wanted if e in exporters) or (
+                        tuple(e for e in exporters if e in EXPORTERS)[:1]
+                    )
+                for batch, exporter, variant in itertools.product(profile.batch_sizes, wanted, net.variants):
+                    if variant.exporters is not None and exporter not in variant.exporters:
+                        continue
+                    result.append(
+                        Case(self.name, net.name, profile.name, batch, exporter, variant.name, profile.slow)
+                    )
+        return sorted(result, key=lambda c: c.slow)
+
+    def dims(self, case: Case) -> dict[str, int]:
+        return {**self.profiles[case.profile].dims, "batch": case.batch}
+
+    def load_slice(self):
+        module = importlib.import_module(self.slice_module)
+        try:
+            return module.SLICE
+        except AttributeError as exc:
+            raise ModelSpecError(f"{self.slice_module} defines no SLICE object") from exc
+
+
+def _require(raw: dict, key: str, where: str) -> Any:
+    if key not in raw:
+        raise ModelSpecError(f"{where}: missing required field {key!r}")
+    return raw[key]
+
+
+def _parse_network(name: str, raw: dict, where: str) -> NetworkSpec:
+    where = f"{where}: networks.{name}"
+    inputs = tuple(
+        InputSpec(iname, tuple(spec["shape"]), spec.get("dtype", "float32"))
+        for iname, spec in _require(raw, "inputs", where).items()
+    )
+    outputs = {
+        oname: Tolerance.parse(spec, f"{where}.outputs.{oname}")
+        for oname, spec in _require(raw, "outputs", where).items()
+    }
+    opset = {str(k): int(v) for k, v in _require(raw, "opset", where).items()}
+    exporter = raw.get("exporter", "torchscript")
+    if exporter not in EXPORTERS:
+        raise ModelSpecError(f"{where}: exporter must be one of {EXPORTERS}, not {exporter!r}")
+    variants_raw = raw.get("variants") or {"default": {}}
+    variants = tuple(
+        Variant(
+            vname,
+            tuple(v["backends"]) if v and v.get("backends") else None,
+            tuple(v["exporters"]) if v and v.get("exporters") else None,
+        )
+        for vname, v in variants_raw.items()
+    )
+    checkpoint = raw.get("checkpoint", {})
+    return NetworkSpec(
+        name=name,
+        inputs=inputs,
+        outputs=outputs,
+        opset=opset,
+        default_exporter=exporter,
+        variants=variants,
+        checkpoint_files=tuple(checkpoint.get("files", ())),
+        checkpoint_keys=tuple(checkpoint.get("state_keys", ())),
+        goldens=tuple(raw.get("goldens", ())),
+        decoded={
+            dname: Tolerance.parse(spec, f"{where}.decoded.{dname}") for dname, spec in raw.get("decoded", {}).items()
+        },
+        om=raw.get("om", {}),
+        dynamic_axes={k: {int(a): n for a, n in v.items()} for k, v in raw.get("dynamic_axes", {}).items()},
+    )
+
+
+def parse_model_spec(raw: dict[str, Any], where: str) -> ModelSpec:
+    name = _require(raw, "model", where)
+    networks = {n: _parse_network(n, r, where) for n, r in _require(raw, "networks", where).items()}
+    profiles = {}
+    for pname, p in _require(raw, "profiles", where).items():
+        profiles[pname] = Profile(
+            name=pname,
+            dims={k: int(v) for k, v in p.get("dims", {}).items()},
+            batch_sizes=tuple(int(b) for b in p.get("batch_sizes", raw.get("batch_sizes", [1]))),
+            exporters=tuple(p["exporters"]) if p.get("exporters") else None,
+            slow=bool(p.get("slow", False)),
+            benchmark_rounds=int(p.get("benchmark_rounds", 10)),
+            networks=tuple(p["networks"]) if p.get("networks") else None,
+        )
+    acc = raw.get("accuracy")
+    accuracy = None
+    if acc:
+        accuracy = AccuracySpec(
+            metric=_require(acc, "metric", f"{where}: accuracy"),
+            target=float(_require(acc, "target", f"{where}: accuracy")),
+            tolerance=float(acc.get("tolerance", 0.0)),
+            higher_is_better=bool(_require(acc, "higher_is_better", f"{where}: accuracy")),
+            reference=float(acc["upstream_reference"]) if "upstream_reference" in acc else None,
+            data=tuple(acc.get("data", ())),
+            profile=acc.get("profile", next(iter(profiles))),
+            extra_targets={k: float(v) for k, v in acc.get("extra_targets", {}).items()},
+        )
+    thr = _require(raw, "throughput", where)
+    floors = {
+        str(device): {int(b): float(v) for b, v in per_batch.items()}
+        for device, per_batch in thr.get("floors", {}).items()
+    }
+    throughput = ThroughputSpec(
+        unit=thr.get("unit", "fps"),
+        items_per_call=tuple(thr.get("items_per_call", ["batch"])),
+        floors=floors,
+        cpu_speedup_vs_torch=float(thr.get("cpu_speedup_vs_torch", 1.0)),
+    )
+    backend_tolerances = {
+        backend: {o: Tolerance.parse(t, f"{where}: backend_tolerances.{backend}.{o}") for o, t in outs.items()}
+        for backend, outs in raw.get("backend_tolerances", {}).items()
+    }
+    return ModelSpec(
+        name=name,
+        title=raw.get("title", name),
+        guide=raw.get("guide", ""),
+        slice_module=raw.get("slice", f"tooling.models.{name}"),
+        upstream=raw.get("upstream", {}),
+        networks=networks,
+        profiles=profiles,
+        accuracy=accuracy,
+        throughput=throughput,
+        backend_tolerances=backend_tolerances,
+        om=raw.get("om", {}),
+        raw=raw,
+    )
+
+
+@cache
+def load_model_spec(name: str) -> ModelSpec:
+    path = BASELINES_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(model_names()) or "none"
+        raise ModelSpecError(f"{path}: no baseline for model {name!r} (known: {known})")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ModelSpecError(f"{path}: not valid yaml ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise ModelSpecError(f"{path}: expected a mapping at the top level")
+    spec = parse_model_spec(raw, str(path))
+    if spec.name != name:
+        raise ModelSpecError(f"{path}: declares model {spec.name!r}, expected {name!r}")
+    return spec
+
+
+def model_names() -> list[str]:
+    return sorted(p.stem for p in BASELINES_DIR.glob("*.yaml"))

@@ -1,0 +1,108 @@
+"""Progress reporting and resumable per-sample results for long accuracy passes."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Callable, TextIO
+
+import numpy as np
+
+FINGERPRINT = "fingerprint.json"
+
+
+class ResultStore:
+    """Per-sample arrays on disk, so a killed accuracy pass resumes where it stopped.
+
+    Each record is written to a private temporary file and renamed into place, so a record either
+    exists whole or not at all. The store is tied to a fingerprint (artifact, backend, dataset
+    files); a different fingerprint, or ``restart=True``, wipes it rather than mixing results.
+    """
+
+    def __init__(self, directory: Path, fingerprint: dict, restart: bool = False):
+        self.directory = Path(directory)
+        encoded = json.dumps(fingerprint, sort_keys=True, default=str)
+        marker = self.directory / FINGERPRINT
+        stale = not marker.is_file() or marker.read_text() != encoded
+        if restart or stale:
+            shutil.rmtree(self.directory, ignore_errors=True)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        if not marker.is_file():
+            marker.write_text(encoded)
+        self.resumed = len(self.completed())
+
+    def _path(self, sample_id: str) -> Path:
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", sample_id)
+        if safe != sample_id:
+            safe += "-" + hashlib.sha256(sample_id.encode()).hexdigest()[:8]
+        return self.directory / f"{safe}.npz"
+
+    def completed(self) -> list[Path]:
+        return [p for p in self.directory.glob("*.npz")]
+
+    def load(self, sample_id: str) -> dict[str, np.ndarray] | None:
+        path = self._path(sample_id)
+        if not path.is_file():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                return {k: data[k] for k in data.files}
+        except (OSError, ValueError):
+            path.unlink(missing_ok=True)  # unreadable record: recompute rather than trust it
+            return None
+
+    def save(self, sample_id: str, arrays: dict[str, np.ndarray]) -> None:
+        path = self._path(sample_id)
+        tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp.npz")
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+
+    def cached(self, sample_id: str, compute: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        record = self.load(sample_id)
+        if record is None:
+            record = compute()
+            self.save(sample_id, record)
+        return record
+
+
+class ProgressReporter:
+    """Prints ``label: done/total unit, rate/s, ETA`` at most every ``interval`` seconds."""
+
+    def __init__(self, label: str, stream: TextIO | None = None, interval: float = 5.0, logfile: Path | None = None):
+        self.label = label
+        self.stream = stream or sys.stderr
+        self.interval = interval
+        self.logfile = logfile
+        self.start = time.monotonic()
+        self.last = 0.0
+        self.first_done: int | None = None
+
+    def __call__(self, done: int, total: int, unit: str) -> None:
+        now = time.monotonic()
+        if self.first_done is None:
+            self.first_done = done  # records resumed from disk do not count towards the rate
+            self.start = now
+        if done < total and now - self.last < self.interval:
+            return
+        self.last = now
+        elapsed = max(now - self.start, 1e-9)
+        fresh = done - self.first_done
+        rate = fresh / elapsed if fresh else 0.0
+        eta = (total - done) / rate if rate > 0 else float("nan")
+        line = f"{self.label}: {done}/{total} {unit}, {rate:.2f} {unit}/s, ETA {_clock(eta)}"
+        print(line, file=self.stream, flush=True)
+        if self.logfile is not None:
+            self.logfile.write_text(line + "\n")
+
+
+def _clock(seconds: float) -> str:
+    if seconds != seconds:  # NaN: no rate yet
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

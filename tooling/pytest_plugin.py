@@ -1,0 +1,203 @@
+"""pytest integration: options, the ``zoo`` fixture, gate parametrization and the conformance matrix."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from tooling.backends import BACKENDS
+from tooling.conformance import GATES, ConformanceSuite
+from tooling.locations import Roots
+from tooling.model_spec import EXPORTERS, load_model_spec
+from tooling.report import ConformanceMatrix, MatrixRow, ThroughputLog
+from tooling.workspace import Options, Workspace
+
+MODEL_MARKERS = ("videopose3d", "transpose", "dekr", "gma", "fomm")
+_matrix_key = pytest.StashKey[ConformanceMatrix]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("zoo", "zoo-conformance")
+    group.addoption("--data-root", help="staged datasets (env ZOO_DATA_ROOT)")
+    group.addoption("--weights-root", help="staged checkpoints, <root>/<model>/<file> (env ZOO_WEIGHTS_ROOT)")
+    group.addoption("--upstream-root", help="upstream clones <root>/<model> or mirrors <root>/<model>.git (env ZOO_UPSTREAM_ROOT)")
+    group.addoption("--cache-dir", help="artifact cache (env ZOO_CACHE_DIR, default .zoo-cache/)")
+    group.addoption("--rebuild", action="store_true", help="rebuild every artifact this run touches")
+    group.addoption("--exporter", action="append", choices=EXPORTERS, help="restrict to these exporters (repeatable)")
+    group.addoption("--backends", help="comma-separated deployed backends to run (default: all available)")
+    group.addoption("--threads", type=int, default=1, help="threads per backend session and for torch (default 1)")
+    group.addoption("--weights", choices=("auto", "seeded"), default="auto",
+                    help="auto: staged checkpoint when present, else seeded; seeded: always seeded")
+    group.addoption("--salt", default="public", help="salt of the seeded weights")
+    group.addoption("--device", help="NPU or GPU id for device backends")
+    group.addoption("--accuracy-limit", type=int, help="score only the first N samples (a quick look, not gated)")
+    group.addoption("--accuracy-backend", help="backend for the dataset accuracy gate (default: every deployed one)")
+    group.addoption("--restart-accuracy", action="store_true", help="discard resumable accuracy results")
+    group.addoption("--zoo-report", default="reports/conformance.json", help="JSON conformance report path")
+
+
+def _workspace(config: pytest.Config) -> Workspace:
+    opt = config.getoption
+    roots = Roots.resolve(
+        data_root=opt("--data-root"), weights_root=opt("--weights-root"),
+        upstream_root=opt("--upstream-root"), cache_dir=opt("--cache-dir"),
+    )
+    backends = tuple(b.strip() for b in opt("--backends").split(",")) if opt("--backends") else None
+    unknown = [b for b in backends or () if b not in BACKENDS]
+    if unknown:
+        raise pytest.UsageError(f"--backends: unknown {unknown}; known: {sorted(BACKENDS)}")
+    options = Options(
+        threads=opt("--threads"), rebuild=opt("--rebuild"),
+        exporters=tuple(opt("--exporter")) if opt("--exporter") else None, backends=backends,
+        weights=opt("--weights"), salt=opt("--salt"), device=opt("--device"),
+        accuracy_limit=opt("--accuracy-limit"), restart_accuracy=opt("--restart-accuracy"),
+    )
+    return Workspace(roots, options)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.stash[_matrix_key] = ConformanceMatrix()
+    torch.set_num_threads(max(1, config.getoption("--threads")))
+
+
+@pytest.fixture(scope="session")
+def zoo(pytestconfig) -> Workspace:
+    return _workspace(pytestconfig)
+
+
+@pytest.fixture(scope="session")
+def throughput_log() -> ThroughputLog:
+    return ThroughputLog()
+
+
+# -- parametrization -----------------------------------------------------------------------------
+def _case_params(spec, cases, extra_marks=()):
+    return [
+        pytest.param(c, id=c.id, marks=[*(pytest.mark.slow,) * c.slow, *extra_marks]) for c in cases
+    ]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    cls = metafunc.cls
+    if cls is None or not issubclass(cls, ConformanceSuite) or not cls.model:
+        return
+    spec = load_model_spec(cls.model)
+    exporters = tuple(metafunc.config.getoption("--exporter") or ()) or None
+    cases = spec.cases(exporters=exporters)
+    name = metafunc.function.__name__
+    deployed = [n for n, b in BACKENDS.items() if b.deployed]
+
+    if name == "test_port_matches_golden":
+        goldens = [
+            pytest.param({**g, "network": net.name}, id=f"{net.name}-{g['file'].removesuffix('.npz')}",
+                         marks=[pytest.mark.slow] if g.get("slow") else [])
+            for net in spec.networks.values() for g in net.goldens
+        ]
+        metafunc.parametrize("golden", goldens)
+    elif name in ("test_deployed_matches_onnx", "test_decoded_outputs_agree"):
+        params = []
+        for case in cases:
+            net = spec.networks[case.network]
+            if name == "test_decoded_outputs_agree" and not net.decoded:
+                continue
+            for backend in deployed:
+                if net.variant(case.variant).runs_on(backend):
+                    marks = [pytest.mark.slow] * case.slow + _backend_marks(backend)
+                    params.append(pytest.param(case, backend, id=f"{case.id}-{backend}", marks=marks))
+        metafunc.parametrize(("case", "deployed_backend"), params)
+    elif name == "test_port_matches_upstream":
+        first_per_network = {}
+        for case in cases:
+            first_per_network.setdefault(case.network, case)
+        metafunc.parametrize("case", _case_params(spec, first_per_network.values()))
+    elif name == "test_throughput":
+        params = []
+        for case in cases:
+            net = spec.networks[case.network]
+            if case.exporter != net.default_exporter and not exporters:
+                continue  # one artifact per shape is enough to time
+            for backend in ["torch", *deployed]:
+                if net.variant(case.variant).runs_on(backend) or backend == "torch":
+                    marks = [pytest.mark.slow] * case.slow + _backend_marks(backend)
+                    params.append(pytest.param(case, backend, id=f"{case.id}-{backend}", marks=marks))
+        metafunc.parametrize(("case", "backend"), params)
+    elif name == "test_accuracy_on_staged_dataset":
+        chosen = metafunc.config.getoption("--accuracy-backend")
+        names = [chosen] if chosen else deployed
+        metafunc.parametrize("accuracy_backend", [pytest.param(b, id=b, marks=_backend_marks(b)) for b in names])
+    elif "case" in metafunc.fixturenames:
+        metafunc.parametrize("case", _case_params(spec, cases))
+
+
+def _backend_marks(backend: str) -> list:
+    marker = BACKENDS[backend].marker if backend in BACKENDS else None
+    return [getattr(pytest.mark, marker)] if marker else []
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        cls = getattr(item, "cls", None)
+        if cls is None or not issubclass(cls, ConformanceSuite) or not cls.model:
+            continue
+        item.add_marker(getattr(pytest.mark, cls.model))
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        case = params.get("case")
+        backend = params.get("deployed_backend") or params.get("backend") or params.get("accuracy_backend")
+        gate = GATES.get(item.originalname, item.originalname)
+        if backend is None:
+            backend = {"onnx-vs-torch": "onnx", "golden": "torch", "port-vs-upstream": "torch"}.get(gate, "onnxruntime")
+        label = case.id if case is not None else (params["golden"]["file"] if "golden" in params else "-")
+        item.user_properties.append(("zoo_cell", {"model": cls.model, "gate": gate, "backend": backend, "case": label}))
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when == "call" or (report.when == "setup" and report.outcome != "passed") or (
+        report.when == "teardown" and report.outcome == "failed"
+    ):
+        props = dict(report.user_properties)
+        cell = props.get("zoo_cell")
+        if cell is None:
+            return
+        matrix = _current_matrix()
+        if matrix is None:
+            return
+        if report.skipped:
+            detail = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+            detail = detail.removeprefix("Skipped: ")
+        elif report.failed:
+            detail = (report.longreprtext or "").strip().splitlines()[-1][:300] if report.longreprtext else "failed"
+        else:
+            detail = ""
+        results = [v for k, v in report.user_properties if k == "zoo_result"]
+        matrix.add(MatrixRow(**cell, outcome=report.outcome, detail=detail, nodeid=report.nodeid, results=results))
+
+
+_CONFIG: list[pytest.Config] = []
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    _CONFIG[:] = [session.config]
+
+
+def _current_matrix() -> ConformanceMatrix | None:
+    return _CONFIG[0].stash.get(_matrix_key, None) if _CONFIG else None
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
+    if hasattr(config, "workerinput"):
+        return
+    matrix = config.stash.get(_matrix_key, None)
+    if not matrix or not matrix.rows:
+        return
+    terminalreporter.section("conformance matrix")
+    for line in matrix.render():
+        terminalreporter.write_line(line)
+    throughput = [r for row in matrix.rows for r in row.results if "throughput" in r]
+    path = Path(config.getoption("--zoo-report"))
+    if not path.is_absolute():
+        path = Path(config.rootpath) / path
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        matrix.write_json(path, [t["throughput"] for t in throughput])
+        terminalreporter.write_line(f"conformance report: {path}")

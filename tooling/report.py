@@ -1,0 +1,123 @@
+"""The conformance matrix (model x gate x backend x case) and the throughput table of a run."""
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class ThroughputEntry:
+    model: str
+    case: str
+    backend: str
+    device: str
+    rate: float
+    unit: str
+    mean_s: float
+    speedup_vs_torch: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class ThroughputLog:
+    """Rates measured in this process, so deployed backends can be compared with torch eager."""
+
+    entries: dict[tuple[str, str, str], ThroughputEntry] = field(default_factory=dict)
+
+    def add(self, model: str, case, backend: str, device: str, rate: float, unit: str, mean_s: float) -> ThroughputEntry:
+        torch_rate = self.rate(model, case, "torch")
+        speedup = rate / torch_rate if torch_rate and backend != "torch" else None
+        entry = ThroughputEntry(model, case.id, backend, device, rate, unit, mean_s, speedup)
+        self.entries[(model, case.id, backend)] = entry
+        return entry
+
+    def rate(self, model: str, case, backend: str) -> float | None:
+        entry = self.entries.get((model, case.id, backend))
+        return entry.rate if entry else None
+
+
+@dataclass
+class MatrixRow:
+    model: str
+    gate: str
+    backend: str
+    case: str
+    outcome: str  # passed, failed, skipped
+    detail: str = ""
+    nodeid: str = ""
+    results: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class ConformanceMatrix:
+    rows: list[MatrixRow] = field(default_factory=list)
+
+    def add(self, row: MatrixRow) -> None:
+        self.rows.append(row)
+
+    def counts(self) -> Counter:
+        return Counter(r.outcome for r in self.rows)
+
+    def skip_reasons(self) -> Counter:
+        return Counter(_reason_class(r.detail) for r in self.rows if r.outcome == "skipped")
+
+    def render(self) -> list[str]:
+        if not self.rows:
+            return []
+        width_gate = max(len(r.gate) for r in self.rows)
+        width_backend = max(len(r.backend) for r in self.rows)
+        width_case = max(len(r.case) for r in self.rows)
+        lines = []
+        for model in sorted({r.model for r in self.rows}):
+            lines.append(f"[{model}]")
+            for r in sorted((r for r in self.rows if r.model == model), key=lambda r: (r.gate, r.backend, r.case)):
+                detail = f"  {r.detail}" if r.outcome != "passed" and r.detail else _figures(r.results)
+                lines.append(
+                    f"  {r.gate:<{width_gate}}  {r.backend:<{width_backend}}  {r.case:<{width_case}}  "
+                    f"{r.outcome.upper():<7}{detail}"
+                )
+        counts = self.counts()
+        lines.append(
+            f"total: {counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped"
+        )
+        for reason, n in self.skip_reasons().most_common():
+            lines.append(f"  skipped x{n}: {reason}")
+        return lines
+
+    def write_json(self, path: Path, throughput: list[dict] | None = None) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "counts": dict(self.counts()),
+            "skips_by_reason": dict(self.skip_reasons()),
+            "rows": [asdict(r) for r in self.rows],
+            "throughput": throughput or [],
+        }
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(payload, indent=1, default=str))
+        os.replace(tmp, path)
+
+
+def _reason_class(detail: str) -> str:
+    """Group skip messages by their cause (the text before the first colon names it)."""
+    return detail.split(":", 1)[0].strip()[:100] if detail else "no reason given"
+
+
+def _figures(results: list[dict]) -> str:
+    parts = []
+    for result in results:
+        if "throughput" in result:
+            t = result["throughput"]
+            ratio = f", {t['speedup_vs_torch']:.2f}x torch" if t.get("speedup_vs_torch") else ""
+            parts.append(f"{t['rate']:.1f} {t['unit']} on {t['device']}{ratio}")
+        if "metrics" in result:
+            shown = {k: round(v, 4) for k, v in result["metrics"].items() if "/" not in k}
+            parts.append(str(shown))
+        if "worst_max_abs" in result:
+            parts.append(f"max_abs {result['worst_max_abs']:.2g}")
+    return ("  " + "; ".join(parts)) if parts else ""

@@ -1,0 +1,304 @@
+"""The engine's front door: builds networks, ONNX files, compiled artifacts and sessions on demand.
+
+Tests and the CLI ask a ``Workspace`` for a ``ModelHandle``; the handle turns (case, backend,
+weights) into ready-to-run sessions through the artifact cache, memoising what a process reuses.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field, replace
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import onnx
+import torch
+
+from tooling.backends import BACKENDS, Availability, Backend, BackendConfig, CompileRequest, Session
+from tooling.cache import ArtifactCache, ArtifactKey
+from tooling.export import export_onnx
+from tooling.locations import Roots, data_paths, find_checkpoint, missing_accuracy_inputs
+from tooling.model_spec import Case, ModelSpec, load_model_spec
+from tooling.progress import ProgressReporter, ResultStore
+from tooling.slice import AccuracyContext, ModelSlice
+from tooling.sources import patches_digest, upstream_source
+from tooling.weights import WeightsChoice, apply_weights, file_digest
+
+ONNX_FILE = "model.onnx"
+
+
+class AccuracyInputsMissing(RuntimeError):
+    """The dataset or checkpoints for an accuracy pass are not staged; the message lists the paths."""
+
+
+@dataclass
+class Options:
+    threads: int = 1
+    rebuild: bool = False
+    exporters: tuple[str, ...] | None = None  # restricts the exporters a run uses
+    backends: tuple[str, ...] | None = None  # restricts the backends a run uses
+    weights: str = "auto"  # auto: staged checkpoint if present, else seeded; or "seeded"
+    salt: str = "public"
+    device: str | None = None
+    accuracy_limit: int | None = None
+    restart_accuracy: bool = False
+
+
+@dataclass
+class Workspace:
+    roots: Roots
+    options: Options = field(default_factory=Options)
+
+    def __post_init__(self):
+        self.cache = ArtifactCache(self.roots.cache_dir, rebuild=self.options.rebuild)
+        self._models: dict[str, ModelHandle] = {}
+        self._backends: dict[str, Backend] = {}
+
+    def model(self, name: str) -> "ModelHandle":
+        if name not in self._models:
+            self._models[name] = ModelHandle(self, load_model_spec(name))
+        return self._models[name]
+
+    def backend(self, name: str) -> Backend:
+        if name not in self._backends:
+            if name not in BACKENDS:
+                raise KeyError(f"unknown backend {name!r}; known: {sorted(BACKENDS)}")
+            config = BackendConfig(threads=self.options.threads, device=self.options.device)
+            self._backends[name] = BACKENDS[name](config)
+        return self._backends[name]
+
+    def availability(self, name: str) -> Availability:
+        if self.options.backends is not None and name not in self.options.backends and name not in ("torch", "onnx"):
+            return Availability(False, f"backend {name} not selected (--backends {','.join(self.options.backends)})")
+        return self.backend(name).availability()
+
+    def with_roots(self, **changes: Path | None) -> "Workspace":
+        """A workspace over other staging roots that shares this one's cache and options."""
+        other = Workspace(replace(self.roots, **changes), self.options)
+        other.cache = self.cache
+        other._backends = self._backends
+        return other
+
+
+def _source_digest(package: str) -> str:
+    """Hash of a slice's source files: editing the port invalidates every artifact built from it."""
+    module = __import__(package, fromlist=["__file__"])
+    root = Path(module.__file__).parent
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+class ModelHandle:
+    def __init__(self, workspace: Workspace, spec: ModelSpec):
+        self.ws = workspace
+        self.spec = spec
+        self.slice: ModelSlice = spec.load_slice()
+        self._networks: dict[tuple, tuple[torch.nn.Module, str]] = {}
+        self._sessions: dict[tuple, Session] = {}
+        self._references: dict[tuple, dict[str, np.ndarray]] = {}
+
+    @cached_property
+    def port_digest(self) -> str:
+        return _source_digest(self.spec.slice_module)
+
+    # -- weights and networks -------------------------------------------------------------------
+    def weights(self, network: str, roots: Roots | None = None) -> WeightsChoice:
+        roots = roots or self.ws.roots
+        if self.ws.options.weights == "seeded":
+            return WeightsChoice(None, self.ws.options.salt)
+        return WeightsChoice(find_checkpoint(self.spec, network, roots), self.ws.options.salt)
+
+    def network(
+        self, network: str, variant: str = "default", weights: WeightsChoice | None = None, source: str = "port"
+    ) -> tuple[torch.nn.Module, str]:
+        """The network in eval mode with weights applied, and the digest identifying those weights."""
+        weights = weights or self.weights(network)
+        key = (network, variant, weights, source)
+        if key not in self._networks:
+            if source == "port":
+                module = self.slice.build_network(network, variant)
+            else:
+                checkout = upstream_source(self.spec).checkout(
+                    self.ws.roots.cache_dir, self.ws.roots.upstream_root, rebuild=self.ws.options.rebuild
+                )
+                module = self.slice.build_upstream_network(network, checkout)
+            state_keys = self.spec.networks[network].checkpoint_keys
+            digest = apply_weights(module, weights, self.slice, network, state_keys)
+            self._networks[key] = (module.eval(), digest)
+        return self._networks[key]
+
+    # -- cases ----------------------------------------------------------------------------------
+    def feeds(self, case: Case, seed: int = 0) -> dict[str, np.ndarray]:
+        return self.slice.example_inputs(self.spec, case.network, self.spec.dims(case), seed)
+
+    def case_for_feeds(self, network: str, feeds: Mapping[str, np.ndarray], backend: str) -> Case:
+        """The case whose input shapes match ``feeds`` (used by accuracy passes on real data)."""
+        net = self.spec.networks[network]
+        dims: dict[str, int] = {}
+        for spec_in in net.inputs:
+            shape = feeds[spec_in.name].shape
+            for template, actual in zip(spec_in.shape, shape):
+                if isinstance(template, str):
+                    dims[template] = int(actual)
+        variant = next((v.name for v in net.variants if v.runs_on(backend)), net.variants[0].name)
+        profile = "dims:" + ",".join(f"{k}={v}" for k, v in sorted(dims.items()) if k != "batch")
+        exporter = (self.ws.options.exporters or (net.default_exporter,))[0]
+        return Case(self.spec.name, network, profile, dims.get("batch", 1), exporter, variant, False)
+
+    def case_dims(self, case: Case) -> dict[str, int]:
+        if case.profile.startswith("dims:"):
+            pairs = [p.split("=") for p in case.profile[5:].split(",") if p]
+            return {**{k: int(v) for k, v in pairs}, "batch": case.batch}
+        return self.spec.dims(case)
+
+    # -- artifacts ------------------------------------------------------------------------------
+    def onnx(self, case: Case, weights: WeightsChoice | None = None, source: str = "port") -> Path:
+        weights = weights or self.weights(case.network)
+        module, weights_digest = self.network(case.network, case.variant, weights, source)
+        net = self.spec.networks[case.network]
+        dims = self.case_dims(case)
+        opset = net.opset.get(case.exporter) or net.opset.get("default")
+        if opset is None:
+            raise KeyError(f"baselines/{self.spec.name}.yaml: no opset for exporter {case.exporter}")
+        source_id = f"port:{self.port_digest}" if source == "port" else f"upstream:{self.spec.upstream['commit']}"
+        key = ArtifactKey(
+            kind="onnx",
+            model=self.spec.name,
+            network=case.network,
+            name=f"{case.network}-{'x'.join(str(dims[k]) for k in sorted(dims))}-{case.exporter}",
+            fields={
+                "source": source_id,
+                "patches": patches_digest(self.spec.patches) if source != "port" else None,
+                "weights": weights_digest,
+                "dims": dims,
+                "exporter": case.exporter,
+                "opset": opset,
+                "variant": case.variant,
+                "torch": torch.__version__,
+                "onnx": onnx.__version__,
+            },
+        )
+        feeds = self.slice.example_inputs(self.spec, case.network, dims, 0)
+
+        def build(staging: Path) -> None:
+            export_onnx(
+                module, feeds, net.output_names, staging / ONNX_FILE,
+                exporter=case.exporter, opset=opset,
+                extras=self.slice.export_extras(case.network, case.variant, case.exporter),
+            )
+
+        return self.ws.cache.get(key, build) / ONNX_FILE
+
+    def compile_request(self, case: Case, weights: WeightsChoice | None = None) -> CompileRequest:
+        weights = weights or self.weights(case.network)
+        dims = self.case_dims(case)
+        net = self.spec.networks[case.network]
+        feeds = self.slice.example_inputs(self.spec, case.network, dims, 0)
+        return CompileRequest(
+            spec=self.spec,
+            case=case,
+            dims=dims,
+            onnx_path=None,
+            build_network=lambda: self.network(case.network, case.variant, weights)[0],
+            example_feeds=feeds,
+            extra={"expected_shapes": self._expected_output_shapes(case, weights), "inputs": net.input_names},
+        )
+
+    def _expected_output_shapes(self, case: Case, weights: WeightsChoice) -> dict[str, tuple[int, ...]]:
+        return {name: tuple(v.shape) for name, v in self.reference(case, weights).items()}
+
+    def session(self, backend_name: str, case: Case, weights: WeightsChoice | None = None) -> Session:
+        weights = weights or self.weights(case.network)
+        key = (backend_name, case, weights)
+        if key in self._sessions:
+            return self._sessions[key]
+        backend = self.ws.backend(backend_name)
+        request = self.compile_request(case, weights)
+        if backend.consumes == "onnx":
+            request.onnx_path = self.onnx(case, weights)
+        if backend.needs_compile:
+            module, weights_digest = self.network(case.network, case.variant, weights)
+            fields = {
+                "weights": weights_digest,
+                "port": self.port_digest,
+                "dims": request.dims,
+                "variant": case.variant,
+                "versions": backend.versions(),
+                "torch": torch.__version__,
+            }
+            if request.onnx_path is not None:
+                fields["onnx_sha256"] = file_digest(request.onnx_path)
+            key_ = ArtifactKey(backend.name, self.spec.name, case.network, f"{case.id}", fields)
+            artifact: Any = self.ws.cache.get(key_, lambda staging: backend.compile(request, staging))
+        elif backend.consumes == "torch":
+            artifact = self.network(case.network, case.variant, weights)[0]
+        else:
+            artifact = request.onnx_path
+        session = backend.load(artifact, request)
+        self._sessions[key] = session
+        return session
+
+    def reference(self, case: Case, weights: WeightsChoice | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+        """Torch eager outputs on the case's example inputs (computed once per process)."""
+        weights = weights or self.weights(case.network)
+        key = (case, weights, seed)
+        if key not in self._references:
+            module, _ = self.network(case.network, case.variant, weights)
+            net = self.spec.networks[case.network]
+            from tooling.backends.cpu import TorchSession
+
+            feeds = self.slice.example_inputs(self.spec, case.network, self.case_dims(case), seed)
+            self._references[key] = TorchSession(module, net.input_names, net.output_names).run(feeds)
+        return self._references[key]
+
+    # -- accuracy -------------------------------------------------------------------------------
+    def run_accuracy(self, backend_name: str, *, roots: Roots | None = None, profile: str | None = None,
+                     limit: int | None = None, label: str | None = None) -> dict[str, float]:
+        """Score the staged dataset on ``backend_name`` with the staged checkpoints."""
+        roots = roots or self.ws.roots
+        if self.spec.accuracy is None:
+            raise AccuracyInputsMissing(f"baselines/{self.spec.name}.yaml declares no accuracy gate")
+        missing = missing_accuracy_inputs(self.spec, roots)
+        if missing:
+            raise AccuracyInputsMissing("stage " + "; ".join(missing))
+        weights = {n: WeightsChoice(find_checkpoint(self.spec, n, roots)) for n in self.spec.networks}
+        paths = data_paths(self.spec, roots)
+        profile = profile or self.spec.accuracy.profile
+        dims = dict(self.spec.profiles[profile].dims)
+
+        def run(network: str, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+            case = self.case_for_feeds(network, feeds, backend_name)
+            return self.session(backend_name, case, weights[network]).run(feeds)
+
+        fingerprint = {
+            "backend": backend_name,
+            "port": self.port_digest,
+            "weights": {n: w.label for n, w in weights.items()},
+            "checkpoints": {n: _stat(w.path) for n, w in weights.items() if w.path},
+            "data": {name: _stat(p) for name, p in paths.items()},
+            "dims": dims,
+            "exporters": self.ws.options.exporters,
+        }
+        run_id = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        run_dir = self.ws.roots.cache_dir / "runs" / self.spec.name / run_id
+        store = ResultStore(run_dir / "records", fingerprint, restart=self.ws.options.restart_accuracy)
+        reporter = ProgressReporter(label or f"{self.spec.name} accuracy on {backend_name}", logfile=run_dir / "progress.txt")
+        ctx = AccuracyContext(
+            spec=self.spec, data_paths=paths, run=run, progress=reporter, results=store,
+            limit=limit, scratch=run_dir, dims=dims,
+        )
+        metrics = self.slice.evaluate(ctx)
+        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        return metrics
+
+
+def _stat(path: Path | None) -> list | None:
+    if path is None or not path.exists():
+        return None
+    st = path.stat()
+    return [st.st_size, int(st.st_mtime)]
