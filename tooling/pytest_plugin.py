@@ -167,7 +167,9 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
             detail = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
             detail = detail.removeprefix("Skipped: ")
         elif report.failed:
-            detail = (report.longreprtext or "").strip().splitlines()[-1][:300] if report.longreprtext else "failed"
+            crash = getattr(report.longrepr, "reprcrash", None)
+            message = getattr(crash, "message", None) or report.longreprtext or "failed"
+            detail = message.strip().splitlines()[0][:300]
         else:
             detail = ""
         results = [v for k, v in report.user_properties if k == "zoo_result"]

@@ -47,7 +47,7 @@ def read_checkpoint(path: Path) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "weights_only" not in str(exc):
+        if "Unsupported global" not in str(exc):
             raise CheckpointError(f"{path}: not a readable torch checkpoint ({exc})") from exc
         # Upstream training checkpoints pickle optimizer and RNG state; files under the weights
         # root are staged by the operator, so a full unpickle is acceptable there.

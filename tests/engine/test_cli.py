@@ -1,0 +1,47 @@
+"""The command line: verify-golden verdicts and the staging report."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tooling.cli import main
+from tooling.model_spec import FIXTURES_DIR
+from tooling.models.videopose3d.network import build_vp3d
+from tooling.seeded import apply_seeded_weights
+
+GOLDEN = FIXTURES_DIR / "videopose3d" / "golden" / "vp3d_public.npz"
+
+
+@pytest.mark.videopose3d
+def test_verify_golden_accepts_the_public_golden(capsys):
+    assert main(["verify-golden", "videopose3d", "vp3d", str(GOLDEN)]) == 0
+    assert capsys.readouterr().out.startswith("ok   3d_preds (2, 158, 17, 3)")
+
+
+@pytest.mark.videopose3d
+def test_verify_golden_uses_the_salt_the_file_was_made_with(tmp_path, capsys):
+    poses = torch.randn(2, 250, 17, 2, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        preds = apply_seeded_weights(build_vp3d(), "nightly-7")(poses)
+    golden = tmp_path / "salted.npz"
+    np.savez(golden, **{"2d_poses": poses.numpy(), "3d_preds": preds.numpy()})
+    assert main(["verify-golden", "videopose3d", "vp3d", str(golden), "--salt", "nightly-7"]) == 0
+    assert main(["verify-golden", "videopose3d", "vp3d", str(golden)]) == 1
+    assert "FAIL 3d_preds" in capsys.readouterr().out
+
+
+def test_verify_golden_names_missing_arrays(tmp_path, capsys):
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, other=np.zeros(1))
+    assert main(["verify-golden", "videopose3d", "vp3d", str(bad)]) == 2
+    assert "bad.npz: lacks arrays ['2d_poses', '3d_preds']" in capsys.readouterr().err
+
+
+def test_stage_check_lists_expected_paths(tmp_path, capsys):
+    (tmp_path / "data" / "human36m").mkdir(parents=True)
+    (tmp_path / "data" / "human36m" / "data_3d_h36m.npz").write_bytes(b"x")
+    assert main(["stage", "--check", "--data-root", str(tmp_path / "data"), "--weights-root", str(tmp_path / "w"), "videopose3d"]) == 1
+    out = capsys.readouterr().out
+    assert f"found   data       human36m/data_3d_h36m.npz" in out
+    assert f"MISSING checkpoint vp3d" in out and str(tmp_path / "w" / "videopose3d" / "model_best.bin") in out
