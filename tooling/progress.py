@@ -9,6 +9,7 @@ import shutil
 import sys
 import time
 import uuid
+import zipfile
 from pathlib import Path
 from typing import Callable, TextIO
 
@@ -53,7 +54,7 @@ class ResultStore:
         try:
             with np.load(path, allow_pickle=False) as data:
                 return {k: data[k] for k in data.files}
-        except (OSError, ValueError):
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError):
             path.unlink(missing_ok=True)  # unreadable record: recompute rather than trust it
             return None
 

@@ -29,6 +29,9 @@ class KnownAnswer:
     expected: dict[str, float]
     tolerance: float
     profile: str  # the yaml profile whose dims the pipeline runs at
+    # Per network, a stand-in computing ideal outputs from the feeds, for tasks where no weights
+    # can make the real network exact (heatmap models); the rest of the pipeline runs unchanged.
+    oracles: dict[str, Callable[[Mapping[str, np.ndarray]], Arrays]] = field(default_factory=dict)
 
 
 @dataclass

@@ -1,0 +1,6 @@
+"""TransPose-R-A3 through every gate (parametrized from baselines/transpose.yaml)."""
+from tooling.conformance import ConformanceSuite
+
+
+class TestTransPose(ConformanceSuite):
+    model = "transpose"
