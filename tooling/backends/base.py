@@ -43,6 +43,10 @@ class BackendConfig:
     threads: int = 1
     device: str | None = None  # an NPU or GPU id for backends that select one
 
+    @property
+    def device_index(self) -> int:
+        return int(self.device) if self.device else 0
+
 
 @dataclass
 class CompileRequest:
@@ -55,6 +59,10 @@ class CompileRequest:
     build_network: Callable[[], "torch.nn.Module"]
     example_feeds: Arrays
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def backend_options(self, backend: str) -> dict[str, Any]:
+        """The model's ``backend_options.<backend>`` from its yaml (tuning that is data, not code)."""
+        return dict(self.spec.raw.get("backend_options", {}).get(backend, {}))
 
 
 class Backend:
@@ -77,6 +85,11 @@ class Backend:
     def versions(self) -> dict[str, str]:
         """Tool versions that change a compiled artifact's bytes (part of its cache key)."""
         return {}
+
+    def artifact_dims(self, request: CompileRequest) -> dict[str, int]:
+        """The case dims a compiled artifact depends on (its cache key); a backend whose artifact
+        serves several shapes (ATC dynamic dims) leaves those out, so they share one build."""
+        return dict(request.dims)
 
     def compile(self, request: CompileRequest, staging: Path) -> None:
         raise NotImplementedError(f"{self.name} has no compile step")

@@ -40,16 +40,25 @@ class TorchEagerBackend(Backend):
 
 
 class OrtSession:
-    def __init__(self, path: Path, threads: int, optimize: bool, providers: list[str]):
+    def __init__(self, path: Path, threads: int, optimize: bool | str, providers: list[str]):
+        """``optimize``: True (all graph rewrites), False (none: the graph as written), or a level
+        name from a model's ``backend_options`` (``all``, ``extended``, ``basic``, ``disabled``)."""
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = (
-            ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        )
+        levels = {
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        }
+        level = {True: "all", False: "disabled"}.get(optimize, optimize)
+        if level not in levels:
+            raise BackendError(f"unknown onnxruntime graph optimisation level {level!r}; use {sorted(levels)}")
+        options.graph_optimization_level = levels[level]
         # A spinning worker steals the other core from a parallel test or the timed backend.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
@@ -88,7 +97,8 @@ class OnnxRuntimeBackend(OnnxReferenceBackend):
         return {"onnxruntime": onnxruntime.__version__}
 
     def load(self, artifact: Path, request: CompileRequest) -> OrtSession:
-        return OrtSession(artifact, self.config.threads, optimize=True, providers=["CPUExecutionProvider"])
+        level = request.backend_options(self.name).get("graph_optimization", "all")
+        return OrtSession(artifact, self.config.threads, optimize=level, providers=["CPUExecutionProvider"])
 
 
 class OpenVinoSession:

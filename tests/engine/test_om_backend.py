@@ -1,0 +1,534 @@
+"""The OM backend without an NPU: ATC commands against the guides' text, npu-smi parsing, the
+ais_bench session adapter against a fake of its interface, and the error paths.
+
+The expected ATC commands are the guides' own text (fixtures/om/<model>.yaml), never computed.
+A fake ``atc`` (fixtures/om/fake_atc.py) and a fake ``ais_bench`` (fixtures/om/fake_ais_bench.py)
+stand in for the CANN toolkit so that compile, cache, load and run go through the real code.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import shlex
+import shutil
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+import yaml
+from onnx import TensorProto, helper, numpy_helper
+
+from tooling.backends import BackendConfig, BackendError, CompileRequest
+from tooling.backends.npu import NpuSmiError, parse_npu_smi_info
+from tooling.backends.om import (
+    ATC_RECORD, ONNX_REWRITES, OmBackend, OmSettings, apply_onnx_rewrites, atc_command, int64_to_int32,
+)
+from tooling.cache import ArtifactCache, ArtifactKey
+from tooling.compare import assert_outputs_match
+from tooling.conformance import mean_call_seconds
+from tooling.locations import Roots
+from tooling.model_spec import FIXTURES_DIR, Case, ModelSpecError, load_model_spec, model_names, parse_model_spec
+from tooling.workspace import Options, Workspace
+
+OM_FIXTURES = FIXTURES_DIR / "om"
+GUIDE_NPU_SMI = (OM_FIXTURES / "npu_smi_guide.txt").read_text()
+GUIDE_CHIP = parse_npu_smi_info(GUIDE_NPU_SMI)[0]
+TOLERANCE = {"atol": 1e-5, "rtol": 1e-5}
+
+
+# -- specs ------------------------------------------------------------------------------------------
+def make_spec(model: str, networks: dict, om: dict | None = None):
+    """A ModelSpec with the boilerplate filled in, for networks described inline."""
+    raw = {
+        "model": model,
+        "slice": "tooling.models.videopose3d",
+        "networks": {name: {"opset": {"torchscript": 17}, **net} for name, net in networks.items()},
+        "profiles": {"unit": {"dims": {}, "batch_sizes": [1]}},
+        "throughput": {},
+        "om": om or {},
+    }
+    return parse_model_spec(raw, f"inline {model}")
+
+
+# What each guide's ATC step needs, written as an om: section would say it. These exercise the
+# generator's features (dynamic dims, config files, omitted defaults, model-level flags) before
+# those models' baselines exist; once they do, test_atc_command_matches_guide checks them too.
+FUSION_SWITCH = """{
+    "Switch": {
+        "GraphFusion": {
+            "ReshapeTransposeFusionPass": "off",
+            "TransposeReshapeFusionPass": "off"
+        }
+    }
+}
+"""
+GUIDE_FEATURE_SPECS = {
+    "dekr": make_spec("dekr", {
+        "hrnet_dekr": {
+            "inputs": {"image": {"shape": ["batch", 3, "height", "width"]}},
+            "outputs": {"heatmap": TOLERANCE, "offset": TOLERANCE},
+            "om": {
+                "output": "dekr_bs{batch}",
+                "input_format": "ND",
+                "dynamic_dims": {
+                    "dims": ["height", "width"],
+                    "buckets": [[512, 768], [512, 512], [768, 512], [512, 1024], [1024, 512]],
+                },
+            },
+        },
+    }),
+    "transpose": make_spec("transpose", {
+        "transpose_r": {
+            "inputs": {"input": {"shape": ["batch", 3, 256, 192]}},
+            "outputs": {"output": TOLERANCE},
+            "om": {
+                "output": "tp_r_256x192_enc3_d256_h1024_mh8_bs{batch}",
+                "files": {"fusion_switch_file": {"name": "fusion_switch.cfg", "content": FUSION_SWITCH}},
+                "onnx_rewrites": ["onnxsim"],
+            },
+        },
+    }),
+    "gma": make_spec("gma", {
+        "gma": {
+            "inputs": {"image1": {"shape": ["batch", 3, "height", "width"]},
+                       "image2": {"shape": ["batch", 3, "height", "width"]}},
+            "outputs": {"out1": TOLERANCE},
+            "om": {
+                "output": "GMA_bs{batch}",
+                "input_format": None,
+                "log": None,
+                "files": {"keep_dtype": {"name": "keep.cfg", "content": "OpType::InstanceNorm\n"}},
+            },
+        },
+    }),
+    "fomm": make_spec("fomm", {
+        "generator": {
+            "inputs": {
+                "source_imgs": {"shape": ["batch", 3, 256, 256]},
+                "kp_driving_value": {"shape": ["batch", 10, 2]},
+                "kp_driving_jac": {"shape": ["batch", 10, 2, 2]},
+                "kp_source_value": {"shape": ["batch", 10, 2]},
+                "kp_source_jac": {"shape": ["batch", 10, 2, 2]},
+            },
+            "outputs": {"output": TOLERANCE},
+            "om": {"output": "taichi-gen-bs{batch}"},
+        },
+        "kp_detector": {
+            "inputs": {"input": {"shape": ["batch", 3, 256, 256]}},
+            "outputs": {"output": TOLERANCE},
+            "om": {"output": "taichi-kp-bs{batch}"},
+        },
+    }, om={"flags": {"buffer_optimize": "off_optimize"}}),
+}
+
+
+# -- ATC commands against the guides ----------------------------------------------------------------
+def atc_flags(argv: list[str]) -> dict[str, str]:
+    """ATC's flags as {--name: value}; paths reduced to their last component."""
+    assert argv[0] == "atc", argv
+    flags: dict[str, str] = {}
+    for arg in argv[1:]:
+        name, sep, value = arg.partition("=")
+        assert name.startswith("--") and sep, f"ATC takes --flag=value, got {arg!r}"
+        assert name not in flags, f"{name} given twice"
+        # The ONNX file and the directories are the suite's own; the guide's do not apply.
+        flags[name] = "<onnx>" if name == "--model" else value.rsplit("/", 1)[-1]
+    return flags
+
+
+def guide_flags(command: str, batch: int) -> dict[str, str]:
+    text = command.replace("\\\n", " ").replace("${chip_name}", GUIDE_CHIP.name).replace("${bs}", str(batch))
+    return atc_flags(shlex.split(text))
+
+
+def guide_params(spec) -> list:
+    """One param per guide command x batch size x dynamic-dims bucket of ``spec``'s model."""
+    fixture = OM_FIXTURES / f"{spec.name}.yaml"
+    if not fixture.is_file():
+        return [pytest.param(spec, None, 0, {}, id=f"{spec.name}-no-guide-fixture")]
+    params = []
+    for entry in yaml.safe_load(fixture.read_text())["atc"]:
+        dynamic = OmSettings.of(spec, entry["network"]).dynamic_dims
+        buckets = dynamic.buckets if dynamic else [()]
+        for batch in entry["batch_sizes"]:
+            for bucket in buckets:
+                dims = {**entry["dims"], **dict(zip(dynamic.dims if dynamic else (), bucket)), "batch": batch}
+                label = "x".join(map(str, bucket)) or "static"
+                label = f"{spec.name}-{entry['network']}-b{batch}-{label}"
+                params.append(pytest.param(spec, entry, batch, dims, id=label))
+    return params
+
+
+def _baselines_with_om() -> list:
+    specs = [load_model_spec(m) for m in model_names()]
+    return [p for s in specs if s.om or any(n.om for n in s.networks.values()) for p in guide_params(s)]
+
+
+def _check_against_guide(spec, entry, batch, dims):
+    assert entry is not None, (
+        f"baselines/{spec.name}.yaml has an om: section: copy the guide's ATC command to fixtures/om/{spec.name}.yaml"
+    )
+    argv = atc_command(spec, entry["network"], dims, model=Path("/cache/onnx/model.onnx"),
+                       output_dir=Path("/cache/om/artifact"), soc_version=GUIDE_CHIP.soc_version)
+    assert atc_flags(argv) == guide_flags(entry["command"], batch)
+
+
+@pytest.mark.parametrize(("spec", "entry", "batch", "dims"), _baselines_with_om())
+def test_atc_command_matches_guide(spec, entry, batch, dims):
+    _check_against_guide(spec, entry, batch, dims)
+
+
+@pytest.mark.parametrize(("spec", "entry", "batch", "dims"),
+                         [p for s in GUIDE_FEATURE_SPECS.values() for p in guide_params(s)])
+def test_atc_features_reproduce_guide_commands(spec, entry, batch, dims):
+    _check_against_guide(spec, entry, batch, dims)
+
+
+def test_guide_comparison_notices_a_wrong_flag():
+    spec = GUIDE_FEATURE_SPECS["dekr"]
+    entry = yaml.safe_load((OM_FIXTURES / "dekr.yaml").read_text())["atc"][0]
+    argv = atc_command(spec, "hrnet_dekr", {"batch": 1}, model=Path("m.onnx"), output_dir=Path("out"),
+                       soc_version="Ascend310")
+    assert atc_flags(argv) != guide_flags(entry["command"], 1)
+
+
+@pytest.mark.parametrize(("om", "message"), [
+    ({"output": "x", "precision": "fp16"}, "unknown keys ['precision']"),
+    ({"input_format": "ND"}, "missing required field 'output'"),
+    ({"output": "x", "dynamic_dims": {"dims": ["height", "width"], "buckets": [[512]]}}, "one value per dim"),
+    ({"output": "x", "files": {"keep_dtype": {"content": "OpType::InstanceNorm"}}}, "needs name and content"),
+])
+def test_bad_om_sections_are_named(om, message):
+    spec = make_spec("bad", {"net": {"inputs": {"x": {"shape": [1]}}, "outputs": {"y": TOLERANCE}, "om": om}})
+    with pytest.raises(ModelSpecError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        OmSettings.of(spec, "net")
+
+
+def test_output_template_naming_an_unset_dim_is_an_error():
+    spec = make_spec("bad", {"net": {"inputs": {"x": {"shape": ["batch"]}}, "outputs": {"y": TOLERANCE},
+                                     "om": {"output": "net_{frames}"}}})
+    with pytest.raises(ModelSpecError, match="frames"):
+        atc_command(spec, "net", {"batch": 1}, model=Path("m.onnx"), output_dir=Path("o"), soc_version="Ascend310P3")
+
+
+# -- npu-smi ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fixture", ["npu_smi_guide.txt", "npu_smi_with_banner_and_processes.txt"])
+def test_npu_smi_guide_sample(fixture):
+    chips = parse_npu_smi_info((OM_FIXTURES / fixture).read_text())
+    assert [(c.npu, c.chip, c.device, c.name, c.health, c.bus_id) for c in chips] == [
+        (0, 0, 0, "310P3", "OK", "0000:82:00.0"),
+        (1, 0, 1, "310P3", "OK", "0000:89:00.0"),
+    ]
+    assert chips[0].soc_version == "Ascend310P3"
+
+
+def test_npu_smi_row_without_device_column_uses_the_npu_id():
+    text = "\n".join([
+        "+---------------------------+---------------+----------------------------------------------------+",
+        "| NPU   Name                | Health        | Power(W)    Temp(C)           Hugepages-Usage(page)|",
+        "| Chip                      | Bus-Id        | AICore(%)   Memory-Usage(MB)  HBM-Usage(MB)        |",
+        "+===========================+===============+====================================================+",
+        "| 3     910B3               | OK            | 93.4        36                0    / 0             |",
+        "| 0                         | 0000:C1:00.0  | 0           0    / 0          3378 / 65536         |",
+        "+===========================+===============+====================================================+",
+    ])
+    (chip,) = parse_npu_smi_info(text)
+    assert (chip.npu, chip.chip, chip.device, chip.name) == (3, 0, 3, "910B3")
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("", r"(?s)no device table .*\(nothing\)"),
+    ("dcmi module initialize failed. ret is -8005\n", "dcmi module initialize failed"),
+    ("\n".join(GUIDE_NPU_SMI.splitlines()[:4]), "lists no NPU"),
+    (GUIDE_NPU_SMI.replace("| 0       310P3     |", "| 0                 |", 1), "cannot read the NPU id, name"),
+    (GUIDE_NPU_SMI.replace("| 0       0         | 0000:82:00.0", "+=================+", 1), "two rows per chip"),
+])
+def test_npu_smi_malformed_output_is_a_clear_error(text, message):
+    with pytest.raises(NpuSmiError, match=message):
+        parse_npu_smi_info(text)
+
+
+# -- a host with the fake toolkit -------------------------------------------------------------------
+def _script(path: Path, body: str) -> None:
+    path.write_text(f"#!/bin/sh\n{body}\n")
+    path.chmod(0o755)
+
+
+@pytest.fixture
+def fake_ais_bench(monkeypatch):
+    spec = importlib.util.spec_from_file_location("ais_bench.infer.interface", OM_FIXTURES / "fake_ais_bench.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "ais_bench", types.ModuleType("ais_bench"))
+    monkeypatch.setitem(sys.modules, "ais_bench.infer", types.ModuleType("ais_bench.infer"))
+    monkeypatch.setitem(sys.modules, "ais_bench.infer.interface", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def toolkit_bin(tmp_path, monkeypatch) -> Path:
+    """A PATH holding only the fake npu-smi (guide sample) and the fake atc."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    cat = shutil.which("cat")  # resolved before PATH shrinks to the fakes
+    _script(bin_dir / "npu-smi", f"exec {cat} {shlex.quote(str(OM_FIXTURES / 'npu_smi_guide.txt'))}")
+    _script(bin_dir / "atc", f'exec {shlex.quote(sys.executable)} {shlex.quote(str(OM_FIXTURES / "fake_atc.py"))} "$@"')
+    monkeypatch.setenv("PATH", str(bin_dir))
+    return bin_dir
+
+
+@pytest.fixture
+def npu_host(toolkit_bin, fake_ais_bench):
+    return fake_ais_bench
+
+
+def tiny_onnx(path: Path, dynamic: bool = False) -> Path:
+    """image [1,3,H,W] -> heatmap = relu(image) * 2, offset = image - 1 (two outputs, in that order)."""
+    shape = [1, 3, "height" if dynamic else 4, "width" if dynamic else 6]
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["image"], ["r"]), helper.make_node("Mul", ["r", "two"], ["heatmap"]),
+         helper.make_node("Sub", ["image", "one"], ["offset"])],
+        "tiny",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("heatmap", TensorProto.FLOAT, shape),
+         helper.make_tensor_value_info("offset", TensorProto.FLOAT, shape)],
+        [numpy_helper.from_array(np.array(2.0, np.float32), "two"),
+         numpy_helper.from_array(np.array(1.0, np.float32), "one")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10  # onnxruntime 1.31 reads up to IR 13; make_model writes newer
+    onnx.save(model, str(path))
+    return path
+
+
+def tiny_request(tmp_path: Path, om: dict, dynamic: bool = False, dims: dict | None = None) -> CompileRequest:
+    spec = make_spec("tiny", {"tiny": {
+        "inputs": {"image": {"shape": ["batch", 3, "height", "width"]}},
+        "outputs": {"heatmap": TOLERANCE, "offset": TOLERANCE},
+        "om": om,
+    }})
+    dims = dims or {"height": 4, "width": 6, "batch": 1}
+    image = np.random.default_rng(0).standard_normal((1, 3, dims["height"], dims["width"]))
+    feeds = {"image": image.astype(np.float32)}
+    return CompileRequest(
+        spec=spec, case=Case("tiny", "tiny", "unit", 1, "torchscript", "default", False), dims=dims,
+        onnx_path=tiny_onnx(tmp_path / "tiny.onnx", dynamic), build_network=lambda: None, example_feeds=feeds,
+        extra={"expected_shapes": {"heatmap": feeds["image"].shape, "offset": feeds["image"].shape}},
+    )
+
+
+def build(backend: OmBackend, request: CompileRequest, cache: ArtifactCache) -> Path:
+    key = ArtifactKey("om", "tiny", "tiny", "tiny", {"dims": backend.artifact_dims(request), **backend.versions()})
+    return cache.get(key, lambda staging: backend.compile(request, staging))
+
+
+def reference(request: CompileRequest, feeds) -> dict:
+    session = onnxruntime.InferenceSession(str(request.onnx_path), providers=["CPUExecutionProvider"])
+    return dict(zip(["heatmap", "offset"], session.run(None, dict(feeds))))
+
+
+# -- availability -----------------------------------------------------------------------------------
+def test_availability_names_every_missing_piece(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setitem(sys.modules, "ais_bench", None)
+    availability = OmBackend().availability()
+    assert not availability.ok
+    assert "atc not on PATH" in availability.reason
+    assert "ais_bench package cannot be imported" in availability.reason
+    assert "npu-smi not on PATH" in availability.reason
+
+
+def test_availability_with_atc_missing_names_atc(toolkit_bin, fake_ais_bench):
+    (toolkit_bin / "atc").unlink()
+    availability = OmBackend().availability()
+    assert not availability.ok
+    assert availability.reason.startswith("atc not on PATH")
+
+
+def test_fake_toolkit_host_is_available_and_classed_by_its_chip(npu_host):
+    backend = OmBackend(BackendConfig(device="1"))
+    assert backend.availability().ok
+    assert backend.device_class() == "310P3"
+    assert backend.versions()["soc_version"] == "Ascend310P3"
+
+
+def test_unlisted_device_is_unavailable(npu_host):
+    availability = OmBackend(BackendConfig(device="5")).availability()
+    assert not availability.ok
+    assert "no NPU device 5" in availability.reason
+
+
+# -- compile and run --------------------------------------------------------------------------------
+def test_compile_writes_config_files_and_runs_through_the_session(npu_host, tmp_path):
+    request = tiny_request(tmp_path, {
+        "output": "tiny_bs{batch}",
+        "files": {"keep_dtype": {"name": "keep.cfg", "content": "OpType::InstanceNorm\n"}},
+    })
+    backend = OmBackend()
+    artifact = build(backend, request, ArtifactCache(tmp_path / "cache"))
+    assert (artifact / "keep.cfg").read_text() == "OpType::InstanceNorm\n"
+    assert (artifact / "tiny_bs1.om").is_file()
+    recorded = shlex.split((artifact / ATC_RECORD).read_text())
+    assert "--input_shape=image:1,3,4,6" in recorded
+    assert [t for t in recorded if t.startswith("--keep_dtype=")][0].endswith("/keep.cfg")
+
+    session = backend.load(artifact, request)
+    outputs = session.run(request.example_feeds)
+    assert_outputs_match(outputs, reference(request, request.example_feeds),
+                         request.spec.networks["tiny"].outputs, "fake OM vs ONNX")
+    assert session.session.modes == ["static"]
+
+
+def test_atc_failure_carries_its_log(npu_host, tmp_path, monkeypatch):
+    monkeypatch.setenv("FAKE_ATC_EXIT", "1")
+    monkeypatch.setenv(
+        "FAKE_ATC_LOG", "ATC run failed\nE10001: Value [image:1,3,4] for parameter [--input_shape] is invalid"
+    )
+    request = tiny_request(tmp_path, {"output": "tiny"})
+    with pytest.raises(BackendError) as error:
+        build(OmBackend(), request, ArtifactCache(tmp_path / "cache"))
+    message = str(error.value)
+    assert "ATC exited with 1 for tiny-unit-b1-torchscript" in message
+    assert "E10001: Value [image:1,3,4] for parameter [--input_shape] is invalid" in message
+    assert "--soc_version=Ascend310P3" in message  # the command that failed
+    assert not list((tmp_path / "cache").rglob("*.om"))
+
+
+def test_dynamic_dims_session_picks_the_bucket_and_rejects_other_shapes(npu_host, tmp_path):
+    om = {"output": "tiny", "input_format": "ND",
+          "dynamic_dims": {"dims": ["height", "width"], "buckets": [[4, 6], [6, 4]]}}
+    request = tiny_request(tmp_path, om, dynamic=True)
+    backend = OmBackend()
+    assert backend.artifact_dims(request) == {"batch": 1}  # one OM for every bucket
+    artifact = build(backend, request, ArtifactCache(tmp_path / "cache"))
+    recorded = shlex.split((artifact / ATC_RECORD).read_text())
+    assert {"--input_format=ND", "--input_shape=image:1,3,-1,-1", "--dynamic_dims=4,6;6,4"} <= set(recorded)
+
+    session = backend.load(artifact, request)
+    rng = np.random.default_rng(1)
+    for shape in [(1, 3, 4, 6), (1, 3, 6, 4)]:
+        feeds = {"image": rng.standard_normal(shape).astype(np.float32)}
+        assert_outputs_match(session.run(feeds), reference(request, feeds),
+                             request.spec.networks["tiny"].outputs, f"fake OM at {shape}")
+    assert session.session.modes == ["dymdims", "dymdims"]
+    assert session.session.dynamic_dims_calls == ["image:1,3,4,6", "image:1,3,6,4"]
+    with pytest.raises(BackendError, match=r"match no --dynamic_dims bucket \(4,6; 6,4\)"):
+        session.run({"image": np.zeros((1, 3, 5, 5), np.float32)})
+
+
+def test_wrongly_shaped_om_output_is_refused(npu_host, tmp_path):
+    request = tiny_request(tmp_path, {"output": "tiny"})
+    request.extra["expected_shapes"] = {"heatmap": (1, 3, 4, 7), "offset": (1, 3, 4, 6)}
+    backend = OmBackend()
+    session = backend.load(build(backend, request, ArtifactCache(tmp_path / "cache")), request)
+    with pytest.raises(BackendError, match="heatmap with shape"):
+        session.run(request.example_feeds)
+
+
+def test_throughput_divides_by_npu_compute_time(npu_host, tmp_path):
+    """The guide's figure: items per call x 1000 / mean NPU compute time in ms, not host time."""
+    request = tiny_request(tmp_path, {"output": "tiny"})
+    backend = OmBackend()
+    session = backend.load(build(backend, request, ArtifactCache(tmp_path / "cache")), request)
+    session.session.exec_time_ms = 50.0
+    session.run(request.example_feeds)  # warm-up, outside the timed rounds
+    session.session.exec_time_ms = 4.0
+    for _ in range(3):
+        session.run(request.example_feeds)
+    assert session.device_times_ms() == [50.0, 4.0, 4.0, 4.0]
+    mean_s = mean_call_seconds(session, rounds=3, host_mean_s=1.0)
+    assert 2 * 6115 / mean_s == pytest.approx(2 * 6115 / 4.0 * 1000)
+
+
+def test_videopose3d_om_through_the_workspace(npu_host, tmp_path):
+    """The whole path with the fake toolkit: yaml -> ATC command -> cache -> ais_bench -> parity."""
+    zoo = Workspace(Roots.resolve(cache_dir=tmp_path / "cache"), Options(weights="seeded"))
+    assert zoo.availability("om").ok
+    handle = zoo.model("videopose3d")
+    case = next(c for c in handle.spec.cases() if c.profile == "smoke_min" and c.batch == 1)
+    feeds = handle.feeds(case)
+    actual = handle.session("om", case).run(feeds)
+    expected = handle.session("onnx", case).run(feeds)
+    assert_outputs_match(actual, expected, handle.spec.networks["vp3d"].outputs, "fake OM vs ONNX")
+    (record,) = (tmp_path / "cache" / "om").rglob(ATC_RECORD)
+    recorded = shlex.split(record.read_text())
+    assert "--input_shape=2d_poses:1,243,17,2" in recorded
+    assert [t for t in recorded if t.startswith("--output=")][0].endswith("/vp3d_seq243")
+
+
+# -- ONNX rewrites ----------------------------------------------------------------------------------
+def index_arithmetic_onnx() -> onnx.ModelProto:
+    """x -> floor -> int64 -> (+1, *2, clip) -> gather from a table; plus a Reshape fed by the index."""
+    nodes = [
+        helper.make_node("Floor", ["x"], ["f"]),
+        helper.make_node("Cast", ["f"], ["i"], to=TensorProto.INT64),
+        helper.make_node("Add", ["i", "one"], ["i1"]),
+        helper.make_node("Mul", ["i1", "two"], ["i2"]),
+        helper.make_node("Less", ["i2", "limit"], ["inside"]),
+        helper.make_node("Where", ["inside", "i2", "zero"], ["idx"]),
+        helper.make_node("Gather", ["table", "idx"], ["picked"], axis=0),
+        helper.make_node("Reshape", ["idx", "flat"], ["idx_flat"]),
+        helper.make_node("Cast", ["idx_flat"], ["idx_out"], to=TensorProto.FLOAT),
+    ]
+    inits = [
+        numpy_helper.from_array(np.array(1, np.int64), "one"),
+        numpy_helper.from_array(np.array(2, np.int64), "two"),
+        numpy_helper.from_array(np.array(9, np.int64), "limit"),
+        numpy_helper.from_array(np.array(0, np.int64), "zero"),
+        numpy_helper.from_array(np.array([-1], np.int64), "flat"),
+        numpy_helper.from_array(np.arange(10, dtype=np.float32) * 10, "table"),
+    ]
+    graph = helper.make_graph(
+        nodes, "index", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("picked", TensorProto.FLOAT, [2, 3]),
+         helper.make_tensor_value_info("idx_out", TensorProto.FLOAT, [6])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    return model
+
+
+def _run(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
+    session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})
+
+
+def test_int64_to_int32_keeps_the_results_and_drops_int64_arithmetic():
+    original = index_arithmetic_onnx()
+    rewritten = int64_to_int32(index_arithmetic_onnx())
+    x = np.array([[0.2, 1.7, 2.5], [3.1, 4.9, 0.0]], np.float32)
+    for before, after in zip(_run(original, x), _run(rewritten, x)):
+        np.testing.assert_array_equal(before, after)
+    types_of = {v.name: v.type.tensor_type.elem_type for v in rewritten.graph.value_info}
+    assert {types_of[n] for n in ("i", "i1", "i2", "idx")} == {TensorProto.INT32}
+    # Reshape wants an int64 shape and gets its data back as int64 through one added cast.
+    casts_to_int64 = [n for n in rewritten.graph.node if n.op_type == "Cast" and n.attribute[0].i == TensorProto.INT64]
+    assert [n.output[0] for n in casts_to_int64] == ["idx__as_int64"]
+
+
+def _stamp(name: str, model: onnx.ModelProto) -> onnx.ModelProto:
+    model.doc_string = ",".join(filter(None, [model.doc_string, name]))
+    return model
+
+
+def test_rewrites_run_in_order_and_unknown_names_fail(tmp_path, monkeypatch):
+    source = tmp_path / "in.onnx"
+    onnx.save(index_arithmetic_onnx(), str(source))
+    assert apply_onnx_rewrites(source, (), tmp_path / "out.onnx") == source  # nothing to rewrite: no copy
+    with pytest.raises(BackendError, match=r"unknown ONNX rewrites \['auto_optimizer'\]"):
+        apply_onnx_rewrites(source, ("auto_optimizer",), tmp_path / "out.onnx")
+    for name in ("first", "second"):
+        monkeypatch.setitem(ONNX_REWRITES, name, functools.partial(_stamp, name))
+    out = apply_onnx_rewrites(source, ("second", "first"), tmp_path / "out.onnx")
+    assert onnx.load(str(out)).doc_string == "second,first"
+
+
+def test_onnxsim_rewrite_without_the_package_says_how_to_get_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxsim", None)
+    with pytest.raises(BackendError, match="pip install onnxsim"):
+        ONNX_REWRITES["onnxsim"](index_arithmetic_onnx())

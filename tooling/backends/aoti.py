@@ -1,0 +1,112 @@
+"""Compiled PyTorch: an AOTInductor package built from the torch network, on the CPU or a GPU.
+
+The network is captured with ``torch.export`` at the case's static shapes and compiled ahead of
+time into a ``.pt2`` package (generated C++/Triton kernels plus the weights) that
+``aoti_load_package`` runs without Python-level tracing. The package goes through the shared
+artifact cache like an OM file, so every worker and every later run reuses one compile.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tooling.backends.base import Availability, Backend, BackendError, CompileRequest
+from tooling.backends.cpu import TorchSession
+from tooling.backends.gpu import CudaBackend, CudaTimedSession, cuda_device, keep_fp32_on_cuda
+
+PACKAGE = "model.pt2"
+# Freezing turns the weights into constants, which lets Inductor fold BatchNorm into the
+# convolutions and pre-pack their weights: a deployed artifact has fixed weights, and without it
+# the package calls the same convolution kernels as eager and is no faster.
+INDUCTOR_CONFIGS = {"freezing": True}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+class AotiSession(TorchSession):
+    def __init__(self, runner, input_names: list[str], output_names: list[str]):
+        # A compiled package has no train/eval mode to set, unlike the module TorchSession expects.
+        self.network = runner
+        self.input_names = input_names
+        self.output_names = output_names
+
+
+class AotiBackend(Backend):
+    name = "aoti"
+    consumes = "torch"
+    needs_compile = True
+    timing_scope = "host wall time per call on the CPU (numpy in, numpy out)"
+
+    def availability(self) -> Availability:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        try:
+            get_cpp_compiler()
+        except Exception as exc:  # noqa: BLE001 - Inductor raises a bare RuntimeError when none is found
+            return Availability(False, f"AOTInductor needs a C++ compiler (g++ or clang++): {_first_line(exc)}")
+        return Availability(True)
+
+    def versions(self) -> dict[str, str]:
+        from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+        # The kernels are generated for the build host's vector ISA: a package from an AVX-512
+        # host would crash on an AVX2 one sharing the cache.
+        isa = str(pick_vec_isa()) or "none"
+        return {"torch": torch.__version__, "inductor": repr(INDUCTOR_CONFIGS), "cpu_isa": isa}
+
+    def target(self) -> torch.device:
+        return torch.device("cpu")
+
+    def compile(self, request: CompileRequest, staging: Path) -> None:
+        device = self.target()
+        net = request.spec.networks[request.case.network]
+        network = request.build_network()
+        if device.type == "cuda":
+            keep_fp32_on_cuda()  # Inductor reads the TF32 switches while it generates kernels
+            network = copy.deepcopy(network).to(device)  # the CPU reference shares the original
+        feeds = request.example_feeds
+        args = tuple(torch.from_numpy(np.ascontiguousarray(feeds[n])).to(device) for n in net.input_names)
+        what = f"{request.case.id} ({device})"
+        try:
+            program = torch.export.export(network.eval(), args)
+        except Exception as exc:  # noqa: BLE001 - export raises many unrelated types; the message is what matters
+            raise BackendError(f"torch.export cannot capture {what}: {_first_line(exc)}") from exc
+        try:
+            # A copy: Inductor writes its own settings into the dict it is given.
+            torch._inductor.aoti_compile_and_package(
+                program, package_path=str(staging / PACKAGE), inductor_configs=dict(INDUCTOR_CONFIGS)
+            )
+        except Exception as exc:  # noqa: BLE001 - Inductor's lowering and C++ build errors share no base class
+            raise BackendError(f"AOTInductor cannot compile {what}: {_first_line(exc)}") from exc
+
+    def load(self, artifact: Path, request: CompileRequest) -> TorchSession:
+        net = request.spec.networks[request.case.network]
+        runner = torch._inductor.aoti_load_package(str(Path(artifact) / PACKAGE))
+        return AotiSession(runner, net.input_names, net.output_names)
+
+
+class AotiCudaBackend(CudaBackend, AotiBackend):
+    name = "aoti-cuda"
+
+    def availability(self) -> Availability:
+        cuda = CudaBackend.availability(self)
+        return cuda if not cuda.ok else AotiBackend.availability(self)
+
+    def versions(self) -> dict[str, str]:
+        return {"torch": torch.__version__, "inductor": repr(INDUCTOR_CONFIGS), **CudaBackend.versions(self)}
+
+    def target(self) -> torch.device:
+        return cuda_device(self.config.device_index)
+
+    def load(self, artifact: Path, request: CompileRequest) -> CudaTimedSession:
+        keep_fp32_on_cuda()
+        device = self.target()
+        net = request.spec.networks[request.case.network]
+        runner = torch._inductor.aoti_load_package(str(Path(artifact) / PACKAGE), device_index=device.index)
+        return CudaTimedSession(runner, device, net.input_names, net.output_names)
