@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import itertools
 import math
+import os
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -17,9 +18,11 @@ from typing import Any
 import yaml
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-BASELINES_DIR = PROJECT_ROOT / "baselines"
-FIXTURES_DIR = PROJECT_ROOT / "fixtures"
-PATCHES_DIR = PROJECT_ROOT / "patches"
+# Overridable so a model can live outside this repository (and so the engine's own tests can
+# add a throw-away model without touching the real baselines).
+BASELINES_DIR = Path(os.environ.get("ZOO_BASELINES_DIR", PROJECT_ROOT / "baselines"))
+FIXTURES_DIR = Path(os.environ.get("ZOO_FIXTURES_DIR", PROJECT_ROOT / "fixtures"))
+PATCHES_DIR = Path(os.environ.get("ZOO_PATCHES_DIR", PROJECT_ROOT / "patches"))
 
 EXPORTERS = ("torchscript", "dynamo")
 

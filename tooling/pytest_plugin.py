@@ -1,16 +1,15 @@
 """pytest integration: options, the ``zoo`` fixture, gate parametrization and the conformance matrix."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from tooling.backends import BACKENDS
+from tooling.backends import BACKENDS, worker_device
 from tooling.conformance import GATES, ConformanceSuite
 from tooling.locations import Roots
-from tooling.model_spec import EXPORTERS, load_model_spec
+from tooling.model_spec import EXPORTERS, Case, load_model_spec
 from tooling.report import ConformanceMatrix, MatrixRow, ThroughputLog
 from tooling.workspace import Options, Workspace
 
@@ -32,6 +31,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="auto: staged checkpoint when present, else seeded; seeded: always seeded")
     group.addoption("--salt", default="public", help="salt of the seeded weights")
     group.addoption("--device", help="NPU or GPU id for device backends")
+    group.addoption("--devices", help="NPU or GPU ids, comma-separated: xdist worker gwN uses id N modulo their count "
+                    "(run with -n <count> for one worker per device)")
     group.addoption("--accuracy-limit", type=int, help="score only the first N samples (a quick look, not gated)")
     group.addoption("--accuracy-backend", help="backend for the dataset accuracy gate (default: every deployed one)")
     group.addoption("--restart-accuracy", action="store_true", help="discard resumable accuracy results")
@@ -45,13 +46,19 @@ def _workspace(config: pytest.Config) -> Workspace:
         upstream_root=opt("--upstream-root"), cache_dir=opt("--cache-dir"),
     )
     backends = tuple(b.strip() for b in opt("--backends").split(",")) if opt("--backends") else None
+    if opt("--device") and opt("--devices"):
+        raise pytest.UsageError("--device and --devices are exclusive")
+    try:
+        device = worker_device(opt("--devices") or opt("--device"), getattr(config, "workerinput", {}).get("workerid"))
+    except ValueError as exc:
+        raise pytest.UsageError(f"--devices: {exc}") from exc
     unknown = [b for b in backends or () if b not in BACKENDS]
     if unknown:
         raise pytest.UsageError(f"--backends: unknown {unknown}; known: {sorted(BACKENDS)}")
     options = Options(
         threads=opt("--threads"), rebuild=opt("--rebuild"),
         exporters=tuple(opt("--exporter")) if opt("--exporter") else None, backends=backends,
-        weights=opt("--weights"), salt=opt("--salt"), device=opt("--device"),
+        weights=opt("--weights"), salt=opt("--salt"), device=device,
         accuracy_limit=opt("--accuracy-limit"), restart_accuracy=opt("--restart-accuracy"),
     )
     return Workspace(roots, options)
@@ -87,7 +94,11 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     exporters = tuple(metafunc.config.getoption("--exporter") or ()) or None
     cases = spec.cases(exporters=exporters)
     name = metafunc.function.__name__
-    deployed = [n for n, b in BACKENDS.items() if b.deployed]
+    chosen = metafunc.config.getoption("--backends")
+    selected = {b.strip() for b in chosen.split(",")} if chosen else None
+    deployed = [n for n, b in BACKENDS.items() if b.deployed and (selected is None or n in selected)]
+    # Eager torch (CPU, CUDA) is timed beside the deployed backends as the rate they must beat.
+    timed_references = [n for n, b in BACKENDS.items() if not b.deployed and b.consumes == "torch"]
 
     if name == "test_port_matches_golden":
         goldens = [
@@ -109,7 +120,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize(("case", "deployed_backend"), params)
     elif name == "test_port_matches_upstream":
         first_per_network = {}
-        for case in cases:
+        for case in cases if spec.upstream.get("commit") else ():
             first_per_network.setdefault(case.network, case)
         metafunc.parametrize("case", _case_params(spec, first_per_network.values()))
     elif name == "test_throughput":
@@ -118,11 +129,14 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             net = spec.networks[case.network]
             if case.exporter != net.default_exporter and not exporters:
                 continue  # one artifact per shape is enough to time
-            for backend in ["torch", *deployed]:
-                if net.variant(case.variant).runs_on(backend) or backend == "torch":
+            for backend in [*timed_references, *deployed]:
+                if net.variant(case.variant).runs_on(backend) or backend in timed_references:
                     marks = [pytest.mark.slow] * case.slow + _backend_marks(backend)
                     params.append(pytest.param(case, backend, id=f"{case.id}-{backend}", marks=marks))
         metafunc.parametrize(("case", "backend"), params)
+    elif name == "test_cpu_speedup_over_torch":
+        timed = [c for c in cases if c.exporter == spec.networks[c.network].default_exporter or exporters]
+        metafunc.parametrize("case", _case_params(spec, timed))
     elif name == "test_accuracy_on_staged_dataset":
         chosen = metafunc.config.getoption("--accuracy-backend")
         names = [chosen] if chosen else deployed
@@ -147,8 +161,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         backend = params.get("deployed_backend") or params.get("backend") or params.get("accuracy_backend")
         gate = GATES.get(item.originalname, item.originalname)
         if backend is None:
-            backend = {"onnx-vs-torch": "onnx", "golden": "torch", "port-vs-upstream": "torch"}.get(gate, "onnxruntime")
-        label = case.id if case is not None else (params["golden"]["file"] if "golden" in params else "-")
+            backend = {"onnx-vs-torch": "onnx", "golden": "torch", "port-vs-upstream": "torch",
+                       "cpu-speedup": "best-cpu"}.get(gate, "onnxruntime")
+        golden = params.get("golden")
+        # An empty parameter set (say, a model without goldens) leaves pytest's NOTSET marker here.
+        label = case.id if isinstance(case, Case) else golden["file"] if isinstance(golden, dict) else "-"
         item.user_properties.append(("zoo_cell", {"model": cls.model, "gate": gate, "backend": backend, "case": label}))
 
 
@@ -200,6 +217,5 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
     path = Path(config.getoption("--zoo-report"))
     if not path.is_absolute():
         path = Path(config.rootpath) / path
-    if os.environ.get("PYTEST_XDIST_WORKER") is None:
-        matrix.write_json(path, [t["throughput"] for t in throughput])
-        terminalreporter.write_line(f"conformance report: {path}")
+    matrix.write_json(path, [t["throughput"] for t in throughput])
+    terminalreporter.write_line(f"conformance report: {path}")

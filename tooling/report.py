@@ -37,6 +37,9 @@ class ThroughputLog:
         self.entries[(model, case.id, backend)] = entry
         return entry
 
+    def for_case(self, model: str, case) -> list[ThroughputEntry]:
+        return [e for (m, c, _), e in self.entries.items() if m == model and c == case.id]
+
     def rate(self, model: str, case, backend: str) -> float | None:
         entry = self.entries.get((model, case.id, backend))
         return entry.rate if entry else None
@@ -118,6 +121,8 @@ def _figures(results: list[dict]) -> str:
         if "metrics" in result:
             shown = {k: round(v, 4) for k, v in result["metrics"].items() if "/" not in k}
             parts.append(str(shown))
+        if "speedups" in result:
+            parts.append("best " + result["best"] + ": " + ", ".join(f"{n} {r:.2f}x" for n, r in result["speedups"].items()))
         if "worst_max_abs" in result:
             parts.append(f"max_abs {result['worst_max_abs']:.2g}")
     return ("  " + "; ".join(parts)) if parts else ""

@@ -68,8 +68,9 @@ class UpstreamCheckout:
     hooks: list[Path] = field(default_factory=list)
     _hooks_ran: bool = False
 
-    def import_module(self, name: str) -> ModuleType:
-        root = str(self.root)
+    def import_module(self, name: str, subdir: str = "") -> ModuleType:
+        """Import ``name`` from the checkout (or from ``subdir`` of it, for repos laid out as lib/)."""
+        root = str(self.root / subdir)
         if root not in sys.path:
             sys.path.insert(0, root)
         module = importlib.import_module(name)

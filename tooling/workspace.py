@@ -223,17 +223,22 @@ class ModelHandle:
             request.onnx_path = self.onnx(case, weights)
         if backend.needs_compile:
             module, weights_digest = self.network(case.network, case.variant, weights)
+            dims = backend.artifact_dims(request)
             fields = {
                 "weights": weights_digest,
                 "port": self.port_digest,
-                "dims": request.dims,
+                "dims": dims,
                 "variant": case.variant,
                 "versions": backend.versions(),
                 "torch": torch.__version__,
             }
+            # Named by what the artifact depends on, not by the case: cases that differ only in
+            # the exporter share one build of a backend that compiles the torch network.
+            name = f"{case.network}-{'x'.join(str(dims[k]) for k in sorted(dims))}"
             if request.onnx_path is not None:
                 fields["onnx_sha256"] = file_digest(request.onnx_path)
-            key_ = ArtifactKey(backend.name, self.spec.name, case.network, f"{case.id}", fields)
+                name += f"-{case.exporter}"
+            key_ = ArtifactKey(backend.name, self.spec.name, case.network, name, fields)
             artifact: Any = self.ws.cache.get(key_, lambda staging: backend.compile(request, staging))
         elif backend.consumes == "torch":
             artifact = self.network(case.network, case.variant, weights)[0]
@@ -258,8 +263,13 @@ class ModelHandle:
 
     # -- accuracy -------------------------------------------------------------------------------
     def run_accuracy(self, backend_name: str, *, roots: Roots | None = None, profile: str | None = None,
-                     limit: int | None = None, label: str | None = None) -> dict[str, float]:
-        """Score the staged dataset on ``backend_name`` with the staged checkpoints."""
+                     limit: int | None = None, label: str | None = None,
+                     oracles: Mapping[str, Any] | None = None, run_dir: Path | None = None) -> dict[str, float]:
+        """Score the staged dataset on ``backend_name`` with the staged checkpoints.
+
+        ``oracles`` replaces the named networks by stand-ins (known-answer runs only); ``run_dir``
+        holds the resumable records (default: a directory per input fingerprint in the cache).
+        """
         roots = roots or self.ws.roots
         if self.spec.accuracy is None:
             raise AccuracyInputsMissing(f"baselines/{self.spec.name}.yaml declares no accuracy gate")
@@ -269,9 +279,12 @@ class ModelHandle:
         weights = {n: WeightsChoice(find_checkpoint(self.spec, n, roots)) for n in self.spec.networks}
         paths = data_paths(self.spec, roots)
         profile = profile or self.spec.accuracy.profile
-        dims = dict(self.spec.profiles[profile].dims)
+        dims = {**self.spec.profiles[profile].dims, "batch": self.spec.profiles[profile].batch_sizes[0]}
+        oracles = dict(oracles or {})
 
         def run(network: str, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+            if network in oracles:
+                return oracles[network](feeds)
             case = self.case_for_feeds(network, feeds, backend_name)
             return self.session(backend_name, case, weights[network]).run(feeds)
 
@@ -283,9 +296,10 @@ class ModelHandle:
             "data": {name: _stat(p) for name, p in paths.items()},
             "dims": dims,
             "exporters": self.ws.options.exporters,
+            "oracles": sorted(oracles),
         }
         run_id = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:16]
-        run_dir = self.ws.roots.cache_dir / "runs" / self.spec.name / run_id
+        run_dir = run_dir or self.ws.roots.cache_dir / "runs" / self.spec.name / run_id
         store = ResultStore(run_dir / "records", fingerprint, restart=self.ws.options.restart_accuracy)
         reporter = ProgressReporter(label or f"{self.spec.name} accuracy on {backend_name}", logfile=run_dir / "progress.txt")
         ctx = AccuracyContext(

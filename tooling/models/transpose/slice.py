@@ -18,6 +18,7 @@ from tooling.slice import AccuracyContext, KnownAnswer, ModelSlice
 ANNOTATIONS = "coco/annotations/person_keypoints_val2017.json"
 IMAGES = "coco/images/val2017"
 CHECKPOINT = "tp_r_256x192_enc3_d256_h1024_mh8.pth"
+UPSTREAM_EXPERIMENT = "experiments/coco/transpose_r/TP_R_256x192_d256_h1024_enc3_mh8.yaml"
 
 
 class TransPoseSlice(ModelSlice):
@@ -27,6 +28,15 @@ class TransPoseSlice(ModelSlice):
         if network != "transpose_r":
             raise KeyError(f"transpose has no network {network!r}")
         return build_transpose_r()
+
+    def build_upstream_network(self, network: str, checkout) -> torch.nn.Module:
+        """The upstream model built from its own experiment yaml (needs yacs, as upstream does)."""
+        config = checkout.import_module("config", subdir="lib")
+        cfg = config.cfg.clone()
+        cfg.defrost()
+        cfg.merge_from_file(str(checkout.root / UPSTREAM_EXPERIMENT))
+        models = checkout.import_module("models.transpose_r", subdir="lib")
+        return models.get_pose_net(cfg, is_train=False).eval()
 
     def decode(self, network: str, feeds: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]):
         """DARK-decoded keypoints in input-crop pixels and their scores."""

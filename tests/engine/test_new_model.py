@@ -1,0 +1,146 @@
+"""Adding a model is one slice, one yaml and one short test module: prove it with a throw-away
+model run through the real plugin in a separate pytest process."""
+from __future__ import annotations
+
+import json
+import os
+import textwrap
+
+import pytest
+
+from tooling.model_spec import PROJECT_ROOT
+
+pytest_plugins = ["pytester"]
+
+SLICE = '''
+import numpy as np
+import torch
+from tooling.slice import KnownAnswer, ModelSlice
+
+
+class Doubler(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Conv2d(1, 1, 1, bias=False)
+
+    def forward(self, x):
+        return torch.relu(self.scale(x))
+
+
+class ToySlice(ModelSlice):
+    name = "toynet"
+
+    def build_network(self, network, variant="default"):
+        return Doubler().eval()
+
+    def decode(self, network, feeds, outputs):
+        return {"peak": outputs["y"].max(axis=(2, 3))}
+
+    def evaluate(self, ctx):
+        images = np.load(ctx.data_paths["toy/images.npy"])[: ctx.limit]
+        outputs = [ctx.run("doubler", {"x": images[i : i + 1]})["y"] for i in range(len(images))]
+        return {"mean_peak": float(np.mean([o.max() for o in outputs]))}
+
+    def make_known_answer(self, root):
+        rng = np.random.default_rng(0)
+        images = rng.standard_normal((3, 1, 1, 8, 8)).astype(np.float32)
+        (root / "data" / "toy").mkdir(parents=True)
+        np.save(root / "data" / "toy" / "images.npy", images[:, 0])
+        (root / "weights" / "toynet").mkdir(parents=True)
+        torch.save({"scale.weight": torch.full((1, 1, 1, 1), 2.0)}, root / "weights" / "toynet" / "toy.pth")
+        expected = float(np.mean([2 * np.maximum(i, 0).max() for i in images]))
+        return KnownAnswer(root / "data", root / "weights", {"mean_peak": expected}, 1e-6, "smoke")
+
+
+SLICE = ToySlice()
+'''
+
+YAML = '''
+model: toynet
+slice: toyslice
+networks:
+  doubler:
+    inputs: {x: {shape: [batch, 1, 8, 8]}}
+    outputs: {y: {atol: 1.0e-5, rtol: 1.0e-5}}
+    decoded: {peak: {atol: 1.0e-5, rtol: 0}}
+    opset: {torchscript: 17, dynamo: 18}
+    checkpoint: {files: [toy.pth]}
+profiles:
+  smoke: {batch_sizes: [1, 2]}
+accuracy:
+  metric: mean_peak
+  target: 1.0
+  higher_is_better: true
+  data: [toy/images.npy]
+throughput: {unit: fps, items_per_call: [batch], cpu_speedup_vs_torch: 0.0}
+'''
+
+
+@pytest.fixture
+def toy_project(pytester, monkeypatch, tmp_path):
+    (pytester.path / "baselines").mkdir()
+    (pytester.path / "baselines" / "toynet.yaml").write_text(YAML)
+    (pytester.path / "toyslice.py").write_text(SLICE)
+    (pytester.path / "test_toynet.py").write_text(textwrap.dedent('''
+        from tooling.conformance import ConformanceSuite
+
+        class TestToy(ConformanceSuite):
+            model = "toynet"
+    '''))
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)  # the inner run is a plain session
+    monkeypatch.setenv("ZOO_BASELINES_DIR", str(pytester.path / "baselines"))
+    monkeypatch.setenv("ZOO_FIXTURES_DIR", str(pytester.path / "fixtures"))
+    monkeypatch.setenv("ZOO_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("PYTHONPATH", f"{pytester.path}{os.pathsep}{PROJECT_ROOT}")
+    return pytester
+
+
+def test_a_new_model_gets_every_gate_from_its_yaml(toy_project):
+    report = toy_project.path / "matrix.json"
+    result = toy_project.runpytest_subprocess(
+        "-p", "tooling.pytest_plugin", "-p", "no:cacheprovider", "-m", "not benchmark",
+        "--backends", "onnxruntime,openvino", f"--zoo-report={report}", "-o", "markers=toynet",
+    )
+    result.assert_outcomes(passed=11, skipped=4)  # no goldens, no upstream, no staged data
+    result.stdout.fnmatch_lines(["*conformance matrix*", "[[]toynet[]]", "*accuracy-known-answer*PASSED*"])
+    rows = json.loads(report.read_text())["rows"]
+    cells = {(r["gate"], r["backend"], r["case"]) for r in rows if r["outcome"] == "passed"}
+    assert ("onnx-vs-torch", "onnx", "doubler-smoke-b2-torchscript") in cells
+    assert ("deployed-vs-onnx", "openvino", "doubler-smoke-b1-torchscript") in cells
+    skipped = {r["gate"]: r["detail"] for r in rows if r["outcome"] == "skipped"}
+    assert "toynet/toy.pth" in skipped["accuracy"]
+
+
+def _staged(toy_project, tmp_path):
+    import sys
+
+    sys.path.insert(0, str(toy_project.path))
+    try:
+        import toyslice
+    finally:
+        sys.path.remove(str(toy_project.path))
+    return toyslice.SLICE.make_known_answer(tmp_path / "staged")
+
+
+def _run_staged_gate(toy_project, answer):
+    return toy_project.runpytest_subprocess(
+        "-p", "tooling.pytest_plugin", "-p", "no:cacheprovider", "-m", "accuracy",
+        "-k", "test_accuracy_on_staged_dataset", "--accuracy-backend", "onnxruntime",
+        "--data-root", str(answer.data_root), "--weights-root", str(answer.weights_root), "-o", "markers=toynet",
+    )
+
+
+def test_staged_dataset_is_scored_and_gated(toy_project, tmp_path):
+    answer = _staged(toy_project, tmp_path)
+    assert answer.expected["mean_peak"] > 1.0  # the yaml's target
+    result = _run_staged_gate(toy_project, answer)
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines([f"*accuracy*onnxruntime*PASSED*'mean_peak': {answer.expected['mean_peak']:.4f}*"])
+
+
+def test_corrupt_staged_checkpoint_fails_naming_the_file(toy_project, tmp_path):
+    answer = _staged(toy_project, tmp_path)
+    (answer.weights_root / "toynet" / "toy.pth").write_bytes(b"\x80\x02 truncated")
+    result = _run_staged_gate(toy_project, answer)
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*CheckpointError: *toynet/toy.pth: not a readable torch checkpoint*"])
