@@ -15,9 +15,10 @@ class ThroughputEntry:
     case: str
     backend: str
     device: str
-    rate: float
+    rate: float  # items / mean seconds per call: the guides' figure
     unit: str
     mean_s: float
+    median_s: float  # what speedups compare: robust to a noisy neighbour on a shared runner
     speedup_vs_torch: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
@@ -30,19 +31,16 @@ class ThroughputLog:
 
     entries: dict[tuple[str, str, str], ThroughputEntry] = field(default_factory=dict)
 
-    def add(self, model: str, case, backend: str, device: str, rate: float, unit: str, mean_s: float) -> ThroughputEntry:
-        torch_rate = self.rate(model, case, "torch")
-        speedup = rate / torch_rate if torch_rate and backend != "torch" else None
-        entry = ThroughputEntry(model, case.id, backend, device, rate, unit, mean_s, speedup)
+    def add(self, model: str, case, backend: str, device: str, rate: float, unit: str, mean_s: float,
+            median_s: float) -> ThroughputEntry:
+        baseline = self.entries.get((model, case.id, "torch"))
+        speedup = baseline.median_s / median_s if baseline and backend != "torch" else None
+        entry = ThroughputEntry(model, case.id, backend, device, rate, unit, mean_s, median_s, speedup)
         self.entries[(model, case.id, backend)] = entry
         return entry
 
     def for_case(self, model: str, case) -> list[ThroughputEntry]:
         return [e for (m, c, _), e in self.entries.items() if m == model and c == case.id]
-
-    def rate(self, model: str, case, backend: str) -> float | None:
-        entry = self.entries.get((model, case.id, backend))
-        return entry.rate if entry else None
 
 
 @dataclass
