@@ -38,7 +38,7 @@ def verify_golden(args: argparse.Namespace) -> int:
     if args.backend == "torch":
         from tooling.backends.cpu import TorchSession
 
-        module, _ = handle.network(args.network, "default", weights)
+        module, _ = handle.network(args.network, None, weights)
         actual = TorchSession(module, net.input_names, net.output_names).run(feeds)
     else:
         case = handle.case_for_feeds(args.network, feeds, args.backend)

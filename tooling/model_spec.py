@@ -33,14 +33,22 @@ class ModelSpecError(ValueError):
 
 @dataclass(frozen=True)
 class Tolerance:
+    """|actual - expected| <= max(atol, atol_of_max * max|expected|) + rtol * |expected|.
+
+    ``atol_of_max`` scales the absolute bound with the output's range, for outputs whose scale
+    depends on the weights (seeded weights can drive a heatmap to 1e4, a checkpoint keeps it < 1).
+    """
+
     atol: float
     rtol: float
     min_cosine: float = 0.0
+    atol_of_max: float = 0.0
 
     @classmethod
     def parse(cls, raw: dict[str, Any], where: str) -> "Tolerance":
         try:
-            return cls(float(raw["atol"]), float(raw["rtol"]), float(raw.get("min_cosine", 0.0)))
+            return cls(float(raw["atol"]), float(raw["rtol"]), float(raw.get("min_cosine", 0.0)),
+                       float(raw.get("atol_of_max", 0.0)))
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelSpecError(f"{where}: tolerance needs numeric atol and rtol ({exc})") from exc
 
@@ -65,6 +73,7 @@ class Variant:
     name: str
     backends: tuple[str, ...] | None = None  # None: every backend
     exporters: tuple[str, ...] | None = None
+    opset: dict[str, int] = field(default_factory=dict)  # overrides the network's, per exporter
 
     def runs_on(self, backend: str) -> bool:
         return self.backends is None or backend in self.backends
@@ -92,6 +101,10 @@ class NetworkSpec:
     @property
     def output_names(self) -> list[str]:
         return list(self.outputs)
+
+    @property
+    def default_variant(self) -> str:
+        return self.variants[0].name
 
     def variant(self, name: str) -> Variant:
         for v in self.variants:
@@ -248,6 +261,7 @@ def _parse_network(name: str, raw: dict, where: str) -> NetworkSpec:
             vname,
             tuple(v["backends"]) if v and v.get("backends") else None,
             tuple(v["exporters"]) if v and v.get("exporters") else None,
+            {str(k): int(o) for k, o in (v or {}).get("opset", {}).items()},
         )
         for vname, v in variants_raw.items()
     )

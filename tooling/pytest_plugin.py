@@ -139,8 +139,15 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("case", _case_params(spec, timed))
     elif name == "test_accuracy_on_staged_dataset":
         chosen = metafunc.config.getoption("--accuracy-backend")
-        names = [chosen] if chosen else deployed
+        networks = spec.profiles[spec.accuracy.profile].networks or tuple(spec.networks) if spec.accuracy else ()
+        runnable = [b for b in deployed if any(
+            any(v.runs_on(b) for v in spec.networks[n].variants) for n in networks)]
+        names = [chosen] if chosen else runnable
         metafunc.parametrize("accuracy_backend", [pytest.param(b, id=b, marks=_backend_marks(b)) for b in names])
+    elif name == "test_onnx_matches_torch":
+        # The ONNX reference is ONNX Runtime: variants it cannot execute are checked on their target.
+        runnable = [c for c in cases if spec.networks[c.network].variant(c.variant).runs_on("onnxruntime")]
+        metafunc.parametrize("case", _case_params(spec, runnable))
     elif "case" in metafunc.fixturenames:
         metafunc.parametrize("case", _case_params(spec, cases))
 

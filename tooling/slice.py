@@ -40,7 +40,9 @@ class AccuracyContext:
 
     ``run(network, feeds)`` executes the deployed artifact matching the feeds' shapes (built and
     cached on first use); ``progress(done, total, unit)`` reports how far the pass is;
-    ``results`` stores per-sample records so an interrupted pass resumes instead of restarting.
+    ``results`` stores per-sample records so an interrupted pass resumes instead of restarting;
+    ``host_network(name)`` is a network with the staged weights in torch, for the parts a guide
+    runs on the host rather than the accelerator (e.g. DEKR's rescoring net).
     """
 
     spec: "ModelSpec"
@@ -48,6 +50,7 @@ class AccuracyContext:
     run: Callable[[str, Mapping[str, np.ndarray]], Arrays]
     progress: Callable[[int, int, str], None]
     results: Any
+    host_network: Callable[[str], torch.nn.Module] | None = None
     limit: int | None = None
     scratch: Path | None = None
     dims: dict[str, int] = field(default_factory=dict)  # the profile's dims (e.g. padded sequence length)

@@ -114,10 +114,11 @@ class ModelHandle:
         return WeightsChoice(find_checkpoint(self.spec, network, roots), self.ws.options.salt)
 
     def network(
-        self, network: str, variant: str = "default", weights: WeightsChoice | None = None, source: str = "port"
+        self, network: str, variant: str | None = None, weights: WeightsChoice | None = None, source: str = "port"
     ) -> tuple[torch.nn.Module, str]:
         """The network in eval mode with weights applied, and the digest identifying those weights."""
         weights = weights or self.weights(network)
+        variant = variant or self.spec.networks[network].default_variant
         key = (network, variant, weights, source)
         if key not in self._networks:
             if source == "port":
@@ -162,7 +163,7 @@ class ModelHandle:
         module, weights_digest = self.network(case.network, case.variant, weights, source)
         net = self.spec.networks[case.network]
         dims = self.case_dims(case)
-        opset = net.opset.get(case.exporter) or net.opset.get("default")
+        opset = net.variant(case.variant).opset.get(case.exporter) or net.opset.get(case.exporter)
         if opset is None:
             raise KeyError(f"baselines/{self.spec.name}.yaml: no opset for exporter {case.exporter}")
         source_id = f"port:{self.port_digest}" if source == "port" else f"upstream:{self.spec.upstream['commit']}"
@@ -304,6 +305,7 @@ class ModelHandle:
         reporter = ProgressReporter(label or f"{self.spec.name} accuracy on {backend_name}", logfile=run_dir / "progress.txt")
         ctx = AccuracyContext(
             spec=self.spec, data_paths=paths, run=run, progress=reporter, results=store,
+            host_network=lambda name: self.network(name, None, weights[name])[0],
             limit=limit, scratch=run_dir, dims=dims,
         )
         metrics = self.slice.evaluate(ctx)

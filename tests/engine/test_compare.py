@@ -47,3 +47,10 @@ def test_cosine_floor_catches_scaled_outputs():
     expected = np.linspace(-1, 1, 100)
     stats = compare_array("y", -expected, expected, Tolerance(10.0, 0.0, min_cosine=0.99))
     assert stats.violations == 0 and not stats.passed and stats.cosine == pytest.approx(-1)
+
+
+def test_absolute_bound_can_scale_with_the_output_range():
+    expected = np.array([3.0e4, -2.0e4, 0.5])
+    actual = expected + np.array([0.5, -0.5, 0.5])
+    assert not compare_array("y", actual, expected, Tolerance(1e-3, 1e-6)).passed
+    assert compare_array("y", actual, expected, Tolerance(1e-3, 1e-6, atol_of_max=2e-5)).passed

@@ -1,0 +1,195 @@
+"""DEKR as the engine sees it: network variants, bottom-up decoding, COCO accuracy, known answer."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from tooling.coco.dataset import CocoKeypointDataset, coco_layout, read_image_rgb
+from tooling.coco.evaluation import evaluate_keypoints, first_image_ids, write_results_json
+from tooling.coco.synthetic import write_synthetic_coco
+from tooling.coco.transforms import affine_transform_points
+from tooling.models.dekr import deform_conv
+from tooling.models.dekr.network import NUM_JOINTS, OUTPUT_STRIDE, build_hrnet_dekr
+from tooling.models.dekr.processing import (
+    FLIP_INDEX,
+    FLIP_INDEX_WITH_CENTER,
+    affine_matrix,
+    coco_results,
+    decode_poses,
+    postprocess,
+    preprocess,
+)
+from tooling.models.dekr.rescore import build_rescore
+from tooling.seeded import apply_seeded_weights
+from tooling.slice import AccuracyContext, KnownAnswer, ModelSlice
+
+ANNOTATIONS = "coco/annotations/person_keypoints_val2017.json"
+IMAGES = "coco/images/val2017"
+UPSTREAM_EXPERIMENT = "experiments/coco/w32/w32_4x_reg03_bs10_512_adam_lr1e-3_coco_x140.yaml"
+CHECKPOINTS = {"hrnet_dekr": "pose_dekr_hrnetw32_coco.pth", "rescore": "final_rescore_coco_kpt.pth"}
+
+
+class DekrSlice(ModelSlice):
+    name = "dekr"
+
+    def build_network(self, network: str, variant: str = "grid_sample") -> torch.nn.Module:
+        if network == "hrnet_dekr":
+            return build_hrnet_dekr(variant)
+        if network == "rescore":
+            return build_rescore()
+        raise KeyError(f"dekr has no network {network!r}")
+
+    def build_upstream_network(self, network: str, checkout) -> torch.nn.Module:
+        """Upstream's model from its experiment yaml; needs yacs and torchvision on that host."""
+        if network != "hrnet_dekr":
+            raise KeyError(f"no upstream builder for dekr network {network!r}")
+        config = checkout.import_module("config", subdir="lib")
+        cfg = config.cfg.clone()
+        cfg.defrost()
+        cfg.merge_from_file(str(checkout.root / UPSTREAM_EXPERIMENT))
+        models = checkout.import_module("models.hrnet_dekr", subdir="lib")
+        return models.get_pose_net(cfg, is_train=False).eval()
+
+    def export_extras(self, network: str, variant: str, exporter: str) -> dict[str, Any]:
+        return deform_conv.export_extras(variant, exporter) if network == "hrnet_dekr" else {}
+
+    def decode(self, network: str, feeds: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]):
+        """Poses on the canvas (pixels) and their scores, decoded from each batch item.
+
+        Parity inputs are not images, so the item's own outputs stand in for the flipped pass: the
+        decoder still runs every stage (fusion, centres, offsets, heat values, NMS) on what the
+        backend returned.
+        """
+        poses, scores = [], []
+        for i in range(len(feeds["image"])):
+            hm, off = outputs["heatmap"][i : i + 1], outputs["offset"][i : i + 1]
+            decoded = decode_poses(hm, off, hm, off)
+            poses.append(decoded.poses.numpy())
+            scores.append(decoded.scores.numpy())
+        return {"poses_px": np.concatenate(poses), "pose_scores": np.concatenate(scores)}
+
+    def evaluate(self, ctx: AccuracyContext) -> dict[str, float]:
+        dataset = CocoKeypointDataset.open(ctx.data_paths[ANNOTATIONS], ctx.data_paths[IMAGES])
+        image_ids = first_image_ids(dataset.coco, ctx.limit)
+        rescore_net = ctx.host_network("rescore")
+        results = []
+        for done, image_id in enumerate(image_ids, start=1):
+            record = ctx.results.cached(
+                f"image-{image_id}", lambda image_id=image_id: _detect(ctx, dataset, image_id, rescore_net)
+            )
+            results += coco_results(torch.from_numpy(record["poses"]), torch.from_numpy(record["scores"]), image_id)
+            ctx.progress(done, len(image_ids), "images")
+        if not results:
+            raise RuntimeError(f"no person detected in {len(image_ids)} image(s) of {dataset.annotation_path}")
+        path = (ctx.scratch or Path(".")) / "keypoint_results.json"
+        write_results_json(results, path)
+        stats = evaluate_keypoints(dataset.coco, path, image_ids)
+        return {**stats, "images": float(len(image_ids)), "detections": float(len(results))}
+
+    def make_known_answer(self, root: Path) -> KnownAnswer:
+        """A synthetic COCO set scored through an oracle that answers each canvas (and its mirror)
+        with ideal centre heatmaps and offsets: every stage around the network must be exact for
+        AP and AR to be 1.0."""
+        data_root = root / "data"
+        dataset = write_synthetic_coco(data_root / "coco", seed=5, num_images=5)
+        annotation_path, image_dir = coco_layout(data_root / "coco")
+        assert annotation_path == data_root / ANNOTATIONS and image_dir == data_root / IMAGES
+        weights = root / "weights" / self.name
+        weights.mkdir(parents=True)
+        for network, file in CHECKPOINTS.items():
+            module = self.build_network(network, "grid_sample")
+            torch.save(apply_seeded_weights(module, "known-answer").state_dict(), weights / file)
+        oracle = IdealBottomUpOracle(dataset)
+        return KnownAnswer(
+            data_root=data_root,
+            weights_root=root / "weights",
+            expected={"AP": 1.0, "AP50": 1.0, "AP75": 1.0, "AR": 1.0},
+            tolerance=1e-9,
+            profile="smoke",
+            oracles={"hrnet_dekr": oracle},
+        )
+
+
+def _detect(ctx: AccuracyContext, dataset: CocoKeypointDataset, image_id: int, rescore_net) -> dict[str, np.ndarray]:
+    inputs = preprocess(read_image_rgb(dataset.image_path(image_id)))
+    plain = ctx.run("hrnet_dekr", {"image": inputs.image.numpy()})
+    flipped = ctx.run("hrnet_dekr", {"image": inputs.flipped.numpy()})
+    poses = postprocess(
+        (plain["heatmap"], plain["offset"]), (flipped["heatmap"], flipped["offset"]), inputs.geometry, rescore_net
+    )
+    return {"poses": poses.poses.numpy(), "scores": poses.scores.numpy()}
+
+
+def _fingerprint(image: np.ndarray) -> bytes:
+    return hashlib.blake2b(np.ascontiguousarray(image, dtype=np.float32).tobytes(), digest_size=16).digest()
+
+
+class IdealBottomUpOracle:
+    """What a perfect DEKR would output for the images of a dataset, for their canvases and mirrors.
+
+    Plain pass: a unit Gaussian at each person's centre cell in the centre channel, unit Gaussians
+    at every labelled joint in the joint channels, and at the centre cell the offsets that point
+    exactly at the person's joints. Mirrored pass: the outputs that the flip fusion maps back onto
+    the plain ones, so the fused result is the plain one. Inputs are recognised by a fingerprint.
+    """
+
+    SIGMA = 2.0
+
+    def __init__(self, dataset: CocoKeypointDataset):
+        self._answers: dict[bytes, dict[str, np.ndarray]] = {}
+        for image_id in dataset.image_ids():
+            inputs = preprocess(read_image_rgb(dataset.image_path(image_id)))
+            annotations = dataset.coco.loadAnns(dataset.coco.getAnnIds(imgIds=[image_id], iscrowd=False))
+            people = [np.asarray(a["keypoints"], np.float64).reshape(NUM_JOINTS, 3) for a in annotations
+                      if a.get("num_keypoints", 0) > 0]
+            grid_wh = (inputs.geometry.bucket_wh[0] // OUTPUT_STRIDE, inputs.geometry.bucket_wh[1] // OUTPUT_STRIDE)
+            heatmap, offset = self._plain(people, affine_matrix(inputs.geometry), grid_wh)
+            self._answers[_fingerprint(inputs.image.numpy())] = {"heatmap": heatmap, "offset": offset}
+            self._answers[_fingerprint(inputs.flipped.numpy())] = self._mirrored(heatmap, offset)
+
+    def __call__(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        key = _fingerprint(feeds["image"])
+        if key not in self._answers:
+            raise KeyError("the oracle was given an input it did not prepare: the pipeline fed something unexpected")
+        return self._answers[key]
+
+    def _plain(self, people, to_canvas: np.ndarray, grid_wh: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        width, height = grid_wh
+        heatmap = np.zeros((NUM_JOINTS + 1, height, width), np.float32)
+        offset = np.zeros((NUM_JOINTS, 2, height, width), np.float32)
+        cols, rows = np.meshgrid(np.arange(width), np.arange(height))
+        for keypoints in people:
+            labelled = keypoints[:, 2] > 0
+            joints = affine_transform_points(keypoints[:, :2], to_canvas) / OUTPUT_STRIDE  # grid units
+            centre_x, centre_y = np.clip(np.rint(joints[labelled].mean(axis=0)), 0, [width - 1, height - 1]).astype(int)
+            peaks = [(int(j), joints[j]) for j in np.flatnonzero(labelled)] + [(NUM_JOINTS, (centre_x, centre_y))]
+            for channel, (x, y) in peaks:
+                blob = np.exp(-((cols - x) ** 2 + (rows - y) ** 2) / (2 * self.SIGMA**2))
+                heatmap[channel] = np.maximum(heatmap[channel], blob)
+            targets = np.where(labelled[:, None], joints, [centre_x, centre_y])
+            offset[:, :, centre_y, centre_x] = np.array([centre_x, centre_y]) - targets
+        return heatmap[None], offset.reshape(1, 2 * NUM_JOINTS, height, width)
+
+    @staticmethod
+    def _mirrored(heatmap: np.ndarray, offset: np.ndarray) -> dict[str, np.ndarray]:
+        """Invert the flip fusion: mirror columns, swap left/right channels, mirror x positions."""
+        width = offset.shape[-1]
+        height = offset.shape[-2]
+        mirrored_heatmap = heatmap[:, list(FLIP_INDEX_WITH_CENTER), :, ::-1]
+        cols, rows = np.meshgrid(np.arange(width), np.arange(height))
+        grid = np.stack([cols, rows]).astype(np.float32)
+        positions = grid[None] - offset.reshape(NUM_JOINTS, 2, height, width)  # plain joint positions
+        mirrored = positions[list(FLIP_INDEX)][..., ::-1].copy()
+        mirrored[:, 0] = width - mirrored[:, 0] - 1
+        mirrored_offset = grid[None] - mirrored
+        return {
+            "heatmap": np.ascontiguousarray(mirrored_heatmap),
+            "offset": np.ascontiguousarray(mirrored_offset.reshape(1, 2 * NUM_JOINTS, height, width)),
+        }
+
+
+SLICE = DekrSlice()
