@@ -48,7 +48,7 @@ class BuildLog:
     reason: str
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -100,7 +100,7 @@ class ArtifactCache:
             path = target / name
             if not path.is_file() or path.stat().st_size != meta["size"]:
                 return f"{name} missing or truncated"
-            if _sha256(path) != meta["sha256"]:
+            if file_sha256(path) != meta["sha256"]:
                 return f"{name} content changed"
         return None
 
@@ -110,7 +110,7 @@ class ArtifactCache:
         try:
             build(staging)
             files = {
-                str(p.relative_to(staging)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+                str(p.relative_to(staging)): {"size": p.stat().st_size, "sha256": file_sha256(p)}
                 for p in sorted(staging.rglob("*"))
                 if p.is_file()
             }

@@ -129,13 +129,21 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             net = spec.networks[case.network]
             if case.exporter != net.default_exporter and not exporters:
                 continue  # one artifact per shape is enough to time
+            variant = net.variant(case.variant)
+            compared = any(variant.runs_on(b) for b in deployed if BACKENDS[b].marker is None)
             for backend in [*timed_references, *deployed]:
-                if net.variant(case.variant).runs_on(backend) or backend in timed_references:
+                # A reference is timed only where a deployed backend of its kind runs the variant.
+                if variant.runs_on(backend) or (backend in timed_references and compared):
                     marks = [pytest.mark.slow] * case.slow + _backend_marks(backend)
                     params.append(pytest.param(case, backend, id=f"{case.id}-{backend}", marks=marks))
         metafunc.parametrize(("case", "backend"), params)
     elif name == "test_cpu_speedup_over_torch":
-        timed = [c for c in cases if c.exporter == spec.networks[c.network].default_exporter or exporters]
+        cpu_backends = [b for b in deployed if BACKENDS[b].marker is None]
+        timed = [
+            c for c in cases
+            if (c.exporter == spec.networks[c.network].default_exporter or exporters)
+            and any(spec.networks[c.network].variant(c.variant).runs_on(b) for b in cpu_backends)
+        ]
         metafunc.parametrize("case", _case_params(spec, timed))
     elif name == "test_accuracy_on_staged_dataset":
         chosen = metafunc.config.getoption("--accuracy-backend")

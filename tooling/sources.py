@@ -173,3 +173,13 @@ def upstream_source(spec) -> UpstreamSource:
     if not up.get("commit"):
         raise UpstreamError(f"baselines/{spec.name}.yaml: upstream.commit is not set")
     return UpstreamSource(spec.name, up.get("repository", ""), up["commit"], spec.patches)
+
+
+def build_from_experiment(checkout: UpstreamCheckout, model_module: str, experiment: str):
+    """Build a model the way HRNet-family repositories do: yacs config from ``lib/config``,
+    merged with an experiment yaml, passed to ``lib/<model_module>.get_pose_net``."""
+    config = checkout.import_module("config", subdir="lib")
+    cfg = config.cfg.clone()
+    cfg.defrost()
+    cfg.merge_from_file(str(checkout.root / experiment))
+    return checkout.import_module(model_module, subdir="lib").get_pose_net(cfg, is_train=False).eval()

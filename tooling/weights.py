@@ -1,7 +1,6 @@
 """Checkpoint loading: strict, through the slice's key adapter, with errors that name file and keys."""
 from __future__ import annotations
 
-import hashlib
 import pickle
 import warnings
 import zipfile
@@ -11,6 +10,7 @@ from typing import Iterable
 
 import torch
 
+from tooling.cache import file_sha256
 from tooling.seeded import DEFAULT_SALT, apply_seeded_weights, seeded_digest
 
 
@@ -28,14 +28,6 @@ class WeightsChoice:
     @property
     def label(self) -> str:
         return str(self.path) if self.path else f"seeded({self.salt})"
-
-
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_checkpoint(path: Path) -> object:
@@ -112,4 +104,4 @@ def apply_weights(model: torch.nn.Module, choice: WeightsChoice, slice_, network
     state = slice_.adapt_state_dict(network, extract_state_dict(raw, choice.path, state_keys))
     load_strict(model, state, choice.path)
     model.eval()
-    return "sha256-" + file_digest(choice.path)[:32]
+    return "sha256-" + file_sha256(choice.path)[:32]

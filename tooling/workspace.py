@@ -17,14 +17,14 @@ import onnx
 import torch
 
 from tooling.backends import BACKENDS, Availability, Backend, BackendConfig, CompileRequest, Session
-from tooling.cache import ArtifactCache, ArtifactKey
+from tooling.cache import ArtifactCache, ArtifactKey, file_sha256
 from tooling.export import export_onnx
 from tooling.locations import Roots, data_paths, find_checkpoint, missing_accuracy_inputs
 from tooling.model_spec import Case, ModelSpec, load_model_spec
 from tooling.progress import ProgressReporter, ResultStore
 from tooling.slice import AccuracyContext, ModelSlice
 from tooling.sources import patches_digest, upstream_source
-from tooling.weights import WeightsChoice, apply_weights, file_digest
+from tooling.weights import WeightsChoice, apply_weights
 
 ONNX_FILE = "model.onnx"
 
@@ -237,7 +237,7 @@ class ModelHandle:
             # the exporter share one build of a backend that compiles the torch network.
             name = f"{case.network}-{'x'.join(str(dims[k]) for k in sorted(dims))}"
             if request.onnx_path is not None:
-                fields["onnx_sha256"] = file_digest(request.onnx_path)
+                fields["onnx_sha256"] = file_sha256(request.onnx_path)
                 name += f"-{case.exporter}"
             key_ = ArtifactKey(backend.name, self.spec.name, case.network, name, fields)
             artifact: Any = self.ws.cache.get(key_, lambda staging: backend.compile(request, staging))

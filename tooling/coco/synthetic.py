@@ -21,6 +21,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+import torch
 
 from tooling.coco.dataset import DEFAULT_SPLIT, CocoKeypointDataset, coco_layout, read_image_rgb
 from tooling.coco.keypoints import (
@@ -240,3 +241,23 @@ class GroundTruthHeatmapOracle:
             return self._blank()
         raise ValueError("the oracle was given a crop it did not prepare; the pipeline's crops "
                          "differ from preprocess_sample() of the oracle's samples")
+
+
+# Where the suite's staging layout puts val2017 below a data root (see README, "Stage data").
+STAGED_ANNOTATIONS = "coco/annotations/person_keypoints_val2017.json"
+STAGED_IMAGES = "coco/images/val2017"
+PERFECT_SCORES = {"AP": 1.0, "AP50": 1.0, "AP75": 1.0, "AR": 1.0}
+
+
+def stage_synthetic_coco(root: Path, model: str, checkpoints: dict[str, Any], *, seed: int,
+                         num_images: int) -> CocoKeypointDataset:
+    """A synthetic val2017 under ``root/data`` and the given state_dicts under ``root/weights/<model>``,
+    laid out exactly as staged data is, so a known-answer run goes through the staged code path."""
+    dataset = write_synthetic_coco(root / "data" / "coco", seed=seed, num_images=num_images)
+    if (dataset.annotation_path, dataset.image_dir) != (root / "data" / STAGED_ANNOTATIONS, root / "data" / STAGED_IMAGES):
+        raise AssertionError("the synthetic COCO layout no longer matches the staging layout")
+    weights = root / "weights" / model
+    weights.mkdir(parents=True)
+    for file, state in checkpoints.items():
+        torch.save(state, weights / file)
+    return dataset

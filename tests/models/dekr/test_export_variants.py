@@ -193,22 +193,11 @@ def test_adaptblock_grid_sample_runs_in_openvino(exporter: str, tmp_path: Path) 
 
 # --- full network ----------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def seeded_state() -> dict[str, torch.Tensor]:
-    return apply_seeded_weights(build_hrnet_dekr()).state_dict()
-
-
-def seeded_network(state: dict[str, torch.Tensor], variant: str) -> torch.nn.Module:
-    model = build_hrnet_dekr(variant)
-    model.load_state_dict(state, strict=True)
-    return model
-
-
 def check_full_network(
-    state: dict[str, torch.Tensor], variant: str, exporter: str, path: Path, shapes: tuple[tuple[int, int], ...],
+    seeded_dekr: Callable[[str], torch.nn.Module], variant: str, exporter: str, path: Path, shapes: tuple[tuple[int, int], ...],
     dynamic: bool, runner_factories: tuple[Callable[[Path], Runner], ...],
 ) -> None:
-    model = seeded_network(state, variant)
+    model = seeded_dekr(variant)
     first = torch.randn(1, 3, *shapes[0], generator=torch.Generator().manual_seed(0))
     proto = export(model, first, path, variant, exporter, INPUT_NAMES[0], OUTPUT_NAMES, dynamic)
     assert_file_contract(proto, variant, exporter)
@@ -224,10 +213,10 @@ def check_full_network(
 
 
 @pytest.mark.parity
-def test_network_torchscript_grid_sample_dynamic_hw(seeded_state: dict[str, torch.Tensor], tmp_path: Path) -> None:
+def test_network_torchscript_grid_sample_dynamic_hw(seeded_dekr: Callable[[str], torch.nn.Module], tmp_path: Path) -> None:
     """One ONNX file serves every bucket: two input sizes through the same graph (ORT only, to stay
     fast; OpenVINO is covered by the AdaptBlock test and the slow tier)."""
-    check_full_network(seeded_state, "grid_sample", "torchscript", tmp_path / "dekr.onnx", ((64, 64), (64, 96)),
+    check_full_network(seeded_dekr, "grid_sample", "torchscript", tmp_path / "dekr.onnx", ((64, 64), (64, 96)),
                        dynamic=True, runner_factories=(onnxruntime_runner,))
 
 
@@ -235,7 +224,7 @@ def test_network_torchscript_grid_sample_dynamic_hw(seeded_state: dict[str, torc
 @pytest.mark.parity
 @pytest.mark.parametrize(("variant", "exporter"), BLOCK_EXPORT_CASES)
 def test_network_export_static_128(
-    seeded_state: dict[str, torch.Tensor], variant: str, exporter: str, tmp_path: Path
+    seeded_dekr: Callable[[str], torch.nn.Module], variant: str, exporter: str, tmp_path: Path
 ) -> None:
-    check_full_network(seeded_state, variant, exporter, tmp_path / "dekr.onnx", ((128, 128),), dynamic=False,
+    check_full_network(seeded_dekr, variant, exporter, tmp_path / "dekr.onnx", ((128, 128),), dynamic=False,
                        runner_factories=BACKENDS[variant])

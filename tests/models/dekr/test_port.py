@@ -33,17 +33,6 @@ def state_dict_layout(model: torch.nn.Module) -> list[tuple[str, tuple[int, ...]
     return [(k, tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in model.state_dict().items()]
 
 
-@pytest.fixture(scope="module")
-def seeded_network_state() -> dict[str, torch.Tensor]:
-    return apply_seeded_weights(build_hrnet_dekr()).state_dict()
-
-
-def seeded_network(state: dict[str, torch.Tensor], variant: str) -> torch.nn.Module:
-    model = build_hrnet_dekr(variant)
-    model.load_state_dict(state, strict=True)
-    return model
-
-
 # --- layout ----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("variant", DEFORM_VARIANTS)
@@ -61,12 +50,12 @@ def test_rescore_state_dict_matches_upstream_layout() -> None:
     assert state_dict_layout(build_rescore()) == read_state_dict_tsv("state_dict_rescore.tsv")
 
 
-def test_data_parallel_checkpoint_loads_strictly(seeded_network_state: dict[str, torch.Tensor]) -> None:
-    checkpoint = {f"module.{key}": value for key, value in seeded_network_state.items()}
+def test_data_parallel_checkpoint_loads_strictly(seeded_dekr) -> None:
+    checkpoint = {f"module.{key}": value for key, value in seeded_dekr.state.items()}
     model = build_hrnet_dekr()
     model.load_state_dict(strip_module_prefix(checkpoint), strict=True)
     assert torch.equal(model.offset_feature_layers[16][1].regular_matrix,
-                       seeded_network_state["offset_feature_layers.16.1.regular_matrix"])
+                       seeded_dekr.state["offset_feature_layers.16.1.regular_matrix"])
 
 
 def test_unknown_variant_is_rejected() -> None:
@@ -155,18 +144,18 @@ def test_adaptblock_reads_its_regular_matrix_buffer() -> None:
     assert not torch.allclose(seeded, canonical)
 
 
-def test_variants_agree_in_eager(seeded_network_state: dict[str, torch.Tensor]) -> None:
+def test_variants_agree_in_eager(seeded_dekr) -> None:
     image = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
-        reference = seeded_network(seeded_network_state, "grid_sample")(image)
+        reference = seeded_dekr("grid_sample")(image)
         for variant in DEFORM_VARIANTS[1:]:
-            for got, expected in zip(seeded_network(seeded_network_state, variant)(image), reference):
+            for got, expected in zip(seeded_dekr(variant)(image), reference):
                 assert torch.equal(got, expected), variant
 
 
-def test_output_shapes_follow_stride_4(seeded_network_state: dict[str, torch.Tensor]) -> None:
+def test_output_shapes_follow_stride_4(seeded_dekr) -> None:
     with torch.no_grad():
-        heatmap, offset = seeded_network(seeded_network_state, "grid_sample")(torch.zeros(2, 3, 32, 64))
+        heatmap, offset = seeded_dekr("grid_sample")(torch.zeros(2, 3, 32, 64))
     assert heatmap.shape == (2, 18, 8, 16) and offset.shape == (2, 34, 8, 16)
 
 
@@ -194,11 +183,11 @@ def test_rescore_golden() -> None:
 
 
 @pytest.mark.parity
-def test_network_golden(seeded_network_state: dict[str, torch.Tensor]) -> None:
+def test_network_golden(seeded_dekr) -> None:
     """Wiring/keys check: seeded activations reach ~4e4, so the tolerance is relative to the max."""
     golden = np.load(GOLDEN / "hrnet_dekr_public.npz")
     with torch.no_grad():
-        outputs = seeded_network(seeded_network_state, "grid_sample")(torch.from_numpy(golden["image"]))
+        outputs = seeded_dekr("grid_sample")(torch.from_numpy(golden["image"]))
     for name, value in zip(("heatmap", "offset"), outputs):
         reference = golden[name]
         assert value.shape == reference.shape

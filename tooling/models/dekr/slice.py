@@ -8,9 +8,9 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from tooling.coco.dataset import CocoKeypointDataset, coco_layout, read_image_rgb
+from tooling.coco.dataset import CocoKeypointDataset, read_image_rgb
 from tooling.coco.evaluation import evaluate_keypoints, first_image_ids, write_results_json
-from tooling.coco.synthetic import write_synthetic_coco
+from tooling.coco.synthetic import PERFECT_SCORES, STAGED_ANNOTATIONS, STAGED_IMAGES, stage_synthetic_coco
 from tooling.coco.transforms import affine_transform_points
 from tooling.models.dekr import deform_conv
 from tooling.models.dekr.network import NUM_JOINTS, OUTPUT_STRIDE, build_hrnet_dekr
@@ -25,10 +25,9 @@ from tooling.models.dekr.processing import (
 )
 from tooling.models.dekr.rescore import build_rescore
 from tooling.seeded import apply_seeded_weights
+from tooling.sources import build_from_experiment
 from tooling.slice import AccuracyContext, KnownAnswer, ModelSlice
 
-ANNOTATIONS = "coco/annotations/person_keypoints_val2017.json"
-IMAGES = "coco/images/val2017"
 UPSTREAM_EXPERIMENT = "experiments/coco/w32/w32_4x_reg03_bs10_512_adam_lr1e-3_coco_x140.yaml"
 CHECKPOINTS = {"hrnet_dekr": "pose_dekr_hrnetw32_coco.pth", "rescore": "final_rescore_coco_kpt.pth"}
 
@@ -47,12 +46,7 @@ class DekrSlice(ModelSlice):
         """Upstream's model from its experiment yaml; needs yacs and torchvision on that host."""
         if network != "hrnet_dekr":
             raise KeyError(f"no upstream builder for dekr network {network!r}")
-        config = checkout.import_module("config", subdir="lib")
-        cfg = config.cfg.clone()
-        cfg.defrost()
-        cfg.merge_from_file(str(checkout.root / UPSTREAM_EXPERIMENT))
-        models = checkout.import_module("models.hrnet_dekr", subdir="lib")
-        return models.get_pose_net(cfg, is_train=False).eval()
+        return build_from_experiment(checkout, "models.hrnet_dekr", UPSTREAM_EXPERIMENT)
 
     def export_extras(self, network: str, variant: str, exporter: str) -> dict[str, Any]:
         return deform_conv.export_extras(variant, exporter) if network == "hrnet_dekr" else {}
@@ -73,7 +67,7 @@ class DekrSlice(ModelSlice):
         return {"poses_px": np.concatenate(poses), "pose_scores": np.concatenate(scores)}
 
     def evaluate(self, ctx: AccuracyContext) -> dict[str, float]:
-        dataset = CocoKeypointDataset.open(ctx.data_paths[ANNOTATIONS], ctx.data_paths[IMAGES])
+        dataset = CocoKeypointDataset.open(ctx.data_paths[STAGED_ANNOTATIONS], ctx.data_paths[STAGED_IMAGES])
         image_ids = first_image_ids(dataset.coco, ctx.limit)
         rescore_net = ctx.host_network("rescore")
         results = []
@@ -94,20 +88,16 @@ class DekrSlice(ModelSlice):
         """A synthetic COCO set scored through an oracle that answers each canvas (and its mirror)
         with ideal centre heatmaps and offsets: every stage around the network must be exact for
         AP and AR to be 1.0."""
-        data_root = root / "data"
-        dataset = write_synthetic_coco(data_root / "coco", seed=5, num_images=5)
-        annotation_path, image_dir = coco_layout(data_root / "coco")
-        assert annotation_path == data_root / ANNOTATIONS and image_dir == data_root / IMAGES
-        weights = root / "weights" / self.name
-        weights.mkdir(parents=True)
-        for network, file in CHECKPOINTS.items():
-            module = self.build_network(network, "grid_sample")
-            torch.save(apply_seeded_weights(module, "known-answer").state_dict(), weights / file)
+        states = {
+            file: apply_seeded_weights(self.build_network(network, "grid_sample"), "known-answer").state_dict()
+            for network, file in CHECKPOINTS.items()
+        }
+        dataset = stage_synthetic_coco(root, self.name, states, seed=5, num_images=5)
         oracle = IdealBottomUpOracle(dataset)
         return KnownAnswer(
-            data_root=data_root,
+            data_root=root / "data",
             weights_root=root / "weights",
-            expected={"AP": 1.0, "AP50": 1.0, "AP75": 1.0, "AR": 1.0},
+            expected=PERFECT_SCORES,
             tolerance=1e-9,
             profile="smoke",
             oracles={"hrnet_dekr": oracle},

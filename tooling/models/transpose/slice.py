@@ -7,16 +7,21 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from tooling.coco.dataset import CocoKeypointDataset, coco_layout
-from tooling.coco.synthetic import GroundTruthHeatmapOracle, write_synthetic_coco
+from tooling.coco.dataset import CocoKeypointDataset
+from tooling.coco.synthetic import (
+    PERFECT_SCORES,
+    STAGED_ANNOTATIONS,
+    STAGED_IMAGES,
+    GroundTruthHeatmapOracle,
+    stage_synthetic_coco,
+)
 from tooling.coco.topdown import build_topdown_samples, decode_heatmaps
 from tooling.models.transpose.network import ONNX_INPUT_NAME, ONNX_OUTPUT_NAME, build_transpose_r
 from tooling.models.transpose.processing import TRANSPOSE_R_TOPDOWN, evaluate_transpose_r
 from tooling.seeded import apply_seeded_weights
+from tooling.sources import build_from_experiment
 from tooling.slice import AccuracyContext, KnownAnswer, ModelSlice
 
-ANNOTATIONS = "coco/annotations/person_keypoints_val2017.json"
-IMAGES = "coco/images/val2017"
 CHECKPOINT = "tp_r_256x192_enc3_d256_h1024_mh8.pth"
 UPSTREAM_EXPERIMENT = "experiments/coco/transpose_r/TP_R_256x192_d256_h1024_enc3_mh8.yaml"
 
@@ -31,12 +36,7 @@ class TransPoseSlice(ModelSlice):
 
     def build_upstream_network(self, network: str, checkout) -> torch.nn.Module:
         """The upstream model built from its own experiment yaml (needs yacs, as upstream does)."""
-        config = checkout.import_module("config", subdir="lib")
-        cfg = config.cfg.clone()
-        cfg.defrost()
-        cfg.merge_from_file(str(checkout.root / UPSTREAM_EXPERIMENT))
-        models = checkout.import_module("models.transpose_r", subdir="lib")
-        return models.get_pose_net(cfg, is_train=False).eval()
+        return build_from_experiment(checkout, "models.transpose_r", UPSTREAM_EXPERIMENT)
 
     def decode(self, network: str, feeds: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]):
         """DARK-decoded keypoints in input-crop pixels and their scores."""
@@ -50,7 +50,7 @@ class TransPoseSlice(ModelSlice):
         return {"keypoints_px": decoded.preds, "scores": decoded.maxvals}
 
     def evaluate(self, ctx: AccuracyContext) -> dict[str, float]:
-        dataset = CocoKeypointDataset.open(ctx.data_paths[ANNOTATIONS], ctx.data_paths[IMAGES])
+        dataset = CocoKeypointDataset.open(ctx.data_paths[STAGED_ANNOTATIONS], ctx.data_paths[STAGED_IMAGES])
         evaluation = evaluate_transpose_r(
             dataset,
             lambda crops: ctx.run("transpose_r", {ONNX_INPUT_NAME: crops})[ONNX_OUTPUT_NAME],
@@ -65,19 +65,14 @@ class TransPoseSlice(ModelSlice):
     def make_known_answer(self, root: Path) -> KnownAnswer:
         """A synthetic COCO set scored through an oracle that answers each crop with its ground
         truth: every stage around the network must be exact for AP and AR to be 1.0."""
-        data_root = root / "data"
-        dataset = write_synthetic_coco(data_root / "coco", seed=3, num_images=6)
-        annotation_path, image_dir = coco_layout(data_root / "coco")
-        assert annotation_path == data_root / ANNOTATIONS and image_dir == data_root / IMAGES
-        weights = root / "weights" / self.name
-        weights.mkdir(parents=True)
-        torch.save(apply_seeded_weights(build_transpose_r(), "known-answer").state_dict(), weights / CHECKPOINT)
+        state = apply_seeded_weights(build_transpose_r(), "known-answer").state_dict()
+        dataset = stage_synthetic_coco(root, self.name, {CHECKPOINT: state}, seed=3, num_images=6)
         samples = build_topdown_samples(dataset.coco, TRANSPOSE_R_TOPDOWN)
         oracle = GroundTruthHeatmapOracle(dataset, samples, TRANSPOSE_R_TOPDOWN)
         return KnownAnswer(
-            data_root=data_root,
+            data_root=root / "data",
             weights_root=root / "weights",
-            expected={"AP": 1.0, "AP50": 1.0, "AP75": 1.0, "AR": 1.0},
+            expected=PERFECT_SCORES,
             tolerance=1e-9,
             profile="smoke",
             oracles={"transpose_r": lambda feeds: {ONNX_OUTPUT_NAME: oracle(feeds[ONNX_INPUT_NAME])}},
