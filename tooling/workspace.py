@@ -158,11 +158,21 @@ class ModelHandle:
         return self.spec.dims(case)
 
     # -- artifacts ------------------------------------------------------------------------------
-    def onnx(self, case: Case, weights: WeightsChoice | None = None, source: str = "port") -> Path:
+    def onnx(
+        self, case: Case, weights: WeightsChoice | None = None, source: str = "port", dynamic_dims: tuple[str, ...] = ()
+    ) -> Path:
+        """The exported ONNX for ``case``; ``dynamic_dims`` keeps those named dims symbolic (one
+        graph for every value, traced at the case's)."""
         weights = weights or self.weights(case.network)
         module, weights_digest = self.network(case.network, case.variant, weights, source)
         net = self.spec.networks[case.network]
-        dims = self.case_dims(case)
+        trace_dims = self.case_dims(case)
+        dims = {k: ("dynamic" if k in dynamic_dims else v) for k, v in trace_dims.items()}
+        dynamic_axes = {
+            spec_in.name: {axis: str(d) for axis, d in enumerate(spec_in.shape) if d in dynamic_dims}
+            for spec_in in net.inputs
+        }
+        dynamic_axes = {name: axes for name, axes in dynamic_axes.items() if axes}
         opset = net.variant(case.variant).opset.get(case.exporter) or net.opset.get(case.exporter)
         if opset is None:
             raise KeyError(f"baselines/{self.spec.name}.yaml: no opset for exporter {case.exporter}")
@@ -184,12 +194,12 @@ class ModelHandle:
                 "onnx": onnx.__version__,
             },
         )
-        feeds = self.slice.example_inputs(self.spec, case.network, dims, 0)
+        feeds = self.slice.example_inputs(self.spec, case.network, trace_dims, 0)
 
         def build(staging: Path) -> None:
             export_onnx(
                 module, feeds, net.output_names, staging / ONNX_FILE,
-                exporter=case.exporter, opset=opset,
+                exporter=case.exporter, opset=opset, dynamic_axes=dynamic_axes or None,
                 extras=self.slice.export_extras(case.network, case.variant, case.exporter),
             )
 
@@ -221,7 +231,7 @@ class ModelHandle:
         backend = self.ws.backend(backend_name)
         request = self.compile_request(case, weights)
         if backend.consumes == "onnx":
-            request.onnx_path = self.onnx(case, weights)
+            request.onnx_path = self.onnx(case, weights, dynamic_dims=backend.dynamic_input_dims(request))
         if backend.needs_compile:
             module, weights_digest = self.network(case.network, case.variant, weights)
             dims = backend.artifact_dims(request)

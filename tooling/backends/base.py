@@ -91,6 +91,11 @@ class Backend:
         serves several shapes (ATC dynamic dims) leaves those out, so they share one build."""
         return dict(request.dims)
 
+    def dynamic_input_dims(self, request: CompileRequest) -> tuple[str, ...]:
+        """Named dims the exported ONNX must keep symbolic for this backend's compiler (ATC's
+        dynamic dims take a graph whose H and W are free); empty: the case's static shape."""
+        return ()
+
     def compile(self, request: CompileRequest, staging: Path) -> None:
         raise NotImplementedError(f"{self.name} has no compile step")
 

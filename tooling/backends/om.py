@@ -391,6 +391,10 @@ class OmBackend(Backend):
         dynamic = OmSettings.of(request.spec, request.case.network).dynamic_dims
         return {k: v for k, v in request.dims.items() if not dynamic or k not in dynamic.dims}
 
+    def dynamic_input_dims(self, request: CompileRequest) -> tuple[str, ...]:
+        dynamic = OmSettings.of(request.spec, request.case.network).dynamic_dims
+        return tuple(dynamic.dims) if dynamic else ()
+
     def compile(self, request: CompileRequest, staging: Path) -> None:
         atc = shutil.which("atc")
         if atc is None:
