@@ -23,6 +23,7 @@ class OutputStats:
     worst_expected: float
     violations: int
     tolerance: Tolerance
+    atol: float  # the absolute bound applied (atol, or atol_of_max times the output's range)
 
     @property
     def passed(self) -> bool:
@@ -34,7 +35,7 @@ class OutputStats:
             f"{verdict} {self.name} {self.shape}: max_abs={self.max_abs:.3g} mean_abs={self.mean_abs:.3g} "
             f"p99_abs={self.p99_abs:.3g} max_rel={self.max_rel:.3g} cos={self.cosine:.7f} "
             f"worst@{self.worst_index}: got {self.worst_actual:.6g} want {self.worst_expected:.6g} "
-            f"(atol={self.tolerance.atol:g} rtol={self.tolerance.rtol:g}, {self.violations} elements out)"
+            f"(atol={self.atol:.3g} rtol={self.tolerance.rtol:g}, {self.violations} elements out)"
         )
 
 
@@ -50,7 +51,7 @@ def compare_array(name: str, actual: np.ndarray, expected: np.ndarray, tol: Tole
     a = actual.astype(np.float64).ravel()
     e = expected.astype(np.float64).ravel()
     if a.size == 0:
-        return OutputStats(name, expected.shape, 0, 0, 0, 0, 1.0, (), 0, 0, 0, tol)
+        return OutputStats(name, expected.shape, 0, 0, 0, 0, 1.0, (), 0, 0, 0, tol, tol.atol)
     nonfinite = ~np.isfinite(a) | ~np.isfinite(e)
     diff = np.abs(a - e)
     diff[nonfinite & (a != e) & ~(np.isnan(a) & np.isnan(e))] = np.inf
@@ -76,6 +77,7 @@ def compare_array(name: str, actual: np.ndarray, expected: np.ndarray, tol: Tole
         worst_expected=float(e[worst]),
         violations=int(np.count_nonzero(excess > 0)),
         tolerance=tol,
+        atol=atol,
     )
 
 

@@ -217,7 +217,8 @@ class ModelHandle:
             onnx_path=None,
             build_network=lambda: self.network(case.network, case.variant, weights)[0],
             example_feeds=feeds,
-            extra={"expected_shapes": self._expected_output_shapes(case, weights), "inputs": net.input_names},
+            extra={"inputs": net.input_names},
+            expected_output_shapes=lambda: self._expected_output_shapes(case, weights),
         )
 
     def _expected_output_shapes(self, case: Case, weights: WeightsChoice) -> dict[str, tuple[int, ...]]:

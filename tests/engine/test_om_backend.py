@@ -317,7 +317,7 @@ def tiny_request(tmp_path: Path, om: dict, dynamic: bool = False, dims: dict | N
     return CompileRequest(
         spec=spec, case=Case("tiny", "tiny", "unit", 1, "torchscript", "default", False), dims=dims,
         onnx_path=tiny_onnx(tmp_path / "tiny.onnx", dynamic), build_network=lambda: None, example_feeds=feeds,
-        extra={"expected_shapes": {"heatmap": feeds["image"].shape, "offset": feeds["image"].shape}},
+        expected_output_shapes=lambda: {"heatmap": feeds["image"].shape, "offset": feeds["image"].shape},
     )
 
 
@@ -422,7 +422,7 @@ def test_dynamic_dims_session_picks_the_bucket_and_rejects_other_shapes(npu_host
 
 def test_wrongly_shaped_om_output_is_refused(npu_host, tmp_path):
     request = tiny_request(tmp_path, {"output": "tiny"})
-    request.extra["expected_shapes"] = {"heatmap": (1, 3, 4, 7), "offset": (1, 3, 4, 6)}
+    request.expected_output_shapes = lambda: {"heatmap": (1, 3, 4, 7), "offset": (1, 3, 4, 6)}
     backend = OmBackend()
     session = backend.load(build(backend, request, ArtifactCache(tmp_path / "cache")), request)
     with pytest.raises(BackendError, match="heatmap with shape"):

@@ -59,6 +59,9 @@ class CompileRequest:
     build_network: Callable[[], "torch.nn.Module"]
     example_feeds: Arrays
     extra: dict[str, Any] = field(default_factory=dict)
+    # Output shapes of the torch reference on example_feeds; computed only for backends that
+    # check them (some runtimes return wrongly shaped outputs without an error).
+    expected_output_shapes: Callable[[], dict[str, tuple[int, ...]]] = lambda: {}
 
     def backend_options(self, backend: str) -> dict[str, Any]:
         """The model's ``backend_options.<backend>`` from its yaml (tuning that is data, not code)."""

@@ -142,4 +142,4 @@ class OpenVinoBackend(Backend):
         return {"openvino": openvino.__version__}
 
     def load(self, artifact: Path, request: CompileRequest) -> OpenVinoSession:
-        return OpenVinoSession(artifact, self.config.threads, request.extra.get("expected_shapes"))
+        return OpenVinoSession(artifact, self.config.threads, request.expected_output_shapes())

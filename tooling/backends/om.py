@@ -431,5 +431,5 @@ class OmBackend(Backend):
             raise BackendError(f"ais_bench cannot load {where}: {exc}") from exc
         net = request.spec.networks[request.case.network]
         signature = tuple(tuple(request.example_feeds[i.name].shape) for i in net.inputs)
-        expected = {signature: request.extra["expected_shapes"]} if "expected_shapes" in request.extra else {}
+        expected = {signature: request.expected_output_shapes()}
         return OmSession(session, net, OmSettings.of(request.spec, request.case.network).dynamic_dims, expected)
