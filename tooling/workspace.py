@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
@@ -27,6 +28,7 @@ from tooling.sources import patches_digest, upstream_source
 from tooling.weights import WeightsChoice, apply_weights
 
 ONNX_FILE = "model.onnx"
+OPEN_SESSIONS = 4
 
 
 class AccuracyInputsMissing(RuntimeError):
@@ -99,7 +101,9 @@ class ModelHandle:
         self.spec = spec
         self.slice: ModelSlice = spec.load_slice()
         self._networks: dict[tuple, tuple[torch.nn.Module, str]] = {}
-        self._sessions: dict[tuple, Session] = {}
+        # Sessions hold their runtime's memory arenas (GBs for TransPose at batch 64), so only the
+        # few most recently used stay open; a closed one is reloaded from the artifact cache.
+        self._sessions: OrderedDict[tuple, Session] = OrderedDict()
         self._references: dict[tuple, dict[str, np.ndarray]] = {}
 
     @cached_property
@@ -228,6 +232,7 @@ class ModelHandle:
         weights = weights or self.weights(case.network)
         key = (backend_name, case, weights)
         if key in self._sessions:
+            self._sessions.move_to_end(key)
             return self._sessions[key]
         backend = self.ws.backend(backend_name)
         request = self.compile_request(case, weights)
@@ -258,6 +263,8 @@ class ModelHandle:
             artifact = request.onnx_path
         session = backend.load(artifact, request)
         self._sessions[key] = session
+        while len(self._sessions) > OPEN_SESSIONS:
+            self._sessions.popitem(last=False)
         return session
 
     def reference(self, case: Case, weights: WeightsChoice | None = None, seed: int = 0) -> dict[str, np.ndarray]:
