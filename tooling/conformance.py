@@ -178,8 +178,8 @@ class ConformanceSuite:
         rate = items / mean_s
         target = zoo.backend(backend)
         device = target.device_class()
-        median_s = mean_s * benchmark.stats.stats.median / host_mean_s  # same scope as mean_s
-        entry = throughput_log.add(self.model, case, backend, device, rate, spec.throughput.unit, mean_s, median_s)
+        best_s = mean_s * benchmark.stats.stats.min / host_mean_s  # same timing scope as mean_s
+        entry = throughput_log.add(self.model, case, backend, device, rate, spec.throughput.unit, mean_s, best_s)
         figures = {**entry.as_dict(), "timing_scope": target.timing_scope, "host_mean_s": host_mean_s,
                    "device_id": target.config.device}
         benchmark.extra_info.update(figures)
@@ -194,7 +194,7 @@ class ConformanceSuite:
     @pytest.mark.benchmark
     def test_cpu_speedup_over_torch(self, zoo: Workspace, case: Case, throughput_log, request):
         """On CPU runners the best deployed backend must beat torch eager measured in this session
-        (ratio of median call times)."""
+        (ratio of the fastest calls: noise on a shared runner only ever adds time)."""
         spec = zoo.model(self.model).spec
         ratios = {
             entry.backend: entry.speedup_vs_torch for entry in throughput_log.for_case(self.model, case)

@@ -18,7 +18,7 @@ class ThroughputEntry:
     rate: float  # items / mean seconds per call: the guides' figure
     unit: str
     mean_s: float
-    median_s: float  # what speedups compare: robust to a noisy neighbour on a shared runner
+    best_s: float  # fastest call: what speedups compare, as a noisy neighbour only adds time
     speedup_vs_torch: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
@@ -32,10 +32,10 @@ class ThroughputLog:
     entries: dict[tuple[str, str, str], ThroughputEntry] = field(default_factory=dict)
 
     def add(self, model: str, case, backend: str, device: str, rate: float, unit: str, mean_s: float,
-            median_s: float) -> ThroughputEntry:
+            best_s: float) -> ThroughputEntry:
         baseline = self.entries.get((model, case.id, "torch"))
-        speedup = baseline.median_s / median_s if baseline and backend != "torch" else None
-        entry = ThroughputEntry(model, case.id, backend, device, rate, unit, mean_s, median_s, speedup)
+        speedup = baseline.best_s / best_s if baseline and backend != "torch" else None
+        entry = ThroughputEntry(model, case.id, backend, device, rate, unit, mean_s, best_s, speedup)
         self.entries[(model, case.id, backend)] = entry
         return entry
 
