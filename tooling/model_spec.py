@@ -122,6 +122,10 @@ class Profile:
     slow: bool
     benchmark_rounds: int
     networks: tuple[str, ...] | None
+    exclude_backends: tuple[str, ...] = ()  # e.g. a compile step too slow for this tier
+
+    def runs_on(self, backend: str) -> bool:
+        return backend not in self.exclude_backends
 
     def label(self) -> str:
         return self.name
@@ -297,6 +301,7 @@ def parse_model_spec(raw: dict[str, Any], where: str) -> ModelSpec:
             slow=bool(p.get("slow", False)),
             benchmark_rounds=int(p.get("benchmark_rounds", 10)),
             networks=tuple(p["networks"]) if p.get("networks") else None,
+            exclude_backends=tuple(p.get("exclude_backends", ())),
         )
     acc = raw.get("accuracy")
     accuracy = None

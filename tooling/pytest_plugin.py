@@ -114,7 +114,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             if name == "test_decoded_outputs_agree" and not net.decoded:
                 continue
             for backend in deployed:
-                if net.variant(case.variant).runs_on(backend):
+                if net.variant(case.variant).runs_on(backend) and spec.profiles[case.profile].runs_on(backend):
                     marks = [pytest.mark.slow] * case.slow + _backend_marks(backend)
                     params.append(pytest.param(case, backend, id=f"{case.id}-{backend}", marks=marks))
         metafunc.parametrize(("case", "deployed_backend"), params)
@@ -133,6 +133,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             compared = any(variant.runs_on(b) for b in deployed if BACKENDS[b].marker is None)
             for backend in [*timed_references, *deployed]:
                 # A reference is timed only where a deployed backend of its kind runs the variant.
+                if not spec.profiles[case.profile].runs_on(backend):
+                    continue
                 if variant.runs_on(backend) or (backend in timed_references and compared):
                     marks = [pytest.mark.slow] * case.slow + _backend_marks(backend)
                     params.append(pytest.param(case, backend, id=f"{case.id}-{backend}", marks=marks))

@@ -17,7 +17,7 @@ MINIMAL = {
     },
     "profiles": {
         "smoke": {"dims": {"height": 16}, "batch_sizes": [1, 4], "exporters": ["torchscript", "dynamo"]},
-        "deploy": {"dims": {"height": 256}, "batch_sizes": [8], "slow": True},
+        "deploy": {"dims": {"height": 256}, "batch_sizes": [8], "slow": True, "exclude_backends": ["aoti"]},
     },
     "accuracy": {"metric": "AP", "target": 0.677, "tolerance": 0.002, "higher_is_better": True},
     "throughput": {"unit": "fps", "items_per_call": ["batch"], "floors": {"310P3": {1: 7.72}}},
@@ -37,6 +37,7 @@ def test_cases_cover_profiles_batches_exporters_and_variants():
     assert "net-deploy-b8-dynamo-plain" in dynamo_only and not any("torchscript" in i for i in dynamo_only)
     assert spec.networks["net"].inputs[0].concrete_shape({"batch": 2, "height": 16}) == (2, 3, 16, 8)
     assert not spec.networks["net"].variant("fancy").runs_on("openvino")
+    assert spec.profiles["smoke"].runs_on("aoti") and not spec.profiles["deploy"].runs_on("aoti")
 
 
 def test_accuracy_direction_and_throughput_units():
