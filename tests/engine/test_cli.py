@@ -43,5 +43,5 @@ def test_stage_check_lists_expected_paths(tmp_path, capsys):
     (tmp_path / "data" / "human36m" / "data_3d_h36m.npz").write_bytes(b"x")
     assert main(["stage", "--check", "--data-root", str(tmp_path / "data"), "--weights-root", str(tmp_path / "w"), "videopose3d"]) == 1
     out = capsys.readouterr().out
-    assert f"found   data       human36m/data_3d_h36m.npz" in out
-    assert f"MISSING checkpoint vp3d" in out and str(tmp_path / "w" / "videopose3d" / "model_best.bin") in out
+    assert "found   data       human36m/data_3d_h36m.npz" in out
+    assert "MISSING checkpoint vp3d" in out and str(tmp_path / "w" / "videopose3d" / "model_best.bin") in out

@@ -31,6 +31,7 @@ from tooling.coco.keypoints import (
     flip_permutation,
 )
 from tooling.coco.topdown import TopDownConfig, TopDownSample, preprocess_sample
+from tooling.slice import KnownAnswer
 from tooling.coco.transforms import affine_transform_points, flip_width, get_affine_transform
 
 # Limbs as 0-based joint pairs, for drawing and for the json's (1-based) skeleton.
@@ -247,6 +248,13 @@ class GroundTruthHeatmapOracle:
 STAGED_ANNOTATIONS = "coco/annotations/person_keypoints_val2017.json"
 STAGED_IMAGES = "coco/images/val2017"
 PERFECT_SCORES = {"AP": 1.0, "AP50": 1.0, "AP75": 1.0, "AR": 1.0}
+
+
+def perfect_score_answer(root: Path, oracles: dict[str, Any], profile: str = "smoke") -> KnownAnswer:
+    """The known answer of a set staged by ``stage_synthetic_coco`` and scored through ideal
+    oracles: every COCO statistic that matters is exactly 1.0."""
+    return KnownAnswer(root / "data", root / "weights", dict(PERFECT_SCORES), tolerance=1e-9,
+                       profile=profile, oracles=oracles)
 
 
 def stage_synthetic_coco(root: Path, model: str, checkpoints: dict[str, Any], *, seed: int,

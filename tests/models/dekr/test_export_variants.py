@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch.export import Dim
 
-from tooling.models.dekr import DEFORM_VARIANTS, INPUT_NAMES, OUTPUT_NAMES, build_hrnet_dekr, export_extras
+from tooling.models.dekr import DEFORM_VARIANTS, INPUT_NAMES, OUTPUT_NAMES, export_extras
 from tooling.models.dekr.deform_conv import ASCEND_DOMAIN, ASCEND_DOMAIN_VERSION
 from tooling.locations import Roots
 from tooling.models.dekr.network import AdaptBlock

@@ -8,8 +8,6 @@ import pytest
 import torch
 
 from tooling.models.transpose import (
-    ONNX_INPUT_NAME,
-    ONNX_OUTPUT_NAME,
     TransPoseR,
     build_transpose_r,
     sine_position_embedding,

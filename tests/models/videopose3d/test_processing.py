@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from tooling.model_spec import FIXTURES_DIR
 from tooling.models.videopose3d.human36m import (

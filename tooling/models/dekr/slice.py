@@ -10,7 +10,7 @@ import torch
 
 from tooling.coco.dataset import CocoKeypointDataset, read_image_rgb
 from tooling.coco.evaluation import evaluate_keypoints, first_image_ids, write_results_json
-from tooling.coco.synthetic import PERFECT_SCORES, STAGED_ANNOTATIONS, STAGED_IMAGES, stage_synthetic_coco
+from tooling.coco.synthetic import STAGED_ANNOTATIONS, STAGED_IMAGES, perfect_score_answer, stage_synthetic_coco
 from tooling.coco.transforms import affine_transform_points
 from tooling.models.dekr import deform_conv
 from tooling.models.dekr.network import NUM_JOINTS, OUTPUT_STRIDE, build_hrnet_dekr
@@ -93,15 +93,7 @@ class DekrSlice(ModelSlice):
             for network, file in CHECKPOINTS.items()
         }
         dataset = stage_synthetic_coco(root, self.name, states, seed=5, num_images=5)
-        oracle = IdealBottomUpOracle(dataset)
-        return KnownAnswer(
-            data_root=root / "data",
-            weights_root=root / "weights",
-            expected=PERFECT_SCORES,
-            tolerance=1e-9,
-            profile="smoke",
-            oracles={"hrnet_dekr": oracle},
-        )
+        return perfect_score_answer(root, {"hrnet_dekr": IdealBottomUpOracle(dataset)})
 
 
 def _detect(ctx: AccuracyContext, dataset: CocoKeypointDataset, image_id: int, rescore_net) -> dict[str, np.ndarray]:

@@ -9,10 +9,10 @@ import torch
 
 from tooling.coco.dataset import CocoKeypointDataset
 from tooling.coco.synthetic import (
-    PERFECT_SCORES,
     STAGED_ANNOTATIONS,
     STAGED_IMAGES,
     GroundTruthHeatmapOracle,
+    perfect_score_answer,
     stage_synthetic_coco,
 )
 from tooling.coco.topdown import build_topdown_samples, decode_heatmaps
@@ -69,13 +69,8 @@ class TransPoseSlice(ModelSlice):
         dataset = stage_synthetic_coco(root, self.name, {CHECKPOINT: state}, seed=3, num_images=6)
         samples = build_topdown_samples(dataset.coco, TRANSPOSE_R_TOPDOWN)
         oracle = GroundTruthHeatmapOracle(dataset, samples, TRANSPOSE_R_TOPDOWN)
-        return KnownAnswer(
-            data_root=root / "data",
-            weights_root=root / "weights",
-            expected=PERFECT_SCORES,
-            tolerance=1e-9,
-            profile="smoke",
-            oracles={"transpose_r": lambda feeds: {ONNX_OUTPUT_NAME: oracle(feeds[ONNX_INPUT_NAME])}},
+        return perfect_score_answer(
+            root, {"transpose_r": lambda feeds: {ONNX_OUTPUT_NAME: oracle(feeds[ONNX_INPUT_NAME])}}
         )
 
 
