@@ -96,9 +96,11 @@ def export_onnx(
 
 
 def _dynamic_shapes(input_names: list[str], dynamic_axes: dict[str, dict[int, str]]):
+    """dynamo's spelling of ``dynamic_axes``: one entry per forward() argument, and the wrapper's
+    only argument is ``*inputs``, so the per-input specs sit in one nested tuple."""
     dims: dict[str, torch.export.Dim] = {}
     shapes = []
     for name in input_names:
         axes = dynamic_axes.get(name, {})
         shapes.append({axis: dims.setdefault(label, torch.export.Dim(label)) for axis, label in axes.items()} or None)
-    return tuple(shapes)
+    return (tuple(shapes),)

@@ -47,3 +47,17 @@ def test_dynamo_below_opset_18_is_refused_not_silently_upgraded(tmp_path):
 def test_unknown_exporter(tmp_path):
     with pytest.raises(ExportError, match="unknown exporter 'tflite'"):
         export_onnx(DropoutNet(), FEEDS, ["y", "z"], tmp_path / "m.onnx", exporter="tflite", opset=17)
+
+
+@pytest.mark.parametrize("exporter, opset", [("torchscript", 17), ("dynamo", 18)])
+def test_dynamic_axes_give_one_graph_for_every_size(tmp_path, exporter, opset):
+    net = torch.nn.Conv2d(3, 4, 3).eval()
+    path = tmp_path / "m.onnx"
+    axes = {"x": {0: "batch", 2: "height", 3: "width"}}
+    export_onnx(net, FEEDS, ["y"], path, exporter=exporter, opset=opset, dynamic_axes=axes)
+    dims = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param or d.dim_value for d in dims] == ["batch", 3, "height", "width"]
+    other = np.random.default_rng(1).standard_normal((2, 3, 11, 9)).astype(np.float32)
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["y"], {"x": other})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, net(torch.from_numpy(other)).numpy(), atol=1e-5)
