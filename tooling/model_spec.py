@@ -228,6 +228,13 @@ class ModelSpec:
                     )
         return sorted(result, key=lambda c: c.slow)
 
+    def case_runs_on(self, case: Case, backend: str) -> bool:
+        """Whether ``backend`` serves ``case``: its export variant runs there and its profile keeps it."""
+        return (
+            self.networks[case.network].variant(case.variant).runs_on(backend)
+            and self.profiles[case.profile].runs_on(backend)
+        )
+
     def dims(self, case: Case) -> dict[str, int]:
         return {**self.profiles[case.profile].dims, "batch": case.batch}
 

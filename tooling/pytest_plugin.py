@@ -39,13 +39,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--zoo-report", default="reports/conformance.json", help="JSON conformance report path")
 
 
+def _selected_backends(config: pytest.Config) -> tuple[str, ...] | None:
+    chosen = config.getoption("--backends")
+    return tuple(b.strip() for b in chosen.split(",")) if chosen else None
+
+
 def _workspace(config: pytest.Config) -> Workspace:
     opt = config.getoption
     roots = Roots.resolve(
         data_root=opt("--data-root"), weights_root=opt("--weights-root"),
         upstream_root=opt("--upstream-root"), cache_dir=opt("--cache-dir"),
     )
-    backends = tuple(b.strip() for b in opt("--backends").split(",")) if opt("--backends") else None
+    backends = _selected_backends(config)
     if opt("--device") and opt("--devices"):
         raise pytest.UsageError("--device and --devices are exclusive")
     try:
@@ -94,11 +99,18 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     exporters = tuple(metafunc.config.getoption("--exporter") or ()) or None
     cases = spec.cases(exporters=exporters)
     name = metafunc.function.__name__
-    chosen = metafunc.config.getoption("--backends")
-    selected = {b.strip() for b in chosen.split(",")} if chosen else None
+    selected = _selected_backends(metafunc.config)
     deployed = [n for n, b in BACKENDS.items() if b.deployed and (selected is None or n in selected)]
+    cpu_deployed = [n for n in deployed if BACKENDS[n].marker is None]
     # Eager torch (CPU, CUDA) is timed beside the deployed backends as the rate they must beat.
     timed_references = [n for n, b in BACKENDS.items() if not b.deployed and b.consumes == "torch"]
+
+    def timed(case: Case) -> bool:
+        """One artifact per shape is enough to time: the default exporter unless --exporter says."""
+        return bool(exporters) or case.exporter == spec.networks[case.network].default_exporter
+
+    def compared_on_cpu(case: Case) -> bool:
+        return any(spec.case_runs_on(case, b) for b in cpu_deployed)
 
     if name == "test_port_matches_golden":
         goldens = [
@@ -114,7 +126,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             if name == "test_decoded_outputs_agree" and not net.decoded:
                 continue
             for backend in deployed:
-                if net.variant(case.variant).runs_on(backend) and spec.profiles[case.profile].runs_on(backend):
+                if spec.case_runs_on(case, backend):
                     marks = [pytest.mark.slow] * case.slow + _backend_marks(backend)
                     params.append(pytest.param(case, backend, id=f"{case.id}-{backend}", marks=marks))
         metafunc.parametrize(("case", "deployed_backend"), params)
@@ -125,28 +137,16 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("case", _case_params(spec, first_per_network.values()))
     elif name == "test_throughput":
         params = []
-        for case in cases:
-            net = spec.networks[case.network]
-            if case.exporter != net.default_exporter and not exporters:
-                continue  # one artifact per shape is enough to time
-            variant = net.variant(case.variant)
-            compared = any(variant.runs_on(b) for b in deployed if BACKENDS[b].marker is None)
+        for case in filter(timed, cases):
             for backend in [*timed_references, *deployed]:
-                # A reference is timed only where a deployed backend of its kind runs the variant.
-                if not spec.profiles[case.profile].runs_on(backend):
-                    continue
-                if variant.runs_on(backend) or (backend in timed_references and compared):
+                # A reference is timed only where a deployed CPU backend serves the case too.
+                reference = backend in timed_references and compared_on_cpu(case)
+                if reference or (backend not in timed_references and spec.case_runs_on(case, backend)):
                     marks = [pytest.mark.slow] * case.slow + _backend_marks(backend)
                     params.append(pytest.param(case, backend, id=f"{case.id}-{backend}", marks=marks))
         metafunc.parametrize(("case", "backend"), params)
     elif name == "test_cpu_speedup_over_torch":
-        cpu_backends = [b for b in deployed if BACKENDS[b].marker is None]
-        timed = [
-            c for c in cases
-            if (c.exporter == spec.networks[c.network].default_exporter or exporters)
-            and any(spec.networks[c.network].variant(c.variant).runs_on(b) for b in cpu_backends)
-        ]
-        metafunc.parametrize("case", _case_params(spec, timed))
+        metafunc.parametrize("case", _case_params(spec, [c for c in cases if timed(c) and compared_on_cpu(c)]))
     elif name == "test_accuracy_on_staged_dataset":
         chosen = metafunc.config.getoption("--accuracy-backend")
         networks = spec.profiles[spec.accuracy.profile].networks or tuple(spec.networks) if spec.accuracy else ()

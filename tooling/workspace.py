@@ -185,7 +185,7 @@ class ModelHandle:
             kind="onnx",
             model=self.spec.name,
             network=case.network,
-            name=f"{case.network}-{'x'.join(str(dims[k]) for k in sorted(dims))}-{case.exporter}",
+            name=f"{case.network}-{_dims_label(dims)}-{case.exporter}",
             fields={
                 "source": source_id,
                 "patches": patches_digest(self.spec.patches) if source != "port" else None,
@@ -212,7 +212,6 @@ class ModelHandle:
     def compile_request(self, case: Case, weights: WeightsChoice | None = None) -> CompileRequest:
         weights = weights or self.weights(case.network)
         dims = self.case_dims(case)
-        net = self.spec.networks[case.network]
         feeds = self.slice.example_inputs(self.spec, case.network, dims, 0)
         return CompileRequest(
             spec=self.spec,
@@ -221,7 +220,6 @@ class ModelHandle:
             onnx_path=None,
             build_network=lambda: self.network(case.network, case.variant, weights)[0],
             example_feeds=feeds,
-            extra={"inputs": net.input_names},
             expected_output_shapes=lambda: self._expected_output_shapes(case, weights),
         )
 
@@ -239,7 +237,7 @@ class ModelHandle:
         if backend.consumes == "onnx":
             request.onnx_path = self.onnx(case, weights, dynamic_dims=backend.dynamic_input_dims(request))
         if backend.needs_compile:
-            module, weights_digest = self.network(case.network, case.variant, weights)
+            _, weights_digest = self.network(case.network, case.variant, weights)
             dims = backend.artifact_dims(request)
             fields = {
                 "weights": weights_digest,
@@ -251,7 +249,7 @@ class ModelHandle:
             }
             # Named by what the artifact depends on, not by the case: cases that differ only in
             # the exporter share one build of a backend that compiles the torch network.
-            name = f"{case.network}-{'x'.join(str(dims[k]) for k in sorted(dims))}"
+            name = f"{case.network}-{_dims_label(dims)}"
             if request.onnx_path is not None:
                 fields["onnx_sha256"] = file_sha256(request.onnx_path)
                 name += f"-{case.exporter}"
@@ -329,6 +327,11 @@ class ModelHandle:
         metrics = self.slice.evaluate(ctx)
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
         return metrics
+
+
+def _dims_label(dims: Mapping[str, int | str]) -> str:
+    """Readable part of an artifact's directory name: the dims' values in name order."""
+    return "x".join(str(dims[k]) for k in sorted(dims))
 
 
 def _stat(path: Path | None) -> list | None:

@@ -8,7 +8,7 @@ the same code path (build, cache, load, parity, benchmark) serves every deployed
 from __future__ import annotations
 
 import platform
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol
 
@@ -58,7 +58,6 @@ class CompileRequest:
     onnx_path: Path | None
     build_network: Callable[[], "torch.nn.Module"]
     example_feeds: Arrays
-    extra: dict[str, Any] = field(default_factory=dict)
     # Output shapes of the torch reference on example_feeds; computed only for backends that
     # check them (some runtimes return wrongly shaped outputs without an error).
     expected_output_shapes: Callable[[], dict[str, tuple[int, ...]]] = lambda: {}
