@@ -11,23 +11,11 @@ import pytest
 
 from tooling.backends import BACKENDS
 from tooling.compare import assert_outputs_match
+from tooling.gates import gate
 from tooling.model_spec import Case
 from tooling.sources import UpstreamNotStaged
 from tooling.weights import WeightsChoice
 from tooling.workspace import AccuracyInputsMissing, Workspace
-
-# Gate label per test, shown in the conformance matrix.
-GATES = {
-    "test_port_matches_golden": "golden",
-    "test_onnx_matches_torch": "onnx-vs-torch",
-    "test_deployed_matches_onnx": "deployed-vs-onnx",
-    "test_decoded_outputs_agree": "decoded-vs-torch",
-    "test_port_matches_upstream": "port-vs-upstream",
-    "test_accuracy_on_staged_dataset": "accuracy",
-    "test_accuracy_pipeline_known_answer": "accuracy-known-answer",
-    "test_throughput": "throughput",
-    "test_cpu_speedup_over_torch": "cpu-speedup",
-}
 
 
 def require_backend(zoo: Workspace, name: str) -> None:
@@ -55,6 +43,7 @@ class ConformanceSuite:
     model: str = ""
 
     @pytest.mark.parity
+    @gate("golden")
     def test_port_matches_golden(self, zoo: Workspace, golden: dict):
         """The port reproduces outputs the upstream code computed under the seeded init."""
         handle = zoo.model(self.model)
@@ -71,6 +60,7 @@ class ConformanceSuite:
         assert_outputs_match(actual, expected, net.outputs, f"{self.model}/{net.name} port vs {path.name}")
 
     @pytest.mark.parity
+    @gate("onnx-vs-torch")
     def test_onnx_matches_torch(self, zoo: Workspace, case: Case, request):
         handle = zoo.model(self.model)
         net = handle.spec.networks[case.network]
@@ -79,6 +69,7 @@ class ConformanceSuite:
         record(request, worst_max_abs=max(s.max_abs for s in stats))
 
     @pytest.mark.parity
+    @gate("deployed-vs-onnx")
     def test_deployed_matches_onnx(self, zoo: Workspace, case: Case, deployed_backend: str, request):
         require_backend(zoo, deployed_backend)
         handle = zoo.model(self.model)
@@ -93,6 +84,7 @@ class ConformanceSuite:
         record(request, worst_max_abs=max(s.max_abs for s in stats))
 
     @pytest.mark.parity
+    @gate("decoded-vs-torch")
     def test_decoded_outputs_agree(self, zoo: Workspace, case: Case, deployed_backend: str):
         """What the task reports (poses, keypoints, flow) agrees, not only the raw tensors."""
         require_backend(zoo, deployed_backend)
@@ -105,6 +97,7 @@ class ConformanceSuite:
 
     @pytest.mark.parity
     @pytest.mark.upstream
+    @gate("port-vs-upstream")
     def test_port_matches_upstream(self, zoo: Workspace, case: Case):
         handle = zoo.model(self.model)
         seeded = WeightsChoice(None, zoo.options.salt)
@@ -121,6 +114,7 @@ class ConformanceSuite:
         assert_outputs_match(actual, expected, net.outputs, f"{case.id}: port vs upstream")
 
     @pytest.mark.accuracy
+    @gate("accuracy")
     def test_accuracy_on_staged_dataset(self, zoo: Workspace, accuracy_backend: str, request):
         require_backend(zoo, accuracy_backend)
         handle = zoo.model(self.model)
@@ -146,6 +140,7 @@ class ConformanceSuite:
             assert accuracy.passes(metrics[name], target), f"{self.model} {name} = {metrics[name]:.4f} vs {target}"
 
     @pytest.mark.accuracy
+    @gate("accuracy-known-answer")
     def test_accuracy_pipeline_known_answer(self, zoo: Workspace, tmp_path, request):
         """The whole accuracy path (reader, preprocessing, export, deployed run, metric) on generated
         data whose correct score is known in advance."""
@@ -161,6 +156,7 @@ class ConformanceSuite:
             assert metrics[name] == pytest.approx(want, abs=answer.tolerance), f"{name}: got {metrics[name]}, want {want}"
 
     @pytest.mark.benchmark
+    @gate("throughput")
     def test_throughput(self, zoo: Workspace, case: Case, backend: str, benchmark, request, throughput_log):
         if benchmark.disabled:
             pytest.skip("benchmarks run in the separate -n 0 pass (pytest-benchmark is off under xdist)")
@@ -192,6 +188,7 @@ class ConformanceSuite:
         assert rate >= floor, f"{backend} on {device}: {rate:.1f} {spec.throughput.unit} < floor {floor}"
 
     @pytest.mark.benchmark
+    @gate("cpu-speedup")
     def test_cpu_speedup_over_torch(self, zoo: Workspace, case: Case, throughput_log, request):
         """On CPU runners the best deployed backend must beat torch eager measured in this session
         (ratio of the fastest calls: noise on a shared runner only ever adds time)."""

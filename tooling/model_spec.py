@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from tooling.schema import EXPORTER_NAMES, reference_errors, schema_errors
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # Overridable so a model can live outside this repository (and so the engine's own tests can
 # add a throw-away model without touching the real baselines).
@@ -24,7 +26,7 @@ BASELINES_DIR = Path(os.environ.get("ZOO_BASELINES_DIR", PROJECT_ROOT / "baselin
 FIXTURES_DIR = Path(os.environ.get("ZOO_FIXTURES_DIR", PROJECT_ROOT / "fixtures"))
 PATCHES_DIR = Path(os.environ.get("ZOO_PATCHES_DIR", PROJECT_ROOT / "patches"))
 
-EXPORTERS = ("torchscript", "dynamo")
+EXPORTERS = EXPORTER_NAMES
 
 
 class ModelSpecError(ValueError):
@@ -264,8 +266,6 @@ def _parse_network(name: str, raw: dict, where: str) -> NetworkSpec:
     }
     opset = {str(k): int(v) for k, v in _require(raw, "opset", where).items()}
     exporter = raw.get("exporter", "torchscript")
-    if exporter not in EXPORTERS:
-        raise ModelSpecError(f"{where}: exporter must be one of {EXPORTERS}, not {exporter!r}")
     variants_raw = raw.get("variants") or {"default": {}}
     variants = tuple(
         Variant(
@@ -295,7 +295,22 @@ def _parse_network(name: str, raw: dict, where: str) -> NetworkSpec:
     )
 
 
+def validate_baseline(raw: Any, where: str) -> None:
+    """Raise ``ModelSpecError`` listing every unknown key, wrongly typed value and dangling name
+    (tooling/schema.py) in a baseline, each with its key path, before any of it is used."""
+    from tooling.backends import BACKENDS  # the registry imports backends that import this module
+
+    problems = schema_errors(raw)
+    if not problems:
+        problems = reference_errors(raw, BACKENDS)
+    if problems:
+        shown = "\n  ".join(problems[:20])
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise ModelSpecError(f"{where}: {len(problems)} problem(s) in the baseline:\n  {shown}{more}")
+
+
 def parse_model_spec(raw: dict[str, Any], where: str) -> ModelSpec:
+    validate_baseline(raw, where)
     name = _require(raw, "model", where)
     networks = {n: _parse_network(n, r, where) for n, r in _require(raw, "networks", where).items()}
     profiles = {}

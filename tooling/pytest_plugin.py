@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from tooling.backends import BACKENDS, worker_device
-from tooling.conformance import GATES, ConformanceSuite
+from tooling.conformance import ConformanceSuite
+from tooling.gates import GateContext, gate_of
 from tooling.locations import Roots
 from tooling.model_spec import EXPORTERS, Case, load_model_spec
 from tooling.report import ConformanceMatrix, MatrixRow, ThroughputLog
@@ -85,105 +86,42 @@ def throughput_log() -> ThroughputLog:
 
 
 # -- parametrization -----------------------------------------------------------------------------
-def _case_params(spec, cases, extra_marks=()):
-    return [
-        pytest.param(c, id=c.id, marks=[*(pytest.mark.slow,) * c.slow, *extra_marks]) for c in cases
-    ]
+def _suite_model(cls) -> str | None:
+    return cls.model if cls is not None and issubclass(cls, ConformanceSuite) and cls.model else None
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    cls = metafunc.cls
-    if cls is None or not issubclass(cls, ConformanceSuite) or not cls.model:
+    """Each gate (found by its ``@gate`` mark, never by the test's name) parametrizes itself."""
+    model = _suite_model(metafunc.cls)
+    registered = gate_of(metafunc.function)
+    if model is None or registered is None or registered.parametrize is None:
         return
-    spec = load_model_spec(cls.model)
+    spec = load_model_spec(model)
     exporters = tuple(metafunc.config.getoption("--exporter") or ()) or None
-    cases = spec.cases(exporters=exporters)
-    name = metafunc.function.__name__
-    selected = _selected_backends(metafunc.config)
-    deployed = [n for n, b in BACKENDS.items() if b.deployed and (selected is None or n in selected)]
-    cpu_deployed = [n for n in deployed if BACKENDS[n].marker is None]
-    # Eager torch (CPU, CUDA) is timed beside the deployed backends as the rate they must beat.
-    timed_references = [n for n, b in BACKENDS.items() if not b.deployed and b.consumes == "torch"]
-
-    def timed(case: Case) -> bool:
-        """One artifact per shape is enough to time: the default exporter unless --exporter says."""
-        return bool(exporters) or case.exporter == spec.networks[case.network].default_exporter
-
-    def compared_on_cpu(case: Case) -> bool:
-        return any(spec.case_runs_on(case, b) for b in cpu_deployed)
-
-    if name == "test_port_matches_golden":
-        goldens = [
-            pytest.param({**g, "network": net.name}, id=f"{net.name}-{g['file'].removesuffix('.npz')}",
-                         marks=[pytest.mark.slow] if g.get("slow") else [])
-            for net in spec.networks.values() for g in net.goldens
-        ]
-        metafunc.parametrize("golden", goldens)
-    elif name in ("test_deployed_matches_onnx", "test_decoded_outputs_agree"):
-        params = []
-        for case in cases:
-            net = spec.networks[case.network]
-            if name == "test_decoded_outputs_agree" and not net.decoded:
-                continue
-            for backend in deployed:
-                if spec.case_runs_on(case, backend):
-                    marks = [pytest.mark.slow] * case.slow + _backend_marks(backend)
-                    params.append(pytest.param(case, backend, id=f"{case.id}-{backend}", marks=marks))
-        metafunc.parametrize(("case", "deployed_backend"), params)
-    elif name == "test_port_matches_upstream":
-        first_per_network = {}
-        for case in cases if spec.upstream.get("commit") else ():
-            first_per_network.setdefault(case.network, case)
-        metafunc.parametrize("case", _case_params(spec, first_per_network.values()))
-    elif name == "test_throughput":
-        params = []
-        for case in filter(timed, cases):
-            for backend in [*timed_references, *deployed]:
-                # A reference is timed only where a deployed CPU backend serves the case too.
-                reference = backend in timed_references and compared_on_cpu(case)
-                if reference or (backend not in timed_references and spec.case_runs_on(case, backend)):
-                    marks = [pytest.mark.slow] * case.slow + _backend_marks(backend)
-                    params.append(pytest.param(case, backend, id=f"{case.id}-{backend}", marks=marks))
-        metafunc.parametrize(("case", "backend"), params)
-    elif name == "test_cpu_speedup_over_torch":
-        metafunc.parametrize("case", _case_params(spec, [c for c in cases if timed(c) and compared_on_cpu(c)]))
-    elif name == "test_accuracy_on_staged_dataset":
-        chosen = metafunc.config.getoption("--accuracy-backend")
-        networks = spec.profiles[spec.accuracy.profile].networks or tuple(spec.networks) if spec.accuracy else ()
-        runnable = [b for b in deployed if any(
-            any(v.runs_on(b) for v in spec.networks[n].variants) for n in networks)]
-        names = [chosen] if chosen else runnable
-        metafunc.parametrize("accuracy_backend", [pytest.param(b, id=b, marks=_backend_marks(b)) for b in names])
-    elif name == "test_onnx_matches_torch":
-        # The ONNX reference is ONNX Runtime: variants it cannot execute are checked on their target.
-        runnable = [c for c in cases if spec.networks[c.network].variant(c.variant).runs_on("onnxruntime")]
-        metafunc.parametrize("case", _case_params(spec, runnable))
-    elif "case" in metafunc.fixturenames:
-        metafunc.parametrize("case", _case_params(spec, cases))
-
-
-def _backend_marks(backend: str) -> list:
-    marker = BACKENDS[backend].marker if backend in BACKENDS else None
-    return [getattr(pytest.mark, marker)] if marker else []
+    context = GateContext(
+        spec=spec, cases=spec.cases(exporters=exporters), exporters=exporters,
+        selected_backends=_selected_backends(metafunc.config),
+        accuracy_backend=metafunc.config.getoption("--accuracy-backend"),
+    )
+    argnames, params = registered.parametrize(context)
+    metafunc.parametrize(argnames, params)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        cls = getattr(item, "cls", None)
-        if cls is None or not issubclass(cls, ConformanceSuite) or not cls.model:
+        model = _suite_model(getattr(item, "cls", None))
+        registered = gate_of(getattr(item, "function", None))
+        if model is None or registered is None:
             continue
-        item.add_marker(getattr(pytest.mark, cls.model))
+        item.add_marker(getattr(pytest.mark, model))
         params = getattr(getattr(item, "callspec", None), "params", {})
         case = params.get("case")
-        backend = params.get("deployed_backend") or params.get("backend") or params.get("accuracy_backend")
-        gate = GATES.get(item.originalname, item.originalname)
-        if backend is None:
-            backend = {"onnx-vs-torch": "onnx", "golden": "torch", "port-vs-upstream": "torch",
-                       "cpu-speedup": "best-cpu"}.get(gate, "onnxruntime")
+        backend = params.get(registered.backend_arg) if registered.backend_arg else None
         golden = params.get("golden")
         # An empty parameter set (say, a model without goldens) leaves pytest's NOTSET marker here.
         label = case.id if isinstance(case, Case) else golden["file"] if isinstance(golden, dict) else "-"
-        item.user_properties.append(("zoo_cell", {"model": cls.model, "gate": gate, "backend": backend, "case": label}))
+        cell = {"model": model, "gate": registered.label, "backend": backend or registered.default_backend, "case": label}
+        item.user_properties.append(("zoo_cell", cell))
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:

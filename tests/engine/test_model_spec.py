@@ -1,9 +1,14 @@
 """Baseline yaml parsing: cases, targets and floors come out as declared; bad yaml is named."""
 from __future__ import annotations
 
-import pytest
+import re
 
-from tooling.model_spec import ModelSpecError, load_model_spec, model_names, parse_model_spec
+import pytest
+import yaml
+
+from tooling.model_spec import (
+    BASELINES_DIR, ModelSpecError, load_model_spec, model_names, parse_model_spec, validate_baseline,
+)
 
 MINIMAL = {
     "model": "toy",
@@ -52,9 +57,10 @@ def test_accuracy_direction_and_throughput_units():
 @pytest.mark.parametrize(
     "mutate, message",
     [
-        (lambda raw: raw.pop("networks"), "toy.yaml: missing required field 'networks'"),
-        (lambda raw: raw["networks"]["net"]["outputs"].update(heat={"atol": "x"}), "outputs.heat: tolerance needs numeric"),
-        (lambda raw: raw["networks"]["net"].update(exporter="tflite"), "exporter must be one of"),
+        (lambda raw: raw.pop("networks"), "(?s)toy.yaml: .*missing required field 'networks'"),
+        (lambda raw: raw["networks"]["net"]["outputs"].update(heat={"atol": "x"}),
+         r"networks\.net\.outputs\.heat\.atol: 'x' is not of type 'number'"),
+        (lambda raw: raw["networks"]["net"].update(exporter="tflite"), r"networks\.net\.exporter: 'tflite' is not one of"),
     ],
 )
 def test_malformed_baseline_is_named(mutate, message):
@@ -80,3 +86,91 @@ def test_shipped_baselines_parse_and_name_their_slice():
 def test_unknown_model_lists_known_ones():
     with pytest.raises(ModelSpecError, match=r"no baseline for model 'nope' \(known: .*videopose3d"):
         load_model_spec("nope")
+
+
+# -- the strict schema (tooling/schema.py) ---------------------------------------------------------
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        # A typo must not silently drop a setting (this one would put AOTInductor into the CPU tier).
+        (lambda raw: raw["profiles"]["deploy"].update(exclude_backend=["aoti"]),
+         r"unknown key profiles\.deploy\.exclude_backend \(allowed here: .*exclude_backends"),
+        (lambda raw: raw.update(acuracy={}), r"unknown key acuracy "),
+        (lambda raw: raw["networks"]["net"]["variants"]["fancy"].update(backend=["om"]),
+         r"unknown key networks\.net\.variants\.fancy\.backend "),
+        (lambda raw: raw["networks"]["net"]["outputs"]["heat"].update(atoll=1.0), r"unknown key networks\.net\.outputs\.heat\.atoll"),
+        (lambda raw: raw["throughput"]["floors"]["310P3"].update(b4=1.0), r"throughput\.floors\.310P3: key 'b4' is not allowed"),
+    ],
+)
+def test_unknown_or_mistyped_key_names_file_and_key_path(mutate, message):
+    import copy
+
+    raw = copy.deepcopy(MINIMAL)
+    mutate(raw)
+    with pytest.raises(ModelSpecError, match=r"^baselines/toy\.yaml: 1 problem") as info:
+        parse_model_spec(raw, "baselines/toy.yaml")
+    assert re.search(message, str(info.value)), str(info.value)
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda raw: raw["profiles"]["deploy"].update(exclude_backends=["aotii"]),
+         r"profiles\.deploy\.exclude_backends: unknown backend 'aotii' \(known: .*aoti"),
+        (lambda raw: raw["networks"]["net"]["variants"]["fancy"].update(backends=["onnxrt"]),
+         r"networks\.net\.variants\.fancy\.backends: unknown backend 'onnxrt'"),
+        (lambda raw: raw["networks"]["net"]["variants"]["fancy"].update(exporters=["jit"]),
+         r"variants\.fancy\.exporters: unknown exporter 'jit'"),
+        (lambda raw: raw["accuracy"].update(profile="smok"), r"accuracy\.profile: unknown profile 'smok'"),
+        (lambda raw: raw["profiles"]["smoke"].update(networks=["nett"]), r"profiles\.smoke\.networks: unknown network 'nett'"),
+        (lambda raw: raw["profiles"]["smoke"].update(exporters=["onnx"]), r"profiles\.smoke\.exporters: unknown exporter"),
+        (lambda raw: raw.update(backend_tolerances={"openvino": {"heta": {"atol": 1, "rtol": 0}}}),
+         r"backend_tolerances\.openvino: unknown output 'heta'"),
+        (lambda raw: raw.update(backend_tolerances={"ov": {"heat": {"atol": 1, "rtol": 0}}}),
+         r"backend_tolerances: unknown backend 'ov'"),
+        (lambda raw: raw.update(backend_options={"onnxruntim": {}}), r"backend_options: unknown backend 'onnxruntim'"),
+        (lambda raw: raw["throughput"].update(items_per_call=["batch", "frames"]),
+         r"throughput\.items_per_call: unknown dim 'frames'"),
+        (lambda raw: raw["profiles"]["smoke"].update(dims={}), r"profiles\.smoke\.dims: sets no value for \['height'\]"),
+        (lambda raw: raw["networks"]["net"].update(dynamic_axes={"imgae": {0: "batch"}}),
+         r"networks\.net\.dynamic_axes: unknown input or output 'imgae'"),
+    ],
+)
+def test_dangling_cross_reference_is_named(mutate, message):
+    import copy
+
+    raw = copy.deepcopy(MINIMAL)
+    mutate(raw)
+    with pytest.raises(ModelSpecError) as info:
+        parse_model_spec(raw, "baselines/toy.yaml")
+    assert re.search(message, str(info.value)), str(info.value)
+
+
+def test_every_problem_is_listed_at_once():
+    import copy
+
+    raw = copy.deepcopy(MINIMAL)
+    raw["profiles"]["smoke"]["slowww"] = True
+    raw["accuracy"]["targett"] = 1
+    with pytest.raises(ModelSpecError, match="2 problem") as info:
+        parse_model_spec(raw, "toy.yaml")
+    assert "profiles.smoke.slowww" in str(info.value) and "accuracy.targett" in str(info.value)
+
+
+def test_every_shipped_baseline_validates():
+    for name in model_names():
+        raw = yaml.safe_load((BASELINES_DIR / f"{name}.yaml").read_text())
+        validate_baseline(raw, f"{name}.yaml")  # raises, naming each problem, if not
+
+
+def test_a_typo_in_a_baseline_file_names_that_file(tmp_path, monkeypatch):
+    text = (BASELINES_DIR / "videopose3d.yaml").read_text().replace("benchmark_rounds: 3", "benchmark_round: 3")
+    (tmp_path / "videopose3d.yaml").write_text(text)
+    monkeypatch.setattr("tooling.model_spec.BASELINES_DIR", tmp_path)
+    load_model_spec.cache_clear()
+    try:
+        with pytest.raises(ModelSpecError, match=rf"(?s){re.escape(str(tmp_path))}/videopose3d\.yaml: .*"
+                           r"unknown key profiles\.deploy\.benchmark_round "):
+            load_model_spec("videopose3d")
+    finally:
+        load_model_spec.cache_clear()

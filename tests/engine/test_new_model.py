@@ -144,3 +144,23 @@ def test_corrupt_staged_checkpoint_fails_naming_the_file(toy_project, tmp_path):
     result = _run_staged_gate(toy_project, answer)
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*CheckpointError: *toynet/toy.pth: not a readable torch checkpoint*"])
+
+
+def test_a_renamed_gate_collects_the_same_rows(toy_project):
+    """Gates are found by their @gate mark, not their name: an alias collects the same parameters
+    and reports the same gate label."""
+    (toy_project.path / "test_toynet.py").write_text(textwrap.dedent('''
+        from tooling.conformance import ConformanceSuite
+
+        class TestToy(ConformanceSuite):
+            model = "toynet"
+            test_renamed_parity = ConformanceSuite.test_deployed_matches_onnx
+    '''))
+    result = toy_project.runpytest_subprocess(
+        "-p", "tooling.pytest_plugin", "-p", "no:cacheprovider", "--collect-only", "-q",
+        "--backends", "onnxruntime,openvino", "-o", "markers=toynet",
+    )
+    lines = [line.split("::")[-1] for line in result.outlines if "::" in line]
+    original = sorted(line.split("[", 1)[1] for line in lines if line.startswith("test_deployed_matches_onnx["))
+    renamed = sorted(line.split("[", 1)[1] for line in lines if line.startswith("test_renamed_parity["))
+    assert original and original == renamed

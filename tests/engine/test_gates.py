@@ -1,0 +1,78 @@
+"""The gate registry (tooling/gates.py): every suite test declares its gate, parametrizations
+follow the yaml (including a profile's exclude_backends), and labels come from the registry."""
+from __future__ import annotations
+
+import copy
+import inspect
+
+import pytest
+
+from tooling.conformance import ConformanceSuite
+from tooling.gates import GATES, GateContext, gate, gate_of
+from tooling.model_spec import parse_model_spec
+
+TOY = {
+    "model": "toy",
+    "networks": {
+        "net": {
+            "inputs": {"image": {"shape": ["batch", 3, "height", 8]}},
+            "outputs": {"heat": {"atol": 1e-4, "rtol": 1e-4}},
+            "decoded": {"peaks": {"atol": 1e-4, "rtol": 1e-4}},
+            "opset": {"torchscript": 17},
+        }
+    },
+    "profiles": {
+        "smoke": {"dims": {"height": 16}, "batch_sizes": [1], "exclude_backends": ["aoti"]},
+        "deploy": {"dims": {"height": 256}, "batch_sizes": [8], "slow": True},
+    },
+    "accuracy": {"metric": "AP", "target": 0.5, "higher_is_better": True, "profile": "smoke"},
+    "throughput": {"unit": "fps"},
+}
+
+
+def context(raw=TOY, **options) -> GateContext:
+    spec = parse_model_spec(copy.deepcopy(raw), "toy.yaml")
+    defaults = {"exporters": None, "selected_backends": ("onnxruntime", "openvino", "aoti"), "accuracy_backend": None}
+    return GateContext(spec=spec, cases=spec.cases(), **{**defaults, **options})
+
+
+def ids(params) -> list[str]:
+    return [p.id for p in params]
+
+
+def test_every_suite_test_declares_a_registered_gate_once():
+    tests = {name: fn for name, fn in inspect.getmembers(ConformanceSuite, inspect.isfunction) if name.startswith("test_")}
+    labels = [gate_of(fn).label if gate_of(fn) else f"{name}: no @gate" for name, fn in tests.items()]
+    assert sorted(labels) == sorted(GATES), "each registered gate is implemented by exactly one suite test"
+
+
+def test_an_unregistered_gate_label_is_refused_at_import_time():
+    with pytest.raises(KeyError, match="no gate 'acuracy'"):
+        gate("acuracy")
+
+
+def test_accuracy_rows_honour_the_profiles_exclude_backends():
+    _, params = GATES["accuracy"].parametrize(context())
+    assert ids(params) == ["onnxruntime", "openvino"]  # aoti excluded by profile smoke
+    raw = copy.deepcopy(TOY)
+    raw["accuracy"]["profile"] = "deploy"
+    _, params = GATES["accuracy"].parametrize(context(raw))
+    assert ids(params) == ["onnxruntime", "openvino", "aoti"]
+
+
+def test_an_excluded_accuracy_backend_asked_for_by_name_is_skipped_with_the_reason():
+    _, params = GATES["accuracy"].parametrize(context(accuracy_backend="aoti"))
+    (param,) = params
+    (mark,) = param.marks
+    assert mark.name == "skip" and "profile smoke is not served by it" in mark.kwargs["reason"]
+
+
+def test_deployed_rows_follow_cases_and_backends_and_carry_slow():
+    argnames, params = GATES["deployed-vs-onnx"].parametrize(context())
+    assert argnames == ("case", "deployed_backend")
+    assert ids(params) == [
+        "net-smoke-b1-torchscript-onnxruntime", "net-smoke-b1-torchscript-openvino",
+        "net-deploy-b8-torchscript-onnxruntime", "net-deploy-b8-torchscript-openvino", "net-deploy-b8-torchscript-aoti",
+    ]
+    assert [m.name for m in params[-1].marks] == ["slow"]
+    assert GATES["deployed-vs-onnx"].backend_arg == "deployed_backend"

@@ -1,0 +1,180 @@
+"""The registry of conformance gates: for each gate, its label in the conformance grid, how it is
+parametrized from a model's yaml, and which backend a row names when no parameter does.
+
+A test in ``ConformanceSuite`` declares its gate with ``@gate("label")``; the pytest plugin finds
+the gate through that mark, never through the test's name, so renaming a test changes neither
+what is collected nor how it is labelled. A test with no ``@gate`` is a plain test: the plugin
+leaves it alone.
+
+To add a gate: write a ``_params_<x>(ctx)`` function below returning ``(argnames, params)``,
+register it in ``GATES``, and decorate the test with ``@gate("<label>")``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import pytest
+
+from tooling.backends import BACKENDS
+from tooling.model_spec import Case, ModelSpec
+
+ATTRIBUTE = "zoo_gate"
+
+
+@dataclass(frozen=True)
+class GateContext:
+    """What a parametrization sees: the model's spec and cases, and the run's selection options."""
+
+    spec: ModelSpec
+    cases: list[Case]
+    exporters: tuple[str, ...] | None  # --exporter
+    selected_backends: tuple[str, ...] | None  # --backends
+    accuracy_backend: str | None  # --accuracy-backend
+
+    @property
+    def deployed(self) -> list[str]:
+        return [n for n, b in BACKENDS.items() if b.deployed and (self.selected_backends is None or n in self.selected_backends)]
+
+    @property
+    def cpu_deployed(self) -> list[str]:
+        return [n for n in self.deployed if BACKENDS[n].marker is None]
+
+    @property
+    def timed_references(self) -> list[str]:
+        """Eager torch (CPU, CUDA): timed beside the deployed backends as the rate they must beat."""
+        return [n for n, b in BACKENDS.items() if not b.deployed and b.consumes == "torch"]
+
+    def timed(self, case: Case) -> bool:
+        """One artifact per shape is enough to time: the default exporter unless --exporter says."""
+        return bool(self.exporters) or case.exporter == self.spec.networks[case.network].default_exporter
+
+    def compared_on_cpu(self, case: Case) -> bool:
+        return any(self.spec.case_runs_on(case, b) for b in self.cpu_deployed)
+
+
+Params = tuple[str | Sequence[str], list[Any]]
+
+
+@dataclass(frozen=True)
+class Gate:
+    label: str  # the gate's name in the grid, the JSON report and JUnit properties
+    parametrize: Callable[[GateContext], Params] | None  # None: one row per model
+    backend_arg: str | None  # the parameter holding a row's backend, if any
+    default_backend: str  # the backend a row names when no parameter holds one
+
+
+def backend_marks(backend: str) -> list:
+    marker = BACKENDS[backend].marker if backend in BACKENDS else None
+    return [getattr(pytest.mark, marker)] if marker else []
+
+
+def case_params(cases: Sequence[Case]) -> list:
+    return [pytest.param(c, id=c.id, marks=[pytest.mark.slow] * c.slow) for c in cases]
+
+
+def case_backend_params(pairs: Sequence[tuple[Case, str]]) -> list:
+    return [
+        pytest.param(c, b, id=f"{c.id}-{b}", marks=[pytest.mark.slow] * c.slow + backend_marks(b)) for c, b in pairs
+    ]
+
+
+def _params_golden(ctx: GateContext) -> Params:
+    goldens = [
+        pytest.param({**g, "network": net.name}, id=f"{net.name}-{g['file'].removesuffix('.npz')}",
+                     marks=[pytest.mark.slow] if g.get("slow") else [])
+        for net in ctx.spec.networks.values() for g in net.goldens
+    ]
+    return "golden", goldens
+
+
+def _params_onnx_vs_torch(ctx: GateContext) -> Params:
+    # The ONNX reference is ONNX Runtime: variants it cannot execute are checked on their target.
+    runnable = [c for c in ctx.cases if ctx.spec.networks[c.network].variant(c.variant).runs_on("onnxruntime")]
+    return "case", case_params(runnable)
+
+
+def _params_deployed(ctx: GateContext) -> Params:
+    pairs = [(c, b) for c in ctx.cases for b in ctx.deployed if ctx.spec.case_runs_on(c, b)]
+    return ("case", "deployed_backend"), case_backend_params(pairs)
+
+
+def _params_decoded(ctx: GateContext) -> Params:
+    pairs = [
+        (c, b) for c in ctx.cases if ctx.spec.networks[c.network].decoded
+        for b in ctx.deployed if ctx.spec.case_runs_on(c, b)
+    ]
+    return ("case", "deployed_backend"), case_backend_params(pairs)
+
+
+def _params_upstream(ctx: GateContext) -> Params:
+    first_per_network: dict[str, Case] = {}
+    for case in ctx.cases if ctx.spec.upstream.get("commit") else ():
+        first_per_network.setdefault(case.network, case)
+    return "case", case_params(list(first_per_network.values()))
+
+
+def _params_accuracy(ctx: GateContext) -> Params:
+    """One row per deployed backend that serves the accuracy profile (its variants and its
+    ``exclude_backends`` both decide), or the one --accuracy-backend names."""
+    spec = ctx.spec
+    if spec.accuracy is None:
+        return "accuracy_backend", []
+    profile_cases = [c for c in spec.cases() if c.profile == spec.accuracy.profile]
+    runnable = [b for b in ctx.deployed if any(spec.case_runs_on(c, b) for c in profile_cases)]
+    chosen = ctx.accuracy_backend
+    if chosen is None:
+        return "accuracy_backend", [pytest.param(b, id=b, marks=backend_marks(b)) for b in runnable]
+    if chosen in runnable:
+        return "accuracy_backend", [pytest.param(chosen, id=chosen, marks=backend_marks(chosen))]
+    reason = f"--accuracy-backend {chosen}: profile {spec.accuracy.profile} is not served by it (served by: {runnable})"
+    return "accuracy_backend", [pytest.param(chosen, id=chosen, marks=[pytest.mark.skip(reason=reason)])]
+
+
+def _params_throughput(ctx: GateContext) -> Params:
+    pairs = []
+    for case in filter(ctx.timed, ctx.cases):
+        for backend in [*ctx.timed_references, *ctx.deployed]:
+            # A reference is timed only where a deployed CPU backend serves the case too.
+            if backend in ctx.timed_references:
+                if ctx.compared_on_cpu(case):
+                    pairs.append((case, backend))
+            elif ctx.spec.case_runs_on(case, backend):
+                pairs.append((case, backend))
+    return ("case", "backend"), case_backend_params(pairs)
+
+
+def _params_cpu_speedup(ctx: GateContext) -> Params:
+    return "case", case_params([c for c in ctx.cases if ctx.timed(c) and ctx.compared_on_cpu(c)])
+
+
+GATES: dict[str, Gate] = {
+    g.label: g
+    for g in (
+        Gate("golden", _params_golden, None, "torch"),
+        Gate("onnx-vs-torch", _params_onnx_vs_torch, None, "onnx"),
+        Gate("deployed-vs-onnx", _params_deployed, "deployed_backend", "onnxruntime"),
+        Gate("decoded-vs-torch", _params_decoded, "deployed_backend", "onnxruntime"),
+        Gate("port-vs-upstream", _params_upstream, None, "torch"),
+        Gate("accuracy", _params_accuracy, "accuracy_backend", "onnxruntime"),
+        Gate("accuracy-known-answer", None, None, "onnxruntime"),
+        Gate("throughput", _params_throughput, "backend", "torch"),
+        Gate("cpu-speedup", _params_cpu_speedup, None, "best-cpu"),
+    )
+}
+
+
+def gate(label: str) -> Callable[[Callable], Callable]:
+    """Declare which registered gate a ``ConformanceSuite`` test implements."""
+    if label not in GATES:
+        raise KeyError(f"no gate {label!r} in tooling/gates.py GATES (known: {sorted(GATES)})")
+
+    def mark(function: Callable) -> Callable:
+        setattr(function, ATTRIBUTE, GATES[label])
+        return function
+
+    return mark
+
+
+def gate_of(function: Callable | None) -> Gate | None:
+    return getattr(function, ATTRIBUTE, None)

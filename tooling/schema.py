@@ -1,0 +1,222 @@
+"""The strict schema of ``baselines/<model>.yaml``: every key a baseline may hold, and the names
+its sections refer to each other by.
+
+Two steps, both run by ``tooling.model_spec.parse_model_spec`` before anything reads the yaml:
+
+1. ``SCHEMA`` (JSON Schema, checked with ``jsonschema``): the shape. Every mapping whose keys are
+   fixed lists them with ``additionalProperties: false``, so a typo such as ``exclude_backend:`` is
+   an error naming the file and the key path (``profiles.smoke.exclude_backend``), not a silently
+   ignored setting.
+2. ``check_references``: names that must exist elsewhere: backends in the backend registry,
+   exporters, profile, network, input, output and dim names.
+
+To add a key: add it to the section below (``fields(...)`` for fixed keys, ``mapping(...)`` for
+free-form names), then read it in ``model_spec.py`` or where it is used; if it names something
+defined elsewhere, add that check to ``check_references``.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import jsonschema
+
+EXPORTER_NAMES = ("torchscript", "dynamo")
+
+NUMBER = {"type": "number"}
+INTEGER = {"type": "integer"}
+STRING = {"type": "string"}
+BOOLEAN = {"type": "boolean"}
+NAME = {"type": "string", "minLength": 1}
+DIM = {"anyOf": [INTEGER, NAME]}  # a fixed size, or a dim a profile sets (batch, frames, height)
+
+
+def fields(properties: dict[str, Any], required: Iterable[str] = ()) -> dict[str, Any]:
+    """A mapping with a fixed set of keys: any other key is an error."""
+    return {"type": "object", "properties": properties, "required": list(required), "additionalProperties": False}
+
+
+def mapping(values: dict[str, Any], keys: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A mapping from free-form names (networks, profiles, outputs, batch sizes) to ``values``."""
+    schema: dict[str, Any] = {"type": "object", "additionalProperties": values}
+    if keys is not None:
+        schema["propertyNames"] = keys
+    return schema
+
+
+def list_of(items: dict[str, Any], min_items: int = 0) -> dict[str, Any]:
+    return {"type": "array", "items": items, "minItems": min_items}
+
+
+TOLERANCE = fields(
+    {"atol": NUMBER, "rtol": NUMBER, "min_cosine": NUMBER, "atol_of_max": NUMBER},
+    required=("atol", "rtol"),
+)
+OPSETS = mapping(INTEGER, keys={"enum": list(EXPORTER_NAMES)})
+
+# The Ascend ATC settings (read by tooling/backends/om.py's OmSettings; its docstring explains them).
+OM = fields({
+    "output": NAME,
+    "input_format": {"anyOf": [STRING, {"type": "null"}]},
+    "log": {"anyOf": [STRING, {"type": "null"}]},
+    "dynamic_dims": fields(
+        {"dims": list_of(NAME, 1), "buckets": list_of(list_of(INTEGER, 1), 1)}, required=("dims", "buckets"),
+    ),
+    "files": mapping(fields({"name": NAME, "content": STRING}, required=("name", "content"))),
+    "flags": mapping({"type": ["string", "number", "boolean"]}),
+    "onnx_rewrites": list_of(NAME),
+})
+
+NETWORK = fields(
+    {
+        "inputs": mapping(fields({"shape": list_of(DIM, 1), "dtype": NAME}, required=("shape",))),
+        "outputs": mapping(TOLERANCE),
+        "decoded": mapping(TOLERANCE),
+        "exporter": {"enum": list(EXPORTER_NAMES)},
+        "opset": OPSETS,
+        # A variant with nothing to restrict is written `name: {}` or `name:` (null).
+        "variants": mapping({
+            **fields({"backends": list_of(NAME, 1), "exporters": list_of(NAME, 1), "opset": OPSETS}),
+            "type": ["object", "null"],
+        }),
+        "checkpoint": fields({"files": list_of(NAME), "state_keys": list_of(NAME)}),
+        "goldens": list_of(fields({"file": NAME, "salt": STRING, "slow": BOOLEAN}, required=("file",))),
+        "dynamic_axes": mapping(mapping(NAME, keys={"pattern": r"^[0-9]+$"})),
+        "om": OM,
+    },
+    required=("inputs", "outputs", "opset"),
+)
+
+PROFILE = fields({
+    "dims": mapping(INTEGER),
+    "batch_sizes": list_of(INTEGER, 1),
+    "exporters": list_of(NAME, 1),
+    "slow": BOOLEAN,
+    "benchmark_rounds": {"type": "integer", "minimum": 1},
+    "networks": list_of(NAME, 1),
+    "exclude_backends": list_of(NAME),
+})
+
+ACCURACY = fields(
+    {
+        "metric": NAME,
+        "target": NUMBER,
+        "tolerance": NUMBER,
+        "higher_is_better": BOOLEAN,
+        "upstream_reference": NUMBER,
+        "profile": NAME,
+        "data": list_of(NAME),
+        "extra_targets": mapping(NUMBER),
+    },
+    required=("metric", "target", "higher_is_better"),
+)
+
+THROUGHPUT = fields(
+    {
+        "unit": NAME,
+        "items_per_call": list_of(NAME, 1),
+        # device class (310P3, T4, ...) -> batch size -> minimum rate in `unit`
+        "floors": mapping(mapping(NUMBER, keys=INTEGER), keys={"type": ["string", "integer"]}),
+        "cpu_speedup_vs_torch": NUMBER,
+    },
+)
+
+SCHEMA = fields(
+    {
+        "model": NAME,
+        "title": STRING,
+        "guide": STRING,
+        "slice": NAME,
+        "upstream": fields({"repository": STRING, "commit": {"type": "string", "pattern": "^[0-9a-f]{40}$"}}),
+        "networks": mapping(NETWORK),
+        "profiles": mapping(PROFILE),
+        "batch_sizes": list_of(INTEGER, 1),  # default for profiles that do not list their own
+        "backend_options": mapping(mapping({}), keys=NAME),  # backend -> its own tuning keys
+        "backend_tolerances": mapping(mapping(TOLERANCE)),
+        "accuracy": ACCURACY,
+        "throughput": THROUGHPUT,
+        "om": OM,  # defaults for every network's om section
+    },
+    required=("model", "networks", "profiles", "throughput"),
+)
+# Every schema here is itself valid JSON Schema: a mistake in this file fails at import.
+jsonschema.Draft202012Validator.check_schema(SCHEMA)
+
+
+def _key_path(path: Iterable[Any]) -> str:
+    return ".".join(str(p) for p in path) or "<top level>"
+
+
+def _describe(error: jsonschema.ValidationError) -> str:
+    where = _key_path(error.absolute_path)
+    if error.validator == "additionalProperties" and error.validator_value is False:
+        allowed = sorted(error.schema.get("properties", {}))
+        unknown = sorted(set(error.instance) - set(allowed), key=str)
+        keys = ", ".join(f"{_key_path([*error.absolute_path, k])}" for k in unknown)
+        return f"unknown key {keys} (allowed here: {', '.join(allowed)})"
+    if error.validator == "required":
+        missing = error.message.split(" is a required property")[0]
+        return f"{where}: missing required field {missing}" if error.absolute_path else f"missing required field {missing}"
+    if "propertyNames" in error.relative_schema_path:
+        return f"{where}: key {error.instance!r} is not allowed here ({error.message})"
+    if error.validator in ("anyOf", "oneOf"):
+        # Name the closest alternative's complaint rather than "is not valid under any of".
+        best = jsonschema.exceptions.best_match(error.context) if error.context else None
+        return _describe(best) if best is not None else f"{where}: {error.message}"
+    return f"{where}: {error.message}"
+
+
+def schema_errors(raw: Any) -> list[str]:
+    """Every place where ``raw`` breaks ``SCHEMA``, as ``key.path: what is wrong``."""
+    validator = jsonschema.Draft202012Validator(SCHEMA)
+    errors = sorted(validator.iter_errors(raw), key=lambda e: [str(p) for p in e.absolute_path])
+    return [_describe(e) for e in errors]
+
+
+def reference_errors(raw: dict[str, Any], backend_names: Iterable[str]) -> list[str]:
+    """Names one section uses that another must define. ``raw`` has passed ``SCHEMA`` already."""
+    backends = set(backend_names)
+    problems: list[str] = []
+
+    def check(names: Iterable[str], known: Iterable[str], where: str, what: str) -> None:
+        known = set(known)
+        for name in names:
+            if name not in known:
+                problems.append(f"{where}: unknown {what} {name!r} (known: {', '.join(sorted(map(str, known)))})")
+
+    networks: dict[str, Any] = raw.get("networks", {})
+    profiles: dict[str, Any] = raw.get("profiles", {})
+    all_outputs: set[str] = set()
+    for net_name, net in networks.items():
+        where = f"networks.{net_name}"
+        inputs = net.get("inputs", {})
+        outputs = net.get("outputs", {})
+        all_outputs |= set(outputs) | set(net.get("decoded") or {})
+        for vname, variant in (net.get("variants") or {}).items():
+            variant = variant or {}
+            check(variant.get("backends", ()), backends, f"{where}.variants.{vname}.backends", "backend")
+            check(variant.get("exporters", ()), EXPORTER_NAMES, f"{where}.variants.{vname}.exporters", "exporter")
+        check(net.get("dynamic_axes", {}), [*inputs, *outputs], f"{where}.dynamic_axes", "input or output")
+        symbolic = {d for i in inputs.values() for d in i["shape"] if isinstance(d, str)}
+        dynamic = (net.get("om") or {}).get("dynamic_dims") or {}
+        check(dynamic.get("dims", ()), symbolic, f"{where}.om.dynamic_dims.dims", "input dim")
+        for pname, profile in profiles.items():
+            if profile.get("networks") and net_name not in profile["networks"]:
+                continue
+            unset = sorted(symbolic - {"batch"} - set(profile.get("dims", {})))
+            if unset:
+                problems.append(f"profiles.{pname}.dims: sets no value for {unset}, used by {where}.inputs")
+    for pname, profile in profiles.items():
+        where = f"profiles.{pname}"
+        check(profile.get("networks", ()), networks, f"{where}.networks", "network")
+        check(profile.get("exporters", ()), EXPORTER_NAMES, f"{where}.exporters", "exporter")
+        check(profile.get("exclude_backends", ()), backends, f"{where}.exclude_backends", "backend")
+    for section in ("backend_tolerances", "backend_options"):
+        check(raw.get(section, {}), backends, section, "backend")
+    for backend, outputs in raw.get("backend_tolerances", {}).items():
+        check(outputs, all_outputs, f"backend_tolerances.{backend}", "output")
+    accuracy = raw.get("accuracy") or {}
+    if "profile" in accuracy:
+        check([accuracy["profile"]], profiles, "accuracy.profile", "profile")
+    dims = {"batch"} | {d for p in profiles.values() for d in p.get("dims", {})}
+    check(raw.get("throughput", {}).get("items_per_call", ()), dims, "throughput.items_per_call", "dim")
+    return problems
