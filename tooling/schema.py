@@ -199,12 +199,6 @@ def reference_errors(raw: dict[str, Any], backend_names: Iterable[str]) -> list[
         symbolic = {d for i in inputs.values() for d in i["shape"] if isinstance(d, str)}
         dynamic = (net.get("om") or {}).get("dynamic_dims") or {}
         check(dynamic.get("dims", ()), symbolic, f"{where}.om.dynamic_dims.dims", "input dim")
-        for pname, profile in profiles.items():
-            if profile.get("networks") and net_name not in profile["networks"]:
-                continue
-            unset = sorted(symbolic - {"batch"} - set(profile.get("dims", {})))
-            if unset:
-                problems.append(f"profiles.{pname}.dims: sets no value for {unset}, used by {where}.inputs")
     for pname, profile in profiles.items():
         where = f"profiles.{pname}"
         check(profile.get("networks", ()), networks, f"{where}.networks", "network")

@@ -131,7 +131,6 @@ def test_unknown_or_mistyped_key_names_file_and_key_path(mutate, message):
         (lambda raw: raw.update(backend_options={"onnxruntim": {}}), r"backend_options: unknown backend 'onnxruntim'"),
         (lambda raw: raw["throughput"].update(items_per_call=["batch", "frames"]),
          r"throughput\.items_per_call: unknown dim 'frames'"),
-        (lambda raw: raw["profiles"]["smoke"].update(dims={}), r"profiles\.smoke\.dims: sets no value for \['height'\]"),
         (lambda raw: raw["networks"]["net"].update(dynamic_axes={"imgae": {0: "batch"}}),
          r"networks\.net\.dynamic_axes: unknown input or output 'imgae'"),
     ],
