@@ -11,7 +11,7 @@ from tooling.conformance import ConformanceSuite
 from tooling.gates import GateContext, gate_of
 from tooling.locations import Roots
 from tooling.model_spec import EXPORTERS, Case, load_model_spec
-from tooling.report import ConformanceMatrix, MatrixRow, ThroughputLog
+from tooling.report import ConformanceMatrix, MatrixRow
 from tooling.workspace import Options, Workspace
 
 MODEL_MARKERS = ("videopose3d", "transpose", "dekr", "gma", "fomm")
@@ -78,11 +78,6 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.fixture(scope="session")
 def zoo(pytestconfig) -> Workspace:
     return _workspace(pytestconfig)
-
-
-@pytest.fixture(scope="session")
-def throughput_log() -> ThroughputLog:
-    return ThroughputLog()
 
 
 # -- parametrization -----------------------------------------------------------------------------

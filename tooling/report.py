@@ -18,29 +18,12 @@ class ThroughputEntry:
     rate: float  # items / mean seconds per call: the guides' figure
     unit: str
     mean_s: float
-    best_s: float  # fastest call: what speedups compare, as a noisy neighbour only adds time
+    best_s: float  # fastest call
+    # Median of per-round ratios against torch eager timed in the same interleaved rounds.
     speedup_vs_torch: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-@dataclass
-class ThroughputLog:
-    """Rates measured in this process, so deployed backends can be compared with torch eager."""
-
-    entries: dict[tuple[str, str, str], ThroughputEntry] = field(default_factory=dict)
-
-    def add(self, model: str, case, backend: str, device: str, rate: float, unit: str, mean_s: float,
-            best_s: float) -> ThroughputEntry:
-        baseline = self.entries.get((model, case.id, "torch"))
-        speedup = baseline.best_s / best_s if baseline and backend != "torch" else None
-        entry = ThroughputEntry(model, case.id, backend, device, rate, unit, mean_s, best_s, speedup)
-        self.entries[(model, case.id, backend)] = entry
-        return entry
-
-    def for_case(self, model: str, case) -> list[ThroughputEntry]:
-        return [e for (m, c, _), e in self.entries.items() if m == model and c == case.id]
 
 
 @dataclass
@@ -115,7 +98,7 @@ def _figures(results: list[dict]) -> str:
         if "throughput" in result:
             t = result["throughput"]
             ratio = f", {t['speedup_vs_torch']:.2f}x torch" if t.get("speedup_vs_torch") else ""
-            parts.append(f"{t['rate']:.1f} {t['unit']} on {t['device']}{ratio}")
+            parts.append(f"{t['backend']} {t['rate']:.1f} {t['unit']} on {t['device']}{ratio}")
         if "metrics" in result:
             shown = {k: round(v, 4) for k, v in result["metrics"].items() if "/" not in k}
             parts.append(str(shown))
