@@ -62,7 +62,7 @@ def stage_check(args: argparse.Namespace) -> int:
         print(f"\n{name}: {spec.title}")
         for item in staged_inventory(spec, roots):
             mark = "found  " if item.found else "MISSING"
-            all_found &= item.found or item.kind == "upstream"
+            all_found &= item.found or not item.required
             print(f"  {mark} {item.kind:<10} {item.what:<40} {item.expected}")
     return 0 if all_found else 1
 

@@ -17,7 +17,7 @@ from tooling.gates import gate
 from tooling.model_spec import Case, ModelSpec
 from tooling.report import ThroughputEntry
 from tooling.speed import InterleavedRounds, merge
-from tooling.sources import UpstreamNotStaged
+from tooling.sources import UpstreamDependencyMissing, UpstreamNotStaged
 from tooling.weights import WeightsChoice
 from tooling.workspace import AccuracyInputsMissing, Workspace
 
@@ -108,20 +108,31 @@ class ConformanceSuite:
     @pytest.mark.parity
     @pytest.mark.upstream
     @gate("port-vs-upstream")
-    def test_port_matches_upstream(self, zoo: Workspace, case: Case):
+    def test_port_matches_upstream(self, zoo: Workspace, case: Case, request):
+        """The port matches the pinned upstream code under the same seeded weights. Upstream not
+        staged: skip. Staged but a package its code imports is missing: fail, naming the install
+        command (a host that stages upstream asked for this gate). Any stand-in the upstream import
+        needed (e.g. for torchvision) is named in the result and the message."""
         handle = zoo.model(self.model)
         seeded = WeightsChoice(None, zoo.options.salt)
         try:
             upstream, _ = handle.network(case.network, case.variant, seeded, source="upstream")
         except UpstreamNotStaged as exc:
             pytest.skip(str(exc))
+        except UpstreamDependencyMissing as exc:
+            pytest.fail(str(exc), pytrace=False)
         from tooling.backends.cpu import TorchSession
 
+        stand_ins = sorted(set(handle.upstream_checkout().stand_ins.values()))
+        for line in stand_ins:
+            print(f"{case.id}: upstream stand-in: {line}")
         net = handle.spec.networks[case.network]
         feeds = handle.feeds(case)
         actual = TorchSession(handle.network(case.network, case.variant, seeded)[0], net.input_names, net.output_names).run(feeds)
         expected = TorchSession(upstream, net.input_names, net.output_names).run(feeds)
-        assert_outputs_match(actual, expected, net.outputs, f"{case.id}: port vs upstream")
+        what = f"{case.id}: port vs upstream" + "".join(f" [{line}]" for line in stand_ins)
+        stats = assert_outputs_match(actual, expected, net.outputs, what)
+        record(request, worst_max_abs=max(s.max_abs for s in stats), upstream_stand_ins=stand_ins)
 
     @pytest.mark.accuracy
     @gate("accuracy")

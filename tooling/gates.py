@@ -106,6 +106,11 @@ def _params_upstream(ctx: GateContext) -> Params:
     first_per_network: dict[str, Case] = {}
     for case in ctx.cases if ctx.spec.upstream.get("commit") else ():
         first_per_network.setdefault(case.network, case)
+    # Networks no profile deploys (DEKR's host-side rescoring net) are compared at batch 1.
+    for name, net in ctx.spec.networks.items() if ctx.spec.upstream.get("commit") else ():
+        first_per_network.setdefault(
+            name, Case(ctx.spec.name, name, "dims:", 1, net.default_exporter, net.default_variant, False)
+        )
     return "case", case_params(list(first_per_network.values()))
 
 

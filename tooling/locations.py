@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tooling.model_spec import PROJECT_ROOT, ModelSpec
+from tooling.sources import dependency_status, install_command, upstream_source
 
 ENV = {
     "data_root": "ZOO_DATA_ROOT",
@@ -44,10 +45,11 @@ class Roots:
 
 @dataclass(frozen=True)
 class StagedItem:
-    kind: str  # data, checkpoint, upstream
+    kind: str  # data, checkpoint, upstream, python (a package the upstream code imports)
     what: str
-    expected: str
+    expected: str  # where it is expected, or how to install it
     found: bool
+    required: bool = True  # whether its absence makes `stage --check` fail
 
 
 def data_paths(spec: ModelSpec, roots: Roots) -> dict[str, Path]:
@@ -91,8 +93,17 @@ def staged_inventory(spec: ModelSpec, roots: Roots) -> list[StagedItem]:
                 f"{spec.upstream.get('repository', '')} @ {spec.upstream['commit'][:12]}",
                 str(clone if clone.is_dir() else mirror if mirror.is_dir() else f"{clone} (or {mirror.name})"),
                 found,
+                required=False,  # optional, but once staged its gate runs, so its packages must be there
             )
         )
+        for status in dependency_status(upstream_source(spec).requires):
+            items.append(
+                StagedItem(
+                    "python", f"{status.requirement} (upstream code)",
+                    f"installed {status.installed}" if status.ok else install_command([status]), status.ok,
+                    required=found,
+                )
+            )
     return items
 
 

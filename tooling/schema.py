@@ -126,7 +126,11 @@ SCHEMA = fields(
         "title": STRING,
         "guide": STRING,
         "slice": NAME,
-        "upstream": fields({"repository": STRING, "commit": {"type": "string", "pattern": "^[0-9a-f]{40}$"}}),
+        "upstream": fields({
+            "repository": STRING,
+            "commit": {"type": "string", "pattern": "^[0-9a-f]{40}$"},
+            "requires": list_of(NAME),  # packages upstream code imports, pinned in pyproject's [upstream] extra
+        }),
         "networks": mapping(NETWORK),
         "profiles": mapping(PROFILE),
         "batch_sizes": list_of(INTEGER, 1),  # default for profiles that do not list their own

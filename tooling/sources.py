@@ -13,18 +13,27 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.metadata
 import importlib.util
 import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
+import tomllib
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
+from typing import Mapping
 
 from filelock import FileLock
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+from tooling.model_spec import PROJECT_ROOT
 
 MANIFEST = ".zoo-source.json"
 
@@ -35,6 +44,67 @@ class UpstreamError(RuntimeError):
 
 class UpstreamNotStaged(UpstreamError):
     """Nothing to build the upstream source from; the message says what to stage and where."""
+
+
+class UpstreamDependencyMissing(UpstreamError):
+    """The upstream source is there but a package its code imports is not installed: a setup
+    error of a host that staged it (not a reason to skip), so the message says what to install."""
+
+
+# Packages upstream code imports (yacs, ...) are pinned once, in pyproject.toml's [upstream] extra;
+# baselines/<model>.yaml names the ones each upstream needs under upstream.requires.
+UPSTREAM_EXTRA = "upstream"
+PYPROJECT = PROJECT_ROOT / "pyproject.toml"
+
+
+@dataclass(frozen=True)
+class DependencyStatus:
+    requirement: Requirement  # the pin from the [upstream] extra
+    installed: str | None  # installed version, None when absent
+
+    @property
+    def ok(self) -> bool:
+        return self.installed is not None and self.requirement.specifier.contains(self.installed, prereleases=True)
+
+    def problem(self) -> str:
+        found = "not installed" if self.installed is None else f"{self.installed} installed"
+        return f"{self.requirement} ({found})"
+
+
+def upstream_pins(pyproject: Path | None = None) -> dict[str, Requirement]:
+    """The [upstream] extra of pyproject.toml, by canonical package name."""
+    pyproject = pyproject or PYPROJECT
+    try:
+        extras = tomllib.loads(pyproject.read_text())["project"].get("optional-dependencies", {})
+    except (OSError, tomllib.TOMLDecodeError, KeyError) as exc:
+        raise UpstreamError(f"{pyproject}: cannot read the [{UPSTREAM_EXTRA}] extra ({exc})") from exc
+    return {canonicalize_name(r.name): r for r in map(Requirement, extras.get(UPSTREAM_EXTRA, []))}
+
+
+def dependency_status(names: tuple[str, ...], pyproject: Path | None = None) -> list[DependencyStatus]:
+    """Installed or not, for each package ``names`` lists, against its pin in the [upstream] extra."""
+    pyproject = pyproject or PYPROJECT
+    pins = upstream_pins(pyproject)
+    undeclared = [n for n in names if canonicalize_name(n) not in pins]
+    if undeclared:
+        raise UpstreamError(
+            f"{pyproject}: the [{UPSTREAM_EXTRA}] extra does not pin {', '.join(undeclared)}, "
+            "which a baseline's upstream.requires names"
+        )
+    statuses = []
+    for name in names:
+        requirement = pins[canonicalize_name(name)]
+        try:
+            installed = importlib.metadata.version(requirement.name)
+        except importlib.metadata.PackageNotFoundError:
+            installed = None
+        statuses.append(DependencyStatus(requirement, installed))
+    return statuses
+
+
+def install_command(statuses: list[DependencyStatus]) -> str:
+    pins = " ".join(f"'{s.requirement}'" for s in statuses)
+    return f"pip install {pins}"
 
 
 def patches_digest(patches_dir: Path) -> str:
@@ -61,30 +131,100 @@ def _git(*args: str, cwd: Path | None = None) -> str:
 
 @dataclass
 class UpstreamCheckout:
-    """A patched upstream tree that can be imported from."""
+    """A patched upstream tree that can be imported from, in isolation from other checkouts.
+
+    HRNet-family repositories all ship top-level ``config``, ``models``, ``utils`` packages (under
+    ``lib/``), so two checkouts imported into one process would share one module table and the
+    second would get the first one's code. Each checkout therefore keeps its own module table:
+    while one of its imports runs, ``sys.modules`` holds that table (other checkouts' modules of the
+    same names are set aside) and ``sys.path`` has its import root first; afterwards the previous
+    state is put back, so imports in any order, and any number of checkouts, give the same modules.
+    """
 
     root: Path
     commit: str
     hooks: list[Path] = field(default_factory=list)
+    # What serves an upstream import this host cannot satisfy (module name -> description),
+    # recorded so a verdict says which parts of "upstream" were not upstream's own dependency.
+    stand_ins: dict[str, str] = field(default_factory=dict)
     _hooks_ran: bool = False
+    _modules: dict[str, ModuleType] = field(default_factory=dict, repr=False)
+    _active: bool = field(default=False, repr=False)
 
-    def import_module(self, name: str, subdir: str = "") -> ModuleType:
-        """Import ``name`` from the checkout (or from ``subdir`` of it, for repos laid out as lib/)."""
-        root = str(self.root / subdir)
-        if root not in sys.path:
-            sys.path.insert(0, root)
-        module = importlib.import_module(name)
-        origin = Path(getattr(module, "__file__", "") or "").resolve()
-        if self.root.resolve() not in origin.parents:
-            raise UpstreamError(
-                f"importing {name!r} resolved to {origin}, not to the upstream checkout {self.root}; "
-                "another package of that name is already imported"
-            )
-        if not self._hooks_ran:
-            self._hooks_ran = True
-            for hook in self.hooks:
-                _run_hook(hook, self)
+    def import_module(
+        self, name: str, subdir: str = "", stand_ins: Mapping[str, tuple[ModuleType, str]] | None = None
+    ) -> ModuleType:
+        """Import ``name`` from the checkout (or from ``subdir`` of it, for repos laid out as lib/).
+
+        ``stand_ins`` maps module names the upstream code imports to (module, description) served
+        in their place for this checkout only (e.g. ``torchvision.ops`` where torchvision cannot
+        be installed); they never become visible to other code in the process.
+        """
+        with self._own_modules(self.root / subdir, stand_ins or {}):
+            module = importlib.import_module(name)
+            if not self._belongs(module):
+                origin = getattr(module, "__file__", None) or module
+                raise UpstreamError(
+                    f"importing {name!r} resolved to {origin}, not to the upstream checkout {self.root}; "
+                    "the checkout has no such module"
+                )
+            if not self._hooks_ran:
+                self._hooks_ran = True
+                for hook in self.hooks:
+                    _run_hook(hook, self)
         return module
+
+    def _belongs(self, module: ModuleType) -> bool:
+        root = self.root.resolve()
+        locations = [getattr(module, "__file__", None), *list(getattr(module, "__path__", None) or [])]
+        return any(loc and (root == Path(loc).resolve() or root in Path(loc).resolve().parents) for loc in locations)
+
+    @contextmanager
+    def _own_modules(self, import_root: Path, stand_ins: Mapping[str, tuple[ModuleType, str]]):
+        if self._active:  # a hook importing more of the same checkout: already in place
+            if str(import_root) not in sys.path:
+                sys.path.insert(0, str(import_root))
+            yield
+            return
+        with _IMPORT_LOCK:
+            saved_path = list(sys.path)
+            provided = _top_level_names(import_root) | {n.split(".")[0] for n in self._modules}
+            provided |= {n.split(".")[0] for n in stand_ins}
+            set_aside = {n: m for n, m in sys.modules.items() if n.split(".")[0] in provided}
+            for name in set_aside:
+                del sys.modules[name]
+            sys.modules.update(self._modules)
+            for name, (module, description) in stand_ins.items():
+                self._modules[name] = sys.modules[name] = module
+                self.stand_ins[name] = description
+            sys.path.insert(0, str(import_root))
+            before = set(sys.modules)
+            self._active = True
+            try:
+                yield
+            finally:
+                self._active = False
+                # What this import added that is the checkout's own goes to its table; what it added
+                # from site-packages (yacs, ...) stays loaded for everyone, as any import would.
+                for name in [n for n in sys.modules if n in self._modules or n not in before]:
+                    if name in self._modules or self._belongs(sys.modules[name]):
+                        self._modules[name] = sys.modules.pop(name)
+                sys.modules.update(set_aside)
+                sys.path[:] = saved_path
+
+
+_IMPORT_LOCK = threading.RLock()
+
+
+def _top_level_names(import_root: Path) -> set[str]:
+    """Module and package names an import root provides (what it would shadow or be shadowed by)."""
+    names = set()
+    for path in import_root.iterdir() if import_root.is_dir() else ():
+        if path.suffix == ".py" and path.stem.isidentifier():
+            names.add(path.stem)
+        elif path.is_dir() and path.name.isidentifier():
+            names.add(path.name)
+    return names
 
 
 def _run_hook(hook: Path, checkout: UpstreamCheckout) -> None:
@@ -103,6 +243,7 @@ class UpstreamSource:
     repository: str
     commit: str
     patches_dir: Path
+    requires: tuple[str, ...] = ()  # packages the upstream code imports, pinned in the [upstream] extra
 
     def origin(self, upstream_root: Path | None) -> str:
         """Where to take the pinned commit from; raises UpstreamNotStaged with what to stage."""
@@ -131,7 +272,18 @@ class UpstreamSource:
                 origin = self.origin(upstream_root)
                 shutil.rmtree(target, ignore_errors=True)
                 self._build(origin, target, digest)
+        self.check_dependencies()
         return UpstreamCheckout(target, self.commit, hooks)
+
+    def check_dependencies(self) -> None:
+        """Raise UpstreamDependencyMissing naming each missing package and the command installing it."""
+        missing = [s for s in dependency_status(self.requires) if not s.ok]
+        if missing:
+            raise UpstreamDependencyMissing(
+                f"upstream {self.model} is staged but its code needs {', '.join(s.problem() for s in missing)}: "
+                f"install with `{install_command(missing)}` (all upstream dependencies: "
+                f"`pip install -e '.[{UPSTREAM_EXTRA}]'`)"
+            )
 
     def _is_complete(self, target: Path, digest: str) -> bool:
         manifest = target / MANIFEST
@@ -172,14 +324,16 @@ def upstream_source(spec) -> UpstreamSource:
     up = spec.upstream
     if not up.get("commit"):
         raise UpstreamError(f"baselines/{spec.name}.yaml: upstream.commit is not set")
-    return UpstreamSource(spec.name, up.get("repository", ""), up["commit"], spec.patches)
+    return UpstreamSource(spec.name, up.get("repository", ""), up["commit"], spec.patches, tuple(up.get("requires", ())))
 
 
-def build_from_experiment(checkout: UpstreamCheckout, model_module: str, experiment: str):
-    """Build a model the way HRNet-family repositories do: yacs config from ``lib/config``,
-    merged with an experiment yaml, passed to ``lib/<model_module>.get_pose_net``."""
-    config = checkout.import_module("config", subdir="lib")
+def build_from_experiment(checkout: UpstreamCheckout, model_module: str, experiment: str, *args,
+                          stand_ins: Mapping[str, tuple[ModuleType, str]] | None = None):
+    """Build a model the way HRNet-family repositories do: yacs config from ``lib/config``, merged
+    with an experiment yaml, passed to ``lib/<model_module>.get_pose_net(cfg, *args, is_train=False)``."""
+    config = checkout.import_module("config", subdir="lib", stand_ins=stand_ins)
     cfg = config.cfg.clone()
     cfg.defrost()
     cfg.merge_from_file(str(checkout.root / experiment))
-    return checkout.import_module(model_module, subdir="lib").get_pose_net(cfg, is_train=False).eval()
+    builder = checkout.import_module(model_module, subdir="lib", stand_ins=stand_ins).get_pose_net
+    return builder(cfg, *args, is_train=False).eval()

@@ -24,7 +24,7 @@ from tooling.locations import Roots, data_paths, find_checkpoint, missing_accura
 from tooling.model_spec import Case, ModelSpec, load_model_spec
 from tooling.progress import ProgressReporter, ResultStore
 from tooling.slice import AccuracyContext, ModelSlice
-from tooling.sources import patches_digest, upstream_source
+from tooling.sources import UpstreamCheckout, patches_digest, upstream_source
 from tooling.weights import WeightsChoice, apply_weights
 
 ONNX_FILE = "model.onnx"
@@ -105,6 +105,7 @@ class ModelHandle:
         # few most recently used stay open; a closed one is reloaded from the artifact cache.
         self._sessions: OrderedDict[tuple, Session] = OrderedDict()
         self._references: dict[tuple, dict[str, np.ndarray]] = {}
+        self._upstream: UpstreamCheckout | None = None
 
     @cached_property
     def port_digest(self) -> str:
@@ -128,18 +129,24 @@ class ModelHandle:
             if source == "port":
                 module = self.slice.build_network(network, variant)
             else:
-                checkout = upstream_source(self.spec).checkout(
-                    self.ws.roots.cache_dir, self.ws.roots.upstream_root, rebuild=self.ws.options.rebuild
-                )
-                module = self.slice.build_upstream_network(network, checkout)
+                module = self.slice.build_upstream_network(network, self.upstream_checkout())
             state_keys = self.spec.networks[network].checkpoint_keys
             digest = apply_weights(module, weights, self.slice, network, state_keys)
             self._networks[key] = (module.eval(), digest)
         return self._networks[key]
 
+    def upstream_checkout(self) -> UpstreamCheckout:
+        """The patched upstream tree (one per handle, so its isolated module table is shared by
+        every network built from it); raises UpstreamNotStaged or UpstreamDependencyMissing."""
+        if self._upstream is None:
+            self._upstream = upstream_source(self.spec).checkout(
+                self.ws.roots.cache_dir, self.ws.roots.upstream_root, rebuild=self.ws.options.rebuild
+            )
+        return self._upstream
+
     # -- cases ----------------------------------------------------------------------------------
     def feeds(self, case: Case, seed: int = 0) -> dict[str, np.ndarray]:
-        return self.slice.example_inputs(self.spec, case.network, self.spec.dims(case), seed)
+        return self.slice.example_inputs(self.spec, case.network, self.case_dims(case), seed)
 
     def case_for_feeds(self, network: str, feeds: Mapping[str, np.ndarray], backend: str) -> Case:
         """The case whose input shapes match ``feeds`` (used by accuracy passes on real data)."""

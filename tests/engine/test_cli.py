@@ -5,8 +5,10 @@ import numpy as np
 import pytest
 import torch
 
+from tooling import sources
 from tooling.cli import main
-from tooling.model_spec import FIXTURES_DIR
+from tooling.locations import Roots, staged_inventory
+from tooling.model_spec import FIXTURES_DIR, load_model_spec
 from tooling.models.videopose3d.network import build_vp3d
 from tooling.seeded import apply_seeded_weights
 
@@ -45,3 +47,19 @@ def test_stage_check_lists_expected_paths(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "found   data       human36m/data_3d_h36m.npz" in out
     assert "MISSING checkpoint vp3d" in out and str(tmp_path / "w" / "videopose3d" / "model_best.bin") in out
+
+
+def test_stage_check_names_a_missing_upstream_package_with_its_install_command(tmp_path, monkeypatch, capsys):
+    pyproject = tmp_path / "pyproject.toml"
+    pyproject.write_text('[project]\nname = "x"\n[project.optional-dependencies]\nupstream = ["yacs==0.0.1"]\n')
+    monkeypatch.setattr(sources, "PYPROJECT", pyproject)
+    (tmp_path / "up" / "transpose").mkdir(parents=True)
+    main(["stage", "--check", "--upstream-root", str(tmp_path / "up"), "transpose"])
+    out = capsys.readouterr().out
+    assert "MISSING python     yacs==0.0.1 (upstream code)" in out and "pip install 'yacs==0.0.1'" in out
+    roots = Roots.resolve(upstream_root=tmp_path / "up")
+    (dependency,) = [i for i in staged_inventory(load_model_spec("transpose"), roots) if i.kind == "python"]
+    assert dependency.expected == "pip install 'yacs==0.0.1'" and not dependency.found
+    assert dependency.required, "a staged upstream whose packages are missing must fail stage --check"
+    (dependency,) = [i for i in staged_inventory(load_model_spec("transpose"), Roots.resolve()) if i.kind == "python"]
+    assert not dependency.required, "nothing staged: the upstream gate skips, its packages are optional"

@@ -4,11 +4,24 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import types
 from pathlib import Path
 
 import pytest
+import torch
 
-from tooling.sources import MANIFEST, UpstreamError, UpstreamNotStaged, UpstreamSource
+from tooling import sources
+from tooling.model_spec import PROJECT_ROOT, load_model_spec, model_names
+from tooling.sources import (
+    MANIFEST,
+    UpstreamDependencyMissing,
+    UpstreamError,
+    UpstreamNotStaged,
+    UpstreamSource,
+    build_from_experiment,
+    dependency_status,
+    upstream_source,
+)
 
 
 def git(cwd: Path, *args: str) -> str:
@@ -110,3 +123,157 @@ def test_patch_that_does_not_apply_is_named(tmp_path, upstream_repo, patches):
         UpstreamSource("toymodel", "", pinned, patches).checkout(tmp_path / "cache", repo.parent)
     leftovers = [p.name for p in (tmp_path / "cache" / "upstream").iterdir() if p.is_dir()]
     assert leftovers == [], "no partial checkout may remain"
+
+
+# -- isolation of checkouts that ship the same top-level packages -----------------------------------
+
+def hrnet_family_repo(parent: Path, name: str, scale: float, offset: float) -> tuple[Path, str]:
+    """A repository laid out as the HRNet family's are: ``lib/config`` (a yacs CfgNode),
+    ``lib/models`` importing its networks by absolute name, ``lib/utils``, and an experiment yaml.
+    Two of these share every package name and differ only in what their code computes."""
+    repo = parent / name
+    files = {
+        "lib/config/__init__.py": "from .default import _C as cfg\n",
+        "lib/config/default.py": "from yacs.config import CfgNode as CN\n\n_C = CN()\n_C.MODEL = CN()\n_C.MODEL.SCALE = 1.0\n",
+        "lib/models/__init__.py": "import models.net\n",
+        "lib/models/net.py": textwrap.dedent("""
+            import torch
+            from utils.helpers import OFFSET
+
+
+            class Net(torch.nn.Module):
+                def __init__(self, scale):
+                    super().__init__()
+                    self.scale = scale
+
+                def forward(self, x):
+                    return x * self.scale + OFFSET
+
+
+            def get_pose_net(cfg, is_train):
+                return Net(cfg.MODEL.SCALE)
+        """),
+        "lib/utils/__init__.py": "",
+        "lib/utils/helpers.py": f"OFFSET = {offset}\n",
+        "experiments/net.yaml": f"MODEL:\n  SCALE: {scale}\n",
+    }
+    for rel, text in files.items():
+        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+        (repo / rel).write_text(text)
+    git(repo, "init", "-q")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "pinned")
+    return repo, git(repo, "rev-parse", "HEAD")
+
+
+@pytest.fixture
+def two_family_repos(tmp_path):
+    root = tmp_path / "upstream-root"
+    return root, {
+        "alpha": hrnet_family_repo(root, "alpha", scale=2.0, offset=1.0),
+        "beta": hrnet_family_repo(root, "beta", scale=10.0, offset=-3.0),
+    }
+
+
+EXPECTED_AT_ONE = {"alpha": 3.0, "beta": 7.0}  # scale * 1 + offset
+
+
+@pytest.mark.parametrize("order", [("alpha", "beta"), ("beta", "alpha")])
+def test_checkouts_sharing_package_names_import_in_either_order(tmp_path, two_family_repos, order):
+    root, repos = two_family_repos
+    import_state = (list(sys.path), {n for n in sys.modules if n.split(".")[0] in ("config", "models", "utils")})
+    results, checkouts = {}, {}
+    for name in order:
+        checkouts[name] = UpstreamSource(name, "", repos[name][1], tmp_path / "no-patches").checkout(tmp_path / "cache", root)
+        net = build_from_experiment(checkouts[name], "models.net", "experiments/net.yaml")
+        results[name] = float(net(torch.ones(1)))
+    assert results == EXPECTED_AT_ONE
+    # Nothing of either checkout leaks into the process: the next import of either is unaffected.
+    assert (list(sys.path), {n for n in sys.modules if n.split(".")[0] in ("config", "models", "utils")}) == import_state
+    # Later imports from one checkout still get its own modules, after the other was imported.
+    offsets = {n: c.import_module("utils.helpers", subdir="lib").OFFSET for n, c in checkouts.items()}
+    assert offsets == {"alpha": 1.0, "beta": -3.0}
+
+
+def test_a_module_already_imported_under_a_shared_name_is_set_aside_and_restored(tmp_path, two_family_repos):
+    root, repos = two_family_repos
+    unrelated = types.ModuleType("utils")
+    sys.modules["utils"] = unrelated
+    try:
+        checkout = UpstreamSource("alpha", "", repos["alpha"][1], tmp_path / "none").checkout(tmp_path / "cache", root)
+        assert build_from_experiment(checkout, "models.net", "experiments/net.yaml")(torch.ones(1)).item() == 3.0
+        assert sys.modules["utils"] is unrelated
+    finally:
+        del sys.modules["utils"]
+
+
+def test_stand_ins_serve_only_the_checkout_import(tmp_path):
+    repo = tmp_path / "upstream" / "needsvision"
+    (repo / "pkg").mkdir(parents=True)
+    (repo / "pkg" / "__init__.py").write_text("import fakevision.ops as ops\n\nLAYER = ops.Layer\n")
+    git(repo, "init", "-q")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "pinned")
+    ops = types.ModuleType("fakevision.ops")
+    ops.Layer = "served"
+    package = types.ModuleType("fakevision")
+    package.__path__ = []
+    package.ops = ops
+    stand_ins = {"fakevision": (package, "fakevision by a test double"), "fakevision.ops": (ops, "fakevision by a test double")}
+    checkout = UpstreamSource("needsvision", "", git(repo, "rev-parse", "HEAD"), tmp_path / "none").checkout(
+        tmp_path / "cache", repo.parent
+    )
+    assert checkout.import_module("pkg", stand_ins=stand_ins).LAYER == "served"
+    assert "fakevision" not in sys.modules and "fakevision.ops" not in sys.modules
+    assert checkout.stand_ins == {"fakevision": "fakevision by a test double", "fakevision.ops": "fakevision by a test double"}
+
+
+def test_a_module_the_checkout_lacks_is_reported(tmp_path, two_family_repos):
+    root, repos = two_family_repos
+    checkout = UpstreamSource("alpha", "", repos["alpha"][1], tmp_path / "none").checkout(tmp_path / "cache", root)
+    with pytest.raises(UpstreamError, match="not to the upstream checkout"):
+        checkout.import_module("yaml")  # importable, but from site-packages
+
+
+# -- packages upstream code imports -----------------------------------------------------------------
+
+@pytest.fixture
+def pyproject_pinning(tmp_path, monkeypatch):
+    def write(*pins: str) -> Path:
+        path = tmp_path / "pyproject.toml"
+        path.write_text("[project]\nname = 'x'\n[project.optional-dependencies]\nupstream = [%s]\n" % ", ".join(f'"{p}"' for p in pins))
+        monkeypatch.setattr(sources, "PYPROJECT", path)
+        return path
+    return write
+
+
+def test_missing_upstream_dependency_is_named_with_its_install_command(tmp_path, upstream_repo, pyproject_pinning):
+    repo, pinned = upstream_repo
+    pyproject_pinning("yacs==0.1.8", "zoo-absent-package==1.2.3")
+    source = UpstreamSource("toymodel", "", pinned, tmp_path / "none", requires=("yacs", "zoo_absent_package"))
+    with pytest.raises(UpstreamDependencyMissing) as raised:
+        source.checkout(tmp_path / "cache", repo.parent)
+    message = str(raised.value)
+    assert "zoo-absent-package==1.2.3 (not installed)" in message and "yacs" not in message.split("install with")[0]
+    assert "pip install 'zoo-absent-package==1.2.3'" in message and "pip install -e '.[upstream]'" in message
+
+
+def test_wrong_version_of_an_upstream_dependency_is_reported(tmp_path, upstream_repo, pyproject_pinning):
+    repo, pinned = upstream_repo
+    pyproject_pinning("yacs==0.0.1")
+    with pytest.raises(UpstreamDependencyMissing, match=r"yacs==0.0.1 \(0.1.8 installed\)"):
+        UpstreamSource("toymodel", "", pinned, tmp_path / "none", requires=("yacs",)).checkout(tmp_path / "cache", repo.parent)
+
+
+def test_a_requirement_the_extra_does_not_pin_is_an_error(pyproject_pinning):
+    pyproject = pyproject_pinning("yacs==0.1.8")
+    with pytest.raises(UpstreamError, match=f"{pyproject}: the \\[upstream\\] extra does not pin torchvision"):
+        dependency_status(("torchvision",))
+
+
+def test_every_baseline_upstream_requirement_is_pinned_in_the_extra_and_requirements_txt():
+    requirements = {line.split("==")[0]: line.strip() for line in (PROJECT_ROOT / "requirements.txt").read_text().splitlines()
+                    if "==" in line and not line.startswith("#")}
+    for model in model_names():
+        for status in dependency_status(upstream_source(load_model_spec(model)).requires):
+            assert requirements.get(status.requirement.name) == str(status.requirement), model

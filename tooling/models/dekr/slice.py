@@ -23,12 +23,18 @@ from tooling.models.dekr.processing import (
     postprocess,
     preprocess,
 )
-from tooling.models.dekr.rescore import build_rescore
+from tooling.models.dekr.rescore import RESCORE_FEATURES, build_rescore
 from tooling.seeded import apply_seeded_weights
 from tooling.sources import build_from_experiment
 from tooling.slice import AccuracyContext, KnownAnswer, ModelSlice
 
 UPSTREAM_EXPERIMENT = "experiments/coco/w32/w32_4x_reg03_bs10_512_adam_lr1e-3_coco_x140.yaml"
+UPSTREAM_RESCORE_EXPERIMENT = "experiments/coco/rescore_coco.yaml"
+# Upstream module and builder arguments per network (lib/models/<module>.get_pose_net(cfg, *args)).
+UPSTREAM_BUILDERS = {
+    "hrnet_dekr": ("models.hrnet_dekr", UPSTREAM_EXPERIMENT, ()),
+    "rescore": ("models.predictOKS", UPSTREAM_RESCORE_EXPERIMENT, (RESCORE_FEATURES,)),
+}
 CHECKPOINTS = {"hrnet_dekr": "pose_dekr_hrnetw32_coco.pth", "rescore": "final_rescore_coco_kpt.pth"}
 
 
@@ -43,10 +49,15 @@ class DekrSlice(ModelSlice):
         raise KeyError(f"dekr has no network {network!r}")
 
     def build_upstream_network(self, network: str, checkout) -> torch.nn.Module:
-        """Upstream's model from its experiment yaml; needs yacs and torchvision on that host."""
-        if network != "hrnet_dekr":
+        """Upstream's model from its experiment yaml (needs yacs). Upstream's ``lib/models`` package
+        imports torchvision.ops for every network; where torchvision cannot be imported, its
+        DeformConv2d is served by ONNX Runtime (``upstream_ops``), recorded in ``checkout.stand_ins``."""
+        from tooling.models.dekr.upstream_ops import torchvision_stand_ins
+
+        if network not in UPSTREAM_BUILDERS:
             raise KeyError(f"no upstream builder for dekr network {network!r}")
-        return build_from_experiment(checkout, "models.hrnet_dekr", UPSTREAM_EXPERIMENT)
+        module, experiment, args = UPSTREAM_BUILDERS[network]
+        return build_from_experiment(checkout, module, experiment, *args, stand_ins=torchvision_stand_ins())
 
     def export_extras(self, network: str, variant: str, exporter: str) -> dict[str, Any]:
         return deform_conv.export_extras(variant, exporter) if network == "hrnet_dekr" else {}

@@ -1,0 +1,194 @@
+"""DEKR's upstream gate without torchvision: the ONNX Runtime DeformConv stand-in and the builders.
+
+The stand-in is checked against known deformable-convolution behaviour on its own (zero offsets are
+a plain convolution, integer offsets a shifted one, the spec's golden AdaptBlock sampling), never
+against the port's deform_conv module. The builders run on a generated checkout laid out as
+upstream's (``lib/config`` yacs defaults, ``lib/models`` importing ``torchvision.ops``, experiment
+yamls), written here in our own words: the real one cannot be downloaded on this host.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tooling.backends.cpu import TorchSession
+from tooling.compare import assert_outputs_match
+from tooling.locations import Roots
+from tooling.models.dekr.slice import SLICE, UPSTREAM_EXPERIMENT, UPSTREAM_RESCORE_EXPERIMENT
+from tooling.models.dekr.upstream_ops import OrtDeformConv2d, torchvision_stand_ins
+from tooling.seeded import seeded_tensor
+from tooling.sources import UpstreamSource
+from tooling.weights import WeightsChoice
+from tooling.workspace import Workspace
+
+pytestmark = [pytest.mark.dekr]
+
+GOLDEN = Path(__file__).resolve().parents[3] / "fixtures" / "dekr" / "golden"
+
+
+def stand_in(in_ch: int, out_ch: int, bias: bool, groups: int = 1, seed: int = 0) -> OrtDeformConv2d:
+    layer = OrtDeformConv2d(in_ch, out_ch, 3, padding=1, bias=bias, groups=groups)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(layer.weight.shape, generator=g))
+        if bias:
+            layer.bias.copy_(torch.randn(out_ch, generator=g))
+    return layer
+
+
+@pytest.mark.parametrize("bias, groups", [(False, 1), (True, 1), (True, 2)])
+def test_zero_offsets_are_a_plain_convolution(bias, groups):
+    layer = stand_in(4, 6, bias, groups)
+    x = torch.randn(2, 4, 7, 9, generator=torch.Generator().manual_seed(1))
+    out = layer(x, torch.zeros(2, 18, 7, 9))
+    expected = F.conv2d(x, layer.weight, layer.bias, padding=1, groups=groups)
+    torch.testing.assert_close(out, expected.detach(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dy, dx", [(1, 0), (0, -2), (-3, 2)])
+def test_integer_offsets_are_a_shifted_convolution(dy, dx):
+    """Every tap displaced by (dy, dx) samples input(y - 1 + i + dy, x - 1 + j + dx), zero outside
+    the map (the bilinear weights are exactly 0 and 1): an unpadded convolution of the zero-extended
+    input, read at an origin moved by (dy, dx)."""
+    layer = stand_in(3, 5, bias=True)
+    x = torch.randn(1, 3, 8, 10, generator=torch.Generator().manual_seed(2))
+    offset = torch.zeros(1, 18, 8, 10)
+    offset[:, 0::2], offset[:, 1::2] = dy, dx
+    pad = 5
+    full = F.conv2d(F.pad(x, (pad, pad, pad, pad)), layer.weight, layer.bias)
+    top, left = pad - 1 + dy, pad - 1 + dx
+    expected = full[:, :, top : top + 8, left : left + 10]
+    torch.testing.assert_close(layer(x, offset), expected.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_reproduces_the_spec_golden_adaptblock_sampling():
+    """The spec's deform_out came from the literal DCNv1 definition's grid_sample form; the stand-in
+    gets it from ONNX Runtime given the golden's input, offsets and the seeded weight."""
+    golden = np.load(GOLDEN / "adaptblock_public.npz")
+    layer = OrtDeformConv2d(15, 15, kernel_size=3, stride=1, padding=1, dilation=1, bias=False, groups=1)
+    with torch.no_grad():
+        layer.weight.copy_(seeded_tensor("adapt_conv.weight", layer.weight.shape))
+    out = layer(torch.from_numpy(golden["x"]), torch.from_numpy(golden["sampling_offset"]))
+    np.testing.assert_allclose(out.numpy(), golden["deform_out"], rtol=0, atol=1e-5)
+
+
+def test_parameters_are_laid_out_as_torchvision_s():
+    assert list(OrtDeformConv2d(15, 15, 3, padding=1, bias=False).state_dict()) == ["weight"]
+    layer = OrtDeformConv2d(8, 4, 3, groups=2)
+    assert layer.weight.shape == (4, 4, 3, 3) and layer.bias.shape == (4,)
+    with pytest.raises(NotImplementedError, match="DCNv1 only"):
+        layer(torch.zeros(1, 8, 5, 5), torch.zeros(1, 18, 3, 3), mask=torch.ones(1, 9, 3, 3))
+
+
+def test_stand_in_is_named_and_only_where_torchvision_is_unusable():
+    stand_ins = torchvision_stand_ins()
+    if not stand_ins:
+        pytest.skip("torchvision imports on this host: upstream uses it directly")
+    package, description = stand_ins["torchvision"]
+    assert package.ops.DeformConv2d is OrtDeformConv2d
+    assert "served by ONNX Runtime" in description and "DeformConv (opset 19)" in description
+
+
+# -- the builders on a checkout laid out as upstream's -------------------------------------------
+
+FAKE_UPSTREAM = {
+    "lib/config/__init__.py": "from .default import _C as cfg\n",
+    "lib/config/default.py": """
+        from yacs.config import CfgNode as CN
+
+        _C = CN()
+        _C.MODEL = CN()
+        _C.MODEL.CHANNELS = 4
+        _C.RESCORE = CN()
+        _C.RESCORE.HIDDEN_LAYER = 8
+    """,
+    "lib/models/__init__.py": "import models.hrnet_dekr\nimport models.predictOKS\n",
+    "lib/models/hrnet_dekr.py": """
+        import torch
+        import torchvision.ops as ops
+
+
+        class TinyAdaptive(torch.nn.Module):
+            def __init__(self, cfg):
+                super().__init__()
+                channels = cfg.MODEL.CHANNELS
+                self.offset_conv = torch.nn.Conv2d(channels, 18, 3, 1, 1)
+                self.adapt_conv = ops.DeformConv2d(channels, channels, kernel_size=3, padding=1, bias=False)
+
+            def forward(self, x):
+                return self.adapt_conv(x, self.offset_conv(x))
+
+
+        def get_pose_net(cfg, is_train):
+            return TinyAdaptive(cfg)
+    """,
+    "lib/models/predictOKS.py": """
+        import torch
+
+
+        class ScoreMLP(torch.nn.Module):
+            def __init__(self, cfg, features):
+                super().__init__()
+                width = cfg.RESCORE.HIDDEN_LAYER
+                self.l1 = torch.nn.Linear(features, width)
+                self.l2 = torch.nn.Linear(width, width)
+                self.l3 = torch.nn.Linear(width, 1)
+                self.relu = torch.nn.ReLU()
+
+            def forward(self, x):
+                return self.l3(self.relu(self.l2(self.relu(self.l1(x)))))
+
+
+        def get_pose_net(cfg, features, is_train):
+            return ScoreMLP(cfg, features)
+    """,
+    UPSTREAM_EXPERIMENT: "MODEL:\n  CHANNELS: 6\n",
+    UPSTREAM_RESCORE_EXPERIMENT: "RESCORE:\n  HIDDEN_LAYER: 256\n",
+}
+
+
+@pytest.fixture
+def fake_checkout(tmp_path):
+    repo = tmp_path / "upstream" / "dekr"
+    for rel, text in FAKE_UPSTREAM.items():
+        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+        (repo / rel).write_text(textwrap.dedent(text))
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
+           "HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "pinned"]):
+        subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, env=env)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, check=True, capture_output=True, text=True).stdout.strip()
+    return UpstreamSource("dekr", "", commit, tmp_path / "no-patches", ("yacs",)).checkout(tmp_path / "cache", repo.parent)
+
+
+def test_upstream_network_uses_the_stand_in_and_leaves_no_torchvision_behind(fake_checkout):
+    if not torchvision_stand_ins():
+        pytest.skip("torchvision imports on this host")
+    net = SLICE.build_upstream_network("hrnet_dekr", fake_checkout)
+    assert isinstance(net.adapt_conv, OrtDeformConv2d)
+    assert net(torch.randn(1, 6, 5, 5)).shape == (1, 6, 5, 5)
+    assert "torchvision" not in sys.modules and "torchvision.ops" not in sys.modules
+    assert "served by ONNX Runtime" in fake_checkout.stand_ins["torchvision.ops"]
+
+
+def test_rescore_port_matches_upstream_builder(tmp_path, fake_checkout):
+    """The rescoring net's port-vs-upstream comparison, as the gate runs it, on the upstream builder
+    (``models.predictOKS.get_pose_net(cfg, 74)`` with the rescoring experiment)."""
+    handle = Workspace(Roots(None, None, None, tmp_path / "cache")).model("dekr")
+    handle._upstream = fake_checkout  # what upstream_checkout() would build from a staged clone
+    seeded = WeightsChoice(None, "public")
+    upstream, _ = handle.network("rescore", None, seeded, source="upstream")
+    port, _ = handle.network("rescore", None, seeded)
+    net = handle.spec.networks["rescore"]
+    feeds = {"feature": np.random.default_rng(0).standard_normal((16, 74)).astype(np.float32)}
+    expected = TorchSession(upstream, net.input_names, net.output_names).run(feeds)
+    actual = TorchSession(port, net.input_names, net.output_names).run(feeds)
+    stats = assert_outputs_match(actual, expected, net.outputs, "rescore port vs upstream")
+    assert stats[0].max_abs == 0.0  # same maths, same weights, same kernels
