@@ -29,9 +29,14 @@ SPEEDUP_ATTEMPTS = 3
 
 
 def require_backend(zoo: Workspace, name: str) -> None:
+    """Skip when ``name`` cannot run on this host, or fail when the run requires it
+    (``--require-backends``: a nightly host whose NPU toolkit broke must not go green)."""
     availability = zoo.availability(name)
     if not availability.ok:
-        pytest.skip(f"{name} unavailable: {availability.reason}")
+        message = f"{name} unavailable: {availability.reason}"
+        if name in zoo.options.required_backends:
+            pytest.fail(f"{message} (required by --require-backends)", pytrace=False)
+        pytest.skip(message)
 
 
 def mean_call_seconds(session, rounds: int, host_mean_s: float) -> float:

@@ -1,6 +1,8 @@
 """pytest integration: options, the ``zoo`` fixture, gate parametrization and the conformance matrix."""
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,8 @@ from tooling.workspace import Options, Workspace
 
 MODEL_MARKERS = ("videopose3d", "transpose", "dekr", "gma", "fomm")
 _matrix_key = pytest.StashKey[ConformanceMatrix]()
+_nightly_deselected_key = pytest.StashKey[int]()
+_idle_required_key = pytest.StashKey[dict[str, str]]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -38,11 +42,39 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--accuracy-backend", help="backend for the dataset accuracy gate (default: every deployed one)")
     group.addoption("--restart-accuracy", action="store_true", help="discard resumable accuracy results")
     group.addoption("--zoo-report", default="reports/conformance.json", help="JSON conformance report path")
+    group.addoption("--nightly", action="store_true", default=_env_flag("ZOO_NIGHTLY"),
+                    help="also run the nightly tier (tests marked slow: deploy shapes, every batch size); "
+                    "without it they are deselected unless -m names slow (env ZOO_NIGHTLY=1)")
+    group.addoption("--require-backends", default=os.environ.get("ZOO_REQUIRE_BACKENDS"),
+                    help="comma-separated backends this host must have: a gate on one that is unavailable fails "
+                    "instead of skipping, and the run fails if one ran no gate (env ZOO_REQUIRE_BACKENDS)")
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _backend_list(config: pytest.Config, option: str) -> tuple[str, ...] | None:
+    chosen = config.getoption(option)
+    if not chosen:
+        return None
+    names = tuple(b.strip() for b in chosen.split(",") if b.strip())
+    unknown = [b for b in names if b not in BACKENDS]
+    if unknown:
+        raise pytest.UsageError(f"{option}: unknown {unknown}; known: {sorted(BACKENDS)}")
+    return names
 
 
 def _selected_backends(config: pytest.Config) -> tuple[str, ...] | None:
-    chosen = config.getoption("--backends")
-    return tuple(b.strip() for b in chosen.split(",")) if chosen else None
+    return _backend_list(config, "--backends")
+
+
+def _required_backends(config: pytest.Config) -> tuple[str, ...]:
+    required = _backend_list(config, "--require-backends") or ()
+    selected = _selected_backends(config)
+    if selected is not None and set(required) - set(selected):
+        raise pytest.UsageError(f"--require-backends {sorted(set(required) - set(selected))} not in --backends {list(selected)}")
+    return required
 
 
 def _workspace(config: pytest.Config) -> Workspace:
@@ -58,19 +90,18 @@ def _workspace(config: pytest.Config) -> Workspace:
         device = worker_device(opt("--devices") or opt("--device"), getattr(config, "workerinput", {}).get("workerid"))
     except ValueError as exc:
         raise pytest.UsageError(f"--devices: {exc}") from exc
-    unknown = [b for b in backends or () if b not in BACKENDS]
-    if unknown:
-        raise pytest.UsageError(f"--backends: unknown {unknown}; known: {sorted(BACKENDS)}")
     options = Options(
         threads=opt("--threads"), rebuild=opt("--rebuild"),
         exporters=tuple(opt("--exporter")) if opt("--exporter") else None, backends=backends,
         weights=opt("--weights"), salt=opt("--salt"), device=device,
         accuracy_limit=opt("--accuracy-limit"), restart_accuracy=opt("--restart-accuracy"),
+        required_backends=_required_backends(config),
     )
     return Workspace(roots, options)
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    _required_backends(config)  # a usage error before collection, not in the first test
     config.stash[_matrix_key] = ConformanceMatrix()
     torch.set_num_threads(max(1, config.getoption("--threads")))
 
@@ -102,7 +133,24 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     metafunc.parametrize(argnames, params)
 
 
+def nightly_tier_selected(config: pytest.Config) -> bool:
+    """The slow tier runs when asked for: --nightly, or a -m expression that says anything about
+    slow (``-m slow``, ``-m "not slow"``: then the expression alone decides)."""
+    return bool(config.getoption("--nightly")) or re.search(r"\bslow\b", config.getoption("markexpr") or "") is not None
+
+
+def _deselect_nightly_tier(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if nightly_tier_selected(config):
+        return
+    slow = [item for item in items if item.get_closest_marker("slow") is not None]
+    if slow:
+        items[:] = [item for item in items if item.get_closest_marker("slow") is None]
+        config.hook.pytest_deselected(items=slow)
+        config.stash[_nightly_deselected_key] = len(slow)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    _deselect_nightly_tier(config, items)
     for item in items:
         model = _suite_model(getattr(item, "cls", None))
         registered = gate_of(getattr(item, "function", None))
@@ -154,9 +202,30 @@ def _current_matrix() -> ConformanceMatrix | None:
     return _CONFIG[0].stash.get(_matrix_key, None) if _CONFIG else None
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """A required backend that ran no gate at all (nothing selected it, or every row skipped for
+    another reason) fails the run: on a nightly host that is a broken night, not a quiet one."""
+    config = session.config
+    if hasattr(config, "workerinput") or config.option.collectonly:
+        return
+    matrix = config.stash.get(_matrix_key, ConformanceMatrix())
+    idle = matrix.backends_without_a_gate(_required_backends(config))
+    config.stash[_idle_required_key] = idle
+    if idle and session.exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
     if hasattr(config, "workerinput"):
         return
+    deselected = config.stash.get(_nightly_deselected_key, 0)
+    if deselected:
+        terminalreporter.write_line(
+            f"nightly tier: {deselected} slow tests deselected (deploy shapes, dynamo exports); add --nightly to run them"
+        )
+    for backend, why in config.stash.get(_idle_required_key, {}).items():
+        terminalreporter.write_line(f"FAILED: required backend {backend} ran no gate: {why}", red=True, bold=True)
     matrix = config.stash.get(_matrix_key, None)
     if not matrix or not matrix.rows:
         return

@@ -48,6 +48,15 @@ class ConformanceMatrix:
     def counts(self) -> Counter:
         return Counter(r.outcome for r in self.rows)
 
+    def backends_without_a_gate(self, required: tuple[str, ...]) -> dict[str, str]:
+        """Each required backend with no row that ran (passed or failed), and why it did not."""
+        ran = {r.backend for r in self.rows if r.outcome != "skipped"}
+        skipped = {}
+        for r in self.rows:
+            if r.outcome == "skipped":
+                skipped.setdefault(r.backend, r.detail)
+        return {b: skipped.get(b, "no selected test uses it") for b in required if b not in ran}
+
     def skip_reasons(self) -> Counter:
         return Counter(_reason_class(r.detail) for r in self.rows if r.outcome == "skipped")
 

@@ -46,6 +46,7 @@ class Options:
     device: str | None = None
     accuracy_limit: int | None = None
     restart_accuracy: bool = False
+    required_backends: tuple[str, ...] = ()  # unavailable: the gate fails instead of skipping
 
 
 @dataclass

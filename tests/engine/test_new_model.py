@@ -164,3 +164,39 @@ def test_a_renamed_gate_collects_the_same_rows(toy_project):
     original = sorted(line.split("[", 1)[1] for line in lines if line.startswith("test_deployed_matches_onnx["))
     renamed = sorted(line.split("[", 1)[1] for line in lines if line.startswith("test_renamed_parity["))
     assert original and original == renamed
+
+
+def _ids(result) -> list[str]:
+    return [line for line in result.outlines if "::" in line]
+
+
+def test_plain_pytest_runs_the_cpu_tier_and_the_nightly_tier_is_asked_for(toy_project):
+    baseline = toy_project.path / "baselines" / "toynet.yaml"
+    baseline.write_text(YAML.replace("  smoke: {batch_sizes: [1, 2]}", "  smoke: {batch_sizes: [1, 2]}\n  deploy: {batch_sizes: [3], slow: true}"))
+    common = ("-p", "tooling.pytest_plugin", "-p", "no:cacheprovider", "--collect-only", "-q", "-o", "markers=toynet")
+    plain = _ids(toy_project.runpytest_subprocess(*common))
+    nightly = _ids(toy_project.runpytest_subprocess(*common, "--nightly"))
+    only_slow = _ids(toy_project.runpytest_subprocess(*common, "-m", "slow"))
+    assert plain and not any("deploy-b3" in i for i in plain)
+    assert set(plain) < set(nightly) and any("deploy-b3" in i for i in nightly)
+    assert only_slow and all("deploy-b3" in i for i in only_slow)
+
+
+def test_required_backend_that_is_unavailable_fails_instead_of_skipping(toy_project):
+    # No Ascend toolkit here: om is unavailable. Plain runs skip; a host that requires it fails.
+    common = ("-p", "tooling.pytest_plugin", "-p", "no:cacheprovider", "-o", "markers=toynet",
+              "-k", "deployed_matches_onnx and b1", "--backends", "onnxruntime,om")
+    toy_project.runpytest_subprocess(*common).assert_outcomes(passed=1, skipped=1)
+    required = toy_project.runpytest_subprocess(*common, "--require-backends", "om")
+    required.assert_outcomes(passed=1, failed=1)
+    required.stdout.fnmatch_lines(["*om unavailable: *(required by --require-backends)*"])
+
+
+def test_required_backend_that_ran_no_gate_fails_the_run(toy_project):
+    result = toy_project.runpytest_subprocess(
+        "-p", "tooling.pytest_plugin", "-p", "no:cacheprovider", "-o", "markers=toynet",
+        "-k", "onnx_matches_torch and b1", "--require-backends", "openvino",
+    )
+    result.assert_outcomes(passed=1)
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    result.stdout.fnmatch_lines(["*required backend openvino ran no gate: no selected test uses it*"])
