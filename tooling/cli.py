@@ -1,7 +1,8 @@
-"""Command line: ``python -m tooling verify-golden`` and ``python -m tooling stage --check``."""
+"""Command line: ``python -m tooling verify-golden``, ``stage --check`` and ``triage``."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import numpy as np
 from tooling.compare import compare_outputs
 from tooling.locations import Roots, staged_inventory
 from tooling.model_spec import ModelSpecError, load_model_spec, model_names
+from tooling.triage import TriageUnsupported, triage_case
 from tooling.weights import WeightsChoice
 from tooling.workspace import Options, Workspace
 
@@ -67,6 +69,31 @@ def stage_check(args: argparse.Namespace) -> int:
     return 0 if all_found else 1
 
 
+def triage(args: argparse.Namespace) -> int:
+    """Name the first graph node whose output differs between the backend and ONNX Runtime without
+    graph rewrites, on the case's exported graph and example inputs: exit 1 if one does, 0 if none."""
+    spec = load_model_spec(args.model)
+    cases = {c.id: c for c in spec.cases()}
+    if args.case not in cases:
+        print(f"{args.model} has no case {args.case!r}; cases: {', '.join(cases)}", file=sys.stderr)
+        return 2
+    roots = Roots.resolve(weights_root=args.weights_root, cache_dir=args.cache_dir)
+    handle = Workspace(roots, Options(weights=args.weights, salt=args.salt)).model(args.model)
+    availability = handle.ws.availability(args.backend)
+    if not availability.ok:
+        print(f"{args.backend} unavailable: {availability.reason}", file=sys.stderr)
+        return 2
+    try:
+        report = triage_case(handle, cases[args.case], args.backend)
+    except TriageUnsupported as exc:
+        print(f"triage not supported: {exc}", file=sys.stderr)
+        return 2
+    print(report.summary())
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.as_dict(), indent=1))
+    return 0 if report.first is None else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tooling", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -87,6 +114,18 @@ def main(argv: list[str] | None = None) -> int:
     stage.add_argument("--upstream-root")
     stage.add_argument("models", nargs="*", help="default: every model with a baseline")
     stage.set_defaults(run=stage_check)
+
+    triage_cmd = sub.add_parser("triage", help="first graph node where a deployed backend diverges from ONNX")
+    triage_cmd.add_argument("model")
+    triage_cmd.add_argument("case", help="a case id as the tests name it, e.g. vp3d-smoke-b2-torchscript")
+    triage_cmd.add_argument("--backend", required=True, help="the deployed backend whose parity gate failed")
+    triage_cmd.add_argument("--weights", choices=["auto", "seeded"], default="auto",
+                            help="auto: a staged checkpoint if present (as the gates do), else seeded")
+    triage_cmd.add_argument("--salt", default="public", help="salt of seeded weights")
+    triage_cmd.add_argument("--weights-root")
+    triage_cmd.add_argument("--cache-dir", help="artifact cache (default: ZOO_CACHE_DIR or .zoo-cache)")
+    triage_cmd.add_argument("--json", help="also write the report as JSON to this file")
+    triage_cmd.set_defaults(run=triage)
 
     args = parser.parse_args(argv)
     try:

@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 
 from tooling.backends import BACKENDS
-from tooling.compare import assert_outputs_match
+from tooling.compare import ComparisonError, assert_outputs_match
 from tooling.gates import gate
 from tooling.model_spec import Case, ModelSpec
 from tooling.report import ThroughputEntry
 from tooling.speed import InterleavedRounds, merge
 from tooling.sources import UpstreamDependencyMissing, UpstreamNotStaged
+from tooling.triage import TriageUnsupported, triage_case
 from tooling.weights import WeightsChoice
 from tooling.workspace import AccuracyInputsMissing, Workspace
 
@@ -54,6 +55,25 @@ def record(request: pytest.FixtureRequest, **result) -> None:
     request.node.user_properties.append(("zoo_result", result))
 
 
+def triaged(failure: ComparisonError, request, handle, case: Case, backend: str, feeds) -> ComparisonError:
+    """The parity failure with its first diverging graph node appended, recorded for the JSON report
+    too; a triage that cannot run says why instead of hiding the original failure."""
+    try:
+        report = triage_case(handle, case, backend, feeds)
+        record(request, triage=report.as_dict())
+        detail = report.summary()
+        if report.first is None:
+            detail += (" (with every intermediate exposed the backend cannot fuse across nodes: the "
+                       "divergence lives in a fused kernel)")
+    except TriageUnsupported as exc:
+        record(request, triage={"unsupported": str(exc)})
+        detail = f"first-divergence triage: {exc}"
+    except Exception as exc:  # noqa: BLE001 - the parity failure must still be reported as such
+        record(request, triage={"error": f"{type(exc).__name__}: {exc}"})
+        detail = f"first-divergence triage could not run: {type(exc).__name__}: {exc}"
+    return ComparisonError(f"{failure}\n{detail}")
+
+
 class ConformanceSuite:
     model: str = ""
 
@@ -80,7 +100,10 @@ class ConformanceSuite:
         handle = zoo.model(self.model)
         net = handle.spec.networks[case.network]
         onnx_out = handle.session("onnx", case).run(handle.feeds(case))
-        stats = assert_outputs_match(onnx_out, handle.reference(case), net.outputs, f"{case.id}: ONNX vs torch")
+        try:
+            stats = assert_outputs_match(onnx_out, handle.reference(case), net.outputs, f"{case.id}: ONNX vs torch")
+        except ComparisonError as failure:
+            raise triaged(failure, request, handle, case, "onnx", handle.feeds(case)) from None
         record(request, worst_max_abs=max(s.max_abs for s in stats))
 
     @pytest.mark.parity
@@ -95,7 +118,10 @@ class ConformanceSuite:
         actual = handle.session(deployed_backend, case).run(feeds)
         tolerances = {o: handle.spec.tolerance(case.network, o, deployed_backend) for o in expected}
         reference = "ONNX" if onnx_runs else "torch (no ONNX runtime for this variant)"
-        stats = assert_outputs_match(actual, expected, tolerances, f"{case.id}: {deployed_backend} vs {reference}")
+        try:
+            stats = assert_outputs_match(actual, expected, tolerances, f"{case.id}: {deployed_backend} vs {reference}")
+        except ComparisonError as failure:
+            raise triaged(failure, request, handle, case, deployed_backend, feeds) from None
         record(request, worst_max_abs=max(s.max_abs for s in stats))
 
     @pytest.mark.parity

@@ -1,0 +1,227 @@
+"""First-divergence triage: which node of the ONNX graph is the first to disagree between a reference
+run and a failing backend.
+
+Both sides run one graph in which every intermediate tensor is also a graph output. The reference is
+ONNX Runtime with every graph rewrite off (the graph as written, the ``onnx`` backend); the candidate
+is the backend under suspicion, loaded from that same file through its own ``load`` (and ``compile``,
+for backends that compile). Node outputs are compared in graph order (ONNX requires topological
+order) with ``tooling.compare``; the first one out of tolerance is named with its statistics and the
+nodes feeding it. Nodes before it agree, so the fault is in that node's kernel (or in a rewrite that
+replaced it), not upstream of it.
+
+What this can and cannot say:
+- Exposing intermediates stops a backend from fusing across them, so a divergence that exists only
+  in a fused kernel can vanish here; the report then says no node diverged while the outputs did.
+- ``onnx-vs-torch`` failures are not localised per node: torch eager has no per-node outputs that
+  line up with the exported graph (the exporter folds BatchNorm into Conv, splits and renames ops).
+"""
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import onnx
+
+from tooling.compare import OutputStats, compare_array
+from tooling.model_spec import Tolerance
+
+# Element types whose values the comparison is meaningful for (integer indices are compared too:
+# a wrong TopK index is a divergence).
+COMPARABLE = {
+    onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
+    onnx.TensorProto.INT32, onnx.TensorProto.INT64, onnx.TensorProto.BOOL,
+}
+
+Runner = Callable[[Path], Any]  # exposed-graph path -> a session with run(feeds) -> {name: array}
+
+
+class TriageUnsupported(RuntimeError):
+    """The failing comparison cannot be localised per node; the message says why."""
+
+
+@dataclass(frozen=True)
+class NodeOutput:
+    position: int  # index of the producing node in graph order
+    node: str
+    op_type: str
+    tensor: str
+    feeds_from: tuple[str, ...]  # producing nodes of the node's inputs ("input:x", "initializer:w")
+
+
+@dataclass
+class Divergence:
+    output: NodeOutput
+    stats: OutputStats
+
+    def as_dict(self) -> dict[str, Any]:
+        s = self.stats
+        return {
+            "node": self.output.node, "op_type": self.output.op_type, "tensor": self.output.tensor,
+            "position": self.output.position, "feeds_from": list(self.output.feeds_from),
+            "shape": list(s.shape), "max_abs": s.max_abs, "mean_abs": s.mean_abs, "p99_abs": s.p99_abs,
+            "max_rel": s.max_rel, "cosine": s.cosine, "violations": s.violations,
+            "worst_index": list(s.worst_index), "worst_actual": s.worst_actual, "worst_expected": s.worst_expected,
+            "atol": s.atol, "rtol": s.tolerance.rtol,
+        }
+
+
+@dataclass
+class TriageReport:
+    what: str  # e.g. "videopose3d vp3d-smoke-b2-torchscript: onnxruntime vs ONNX Runtime (no rewrites)"
+    nodes: int  # nodes in the graph
+    compared: int  # node outputs compared before stopping
+    first: Divergence | None
+    not_exposed: list[str] = field(default_factory=list)  # tensors the candidate did not return
+
+    def summary(self) -> str:
+        if self.first is None:
+            unexposed = f"; {len(self.not_exposed)} not returned by the backend" if self.not_exposed else ""
+            return (
+                f"first-divergence triage ({self.what}): no node output out of tolerance among {self.compared} "
+                f"compared (of {self.nodes} nodes){unexposed}"
+            )
+        d, s = self.first.output, self.first.stats
+        return (
+            f"first-divergence triage ({self.what}): first diverging node #{d.position} {d.node!r} ({d.op_type}) "
+            f"output {d.tensor!r} {s.shape}: max_abs={s.max_abs:.3g} mean_abs={s.mean_abs:.3g} "
+            f"p99_abs={s.p99_abs:.3g} max_rel={s.max_rel:.3g} cos={s.cosine:.7f}, {s.violations} elements out "
+            f"(atol={s.atol:.3g} rtol={s.tolerance.rtol:g}); worst@{s.worst_index}: got {s.worst_actual:.6g} "
+            f"want {s.worst_expected:.6g}; fed by {', '.join(d.feeds_from) or 'nothing'}; "
+            f"{self.compared - 1} earlier node outputs agree"
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "what": self.what, "nodes": self.nodes, "compared": self.compared,
+            "first_divergence": self.first.as_dict() if self.first else None, "not_exposed": self.not_exposed,
+        }
+
+
+def node_outputs(model: onnx.ModelProto) -> list[NodeOutput]:
+    """Every node output of the main graph, in graph order, with the nodes feeding its node."""
+    graph = model.graph
+    producer = {i.name: f"input:{i.name}" for i in graph.input}
+    producer.update({init.name: f"initializer:{init.name}" for init in graph.initializer})
+    result = []
+    for position, node in enumerate(graph.node):
+        name = node.name or f"{node.op_type}_{position}"
+        feeds = tuple(dict.fromkeys(producer.get(i, f"?:{i}") for i in node.input if i))
+        for tensor in node.output:
+            if tensor:
+                result.append(NodeOutput(position, name, node.op_type, tensor, feeds))
+                producer[tensor] = name
+    return result
+
+
+def expose_intermediates(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[NodeOutput]]:
+    """A copy of ``model`` whose graph outputs include every typed intermediate tensor, and the node
+    outputs that can be compared (in graph order)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - a custom domain op stops inference; graph types still serve
+        inferred = model
+    graph = inferred.graph
+    types = {vi.name: vi.type for vi in [*graph.value_info, *graph.input, *graph.output]}
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    present = {o.name for o in exposed.graph.output}
+    comparable = []
+    for out in node_outputs(model):
+        tensor_type = types.get(out.tensor)
+        if tensor_type is None or not tensor_type.HasField("tensor_type"):
+            continue
+        if tensor_type.tensor_type.elem_type not in COMPARABLE:
+            continue
+        comparable.append(out)
+        if out.tensor not in present:
+            exposed.graph.output.append(onnx.helper.make_tensor_value_info(out.tensor, tensor_type.tensor_type.elem_type, None))
+            present.add(out.tensor)
+    return exposed, comparable
+
+
+def first_divergence(
+    model: onnx.ModelProto,
+    feeds: Mapping[str, np.ndarray],
+    reference: Runner,
+    candidate: Runner,
+    tolerance: Tolerance,
+    what: str,
+    workdir: Path | None = None,
+) -> TriageReport:
+    """Run the intermediate-exposed graph on both sides and name the first node out of tolerance."""
+    exposed, outputs = expose_intermediates(model)
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        path = Path(tmp) / "exposed.onnx"
+        onnx.save(exposed, str(path))
+        expected = reference(path).run(feeds)
+        actual = candidate(path).run(feeds)
+    compared, missing = 0, []
+    for out in outputs:
+        if out.tensor not in actual or out.tensor not in expected:
+            missing.append(out.tensor)
+            continue
+        compared += 1
+        if np.array_equal(actual[out.tensor], expected[out.tensor]):
+            continue  # bit-identical (most nodes of a sound backend): skip the statistics
+        stats = compare_array(out.tensor, actual[out.tensor], expected[out.tensor], tolerance)
+        if not stats.passed:
+            return TriageReport(what, len(model.graph.node), compared, Divergence(out, stats), missing)
+    return TriageReport(what, len(model.graph.node), compared, None, missing)
+
+
+def node_tolerance(tolerances: Mapping[str, Tolerance]) -> Tolerance:
+    """One bound for intermediate tensors, from the gate's per-output tolerances: the loosest
+    relative and range-scaled parts, the tightest absolute floor and the lowest cosine floor (an
+    intermediate has no yaml tolerance of its own; it must not be held tighter than any output)."""
+    values = list(tolerances.values())
+    return Tolerance(
+        atol=max(t.atol for t in values),
+        rtol=max(t.rtol for t in values),
+        min_cosine=min(t.min_cosine for t in values),
+        atol_of_max=max(t.atol_of_max for t in values),
+    )
+
+
+def triage_case(handle, case, backend_name: str, feeds: Mapping[str, np.ndarray] | None = None,
+                perturb: Callable[[Path], Path] | None = None) -> TriageReport:
+    """First-divergence triage of ``case`` on ``backend_name`` against ONNX Runtime with no rewrites,
+    on the case's exported graph and example inputs (what the parity gates compare).
+
+    ``perturb`` rewrites the exposed graph the candidate loads (fault injection in tests)."""
+    if backend_name in ("torch", "onnx"):
+        raise TriageUnsupported(
+            f"{backend_name}: triage localises a deployed backend against the ONNX graph it runs; "
+            "onnx-vs-torch is not localised per node (torch eager has no per-node outputs aligned with "
+            "the exported graph), only by the output comparison of its gate"
+        )
+    ws = handle.ws
+    backend = ws.backend(backend_name)
+    if backend.consumes != "onnx":
+        raise TriageUnsupported(f"{backend_name} compiles the torch network, not the ONNX graph: nothing to align nodes with")
+    net = handle.spec.networks[case.network]
+    if not net.variant(case.variant).runs_on("onnxruntime"):
+        raise TriageUnsupported(f"{case.id}: no ONNX runtime here executes this variant's graph, so there is no node-level reference")
+    feeds = dict(feeds if feeds is not None else handle.feeds(case))
+    model = onnx.load(str(handle.onnx(case, dynamic_dims=backend.dynamic_input_dims(handle.compile_request(case)))))
+    request = handle.compile_request(case)
+    tolerances = {o: handle.spec.tolerance(case.network, o, backend_name) for o in net.output_names}
+    reference_backend = ws.backend("onnx")
+
+    def reference(path: Path):
+        return reference_backend.load(path, replace(request, onnx_path=path))
+
+    def candidate(path: Path):
+        path = perturb(path) if perturb else path
+        exposed_request = replace(request, onnx_path=path, expected_output_shapes=lambda: {})
+        if backend.needs_compile:
+            staging = path.parent / f"{backend_name}-artifact"
+            staging.mkdir()
+            backend.compile(exposed_request, staging)
+            return backend.load(staging, exposed_request)
+        return backend.load(path, exposed_request)
+
+    what = f"{handle.spec.name} {case.id}: {backend_name} vs ONNX Runtime with no graph rewrites"
+    return first_divergence(model, feeds, reference, candidate, node_tolerance(tolerances), what)
