@@ -188,6 +188,9 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         else:
             detail = ""
         results = [v for k, v in report.user_properties if k == "zoo_result"]
+        diverging = [r["triage"]["first_divergence"] for r in results if (r.get("triage") or {}).get("first_divergence")]
+        if report.failed and diverging:  # the parity failure's first diverging node, in the grid too
+            detail += f" [first diverging node {diverging[0]['node']!r} ({diverging[0]['op_type']})]"
         matrix.add(MatrixRow(**cell, outcome=report.outcome, detail=detail, nodeid=report.nodeid, results=results))
 
 

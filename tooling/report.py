@@ -115,4 +115,6 @@ def _figures(results: list[dict]) -> str:
             parts.append("best " + result["best"] + ": " + ", ".join(f"{n} {r:.2f}x" for n, r in result["speedups"].items()))
         if "worst_max_abs" in result:
             parts.append(f"max_abs {result['worst_max_abs']:.2g}")
+        for stand_in in result.get("upstream_stand_ins", ()):  # e.g. "torchvision... served by ONNX Runtime ..."
+            parts.append(stand_in.split(":")[0])
     return ("  " + "; ".join(parts)) if parts else ""
