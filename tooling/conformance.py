@@ -16,6 +16,7 @@ from tooling.compare import ComparisonError, assert_outputs_match
 from tooling.gates import gate
 from tooling.model_spec import Case, ModelSpec
 from tooling.report import ThroughputEntry
+from tooling.roofline import host_peak_gflops
 from tooling.speed import InterleavedRounds, merge
 from tooling.sources import UpstreamDependencyMissing, UpstreamNotStaged
 from tooling.triage import TriageUnsupported, triage_case
@@ -230,6 +231,7 @@ class ConformanceSuite:
         best_s = mean_s * benchmark.stats.stats.min / host_mean_s  # same timing scope as mean_s
         entry = ThroughputEntry(self.model, case.id, backend, device, items / mean_s, spec.throughput.unit,
                                 mean_s, best_s)
+        attach_roofline(zoo, handle, case, entry)
         figures = {**entry.as_dict(), "timing_scope": target.timing_scope, "host_mean_s": host_mean_s,
                    "device_id": target.config.device}
         benchmark.extra_info.update(figures)
@@ -284,6 +286,7 @@ class ConformanceSuite:
                 measured.mean_s(name), measured.min_s(name),
                 None if name == "torch" else round(ratios[name], 3),
             )
+            attach_roofline(zoo, handle, case, entry)
             record(request, throughput={**entry.as_dict(), "timing_scope": zoo.backend(name).timing_scope,
                                         "measured_only": True})
         best = max(ratios, key=ratios.get)
@@ -298,6 +301,18 @@ class ConformanceSuite:
             f"best deployed CPU backend {summary} (median of {per_block} interleaved rounds, "
             f"{len(blocks)} attempts: {attempts}); floor {floor}x torch eager"
         )
+
+
+def attach_roofline(zoo: Workspace, handle, case: Case, entry: ThroughputEntry) -> None:
+    """GFLOP/s of a throughput row and, on CPU, its fraction of this host's GEMM peak at the run's
+    thread count. A figure, never a gate: a graph it cannot count leaves the row without one."""
+    try:
+        flops = handle.graph_flops(case)
+    except Exception as exc:  # e.g. a custom-domain node no shape inference knows; say why
+        print(f"{case.id}: no roofline figures ({type(exc).__name__}: {exc})")
+        return
+    peak = host_peak_gflops(zoo.options.threads) if entry.device == "cpu" else None
+    entry.attach_roofline(flops.total, peak)
 
 
 def cpu_speed_contenders(spec: ModelSpec, case: Case) -> list[str]:

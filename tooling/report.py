@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tooling.roofline import roofline
+
 
 @dataclass
 class ThroughputEntry:
@@ -21,6 +23,22 @@ class ThroughputEntry:
     best_s: float  # fastest call
     # Median of per-round ratios against torch eager timed in the same interleaved rounds.
     speedup_vs_torch: float | None = None
+    # Roofline (tooling/roofline.py): work per call from the ONNX graph, the rate it was done at,
+    # and that rate as a fraction of this host's measured GEMM peak (CPU rows, same thread count).
+    gflop_per_call: float | None = None
+    achieved_gflops: float | None = None
+    peak_gflops: float | None = None
+    peak_fraction: float | None = None
+
+    def attach_roofline(self, flop_per_call: float, peak_gflops: float | None) -> "ThroughputEntry":
+        """Fill the roofline figures from FLOPs per call (``graph_flops``) and a peak
+        (``host_peak_gflops``, or None where the host's CPU peak says nothing: NPU, GPU)."""
+        figures = roofline(flop_per_call, self.mean_s, peak_gflops)
+        self.gflop_per_call = figures["gflop_per_call"]
+        self.achieved_gflops = figures["achieved_gflops"]
+        self.peak_gflops = figures["peak_gflops"]
+        self.peak_fraction = figures["peak_fraction"]
+        return self
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

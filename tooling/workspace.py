@@ -23,6 +23,7 @@ from tooling.export import export_onnx
 from tooling.locations import Roots, data_paths, find_checkpoint, missing_accuracy_inputs
 from tooling.model_spec import Case, ModelSpec, load_model_spec
 from tooling.progress import ProgressReporter, ResultStore
+from tooling.roofline import GraphFlops, graph_flops
 from tooling.slice import AccuracyContext, ModelSlice
 from tooling.sources import UpstreamCheckout, patches_digest, upstream_source
 from tooling.weights import WeightsChoice, apply_weights
@@ -107,6 +108,7 @@ class ModelHandle:
         self._sessions: OrderedDict[tuple, Session] = OrderedDict()
         self._references: dict[tuple, dict[str, np.ndarray]] = {}
         self._upstream: UpstreamCheckout | None = None
+        self._flops: dict[str, GraphFlops] = {}
 
     @cached_property
     def port_digest(self) -> str:
@@ -168,6 +170,14 @@ class ModelHandle:
             pairs = [p.split("=") for p in case.profile[5:].split(",") if p]
             return {**{k: int(v) for k, v in pairs}, "batch": case.batch}
         return self.spec.dims(case)
+
+    def graph_flops(self, case: Case) -> GraphFlops:
+        """FLOPs of one call of ``case``'s exported graph, for the roofline figures of throughput rows."""
+        if case.id not in self._flops:
+            dims = self.case_dims(case)
+            shapes = {i.name: i.concrete_shape(dims) for i in self.spec.networks[case.network].inputs}
+            self._flops[case.id] = graph_flops(self.onnx(case), shapes)
+        return self._flops[case.id]
 
     # -- artifacts ------------------------------------------------------------------------------
     def onnx(
