@@ -86,7 +86,7 @@ class ConformanceSuite:
         net = handle.spec.networks[golden["network"]]
         path = handle.spec.fixtures / "golden" / golden["file"]
         with np.load(path) as data:
-            feeds = {name: data[name] for name in net.input_names}
+            feeds = handle.slice.golden_inputs(handle.spec, net.name, path, data)
             expected = {name: data[name] for name in net.output_names}
         weights = WeightsChoice(None, golden.get("salt", "public"))
         module, _ = handle.network(net.name, None, weights)

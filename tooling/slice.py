@@ -79,6 +79,15 @@ class ModelSlice:
             for i in spec.networks[network].inputs
         }
 
+    def golden_inputs(self, spec: "ModelSpec", network: str, path: Path, data: Mapping[str, np.ndarray]) -> Arrays:
+        """A golden file's inputs: stored in it by default; a slice may rebuild large ones from a
+        recipe. Missing inputs raise a KeyError naming the file."""
+        names = spec.networks[network].input_names
+        missing = [n for n in names if n not in data]
+        if missing:
+            raise KeyError(f"{path}: lacks input arrays {missing} (has {sorted(data)})")
+        return {n: data[n] for n in names}
+
     # -- task results ---------------------------------------------------------------------------
     def decode(self, network: str, feeds: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> Arrays:
         """Turn raw network outputs into what the task reports (keypoints in pixels, poses in mm)."""

@@ -1,0 +1,157 @@
+"""GMA as the engine sees it: export variants, flow decoding, Sintel accuracy, known answer."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import torch
+
+from tooling.model_spec import FIXTURES_DIR
+from tooling.models.gma.flo import read_flo
+from tooling.models.gma.known_answer import write_warped_sintel
+from tooling.models.gma.metric import FlowErrorTotals, endpoint_error
+from tooling.models.gma.network import INPUT_NAMES, OUTPUT_NAME, build_gma
+from tooling.models.gma.padding import InputPadder
+from tooling.models.gma.sintel import DATA, PASSES, SintelPair, read_frame, sintel_pairs
+from tooling.seeded import apply_seeded_weights
+from tooling.slice import AccuracyContext, KnownAnswer, ModelSlice
+
+CHECKPOINT = "gma-sintel.pth"
+# How the correlation lookup reaches each backend (yaml variants): F.grid_sample (ONNX
+# GridSample, opset 16+) or the guide's gather-based sampler (opset 12, for ATC).
+VARIANT_SAMPLERS = {"grid_sample": "grid_sample", "gather": "gather"}
+PERCENT = 100.0
+
+
+class GmaSlice(ModelSlice):
+    name = "gma"
+
+    def build_network(self, network: str, variant: str = "grid_sample") -> torch.nn.Module:
+        if network != "gma":
+            raise KeyError(f"gma has no network {network!r}")
+        if variant not in VARIANT_SAMPLERS:
+            raise KeyError(f"gma has no export variant {variant!r}; known: {sorted(VARIANT_SAMPLERS)}")
+        return build_gma(VARIANT_SAMPLERS[variant])
+
+    def example_inputs(self, spec, network: str, dims: dict[str, int], seed: int = 0) -> dict[str, np.ndarray]:
+        """Two related frames in 0..255: the second a shifted, noisier copy of the first, so the
+        parity gates see a flow with structure rather than two unrelated noise images."""
+        rng = np.random.default_rng(seed)
+        shape = (dims["batch"], 3, dims["height"], dims["width"])
+        base = rng.uniform(0, 255, (shape[0], shape[1], shape[2] + 8, shape[3] + 8)).astype(np.float32)
+        image1 = base[..., 4:-4, 4:-4]
+        image2 = base[..., 2 : shape[2] + 2, 5 : shape[3] + 5] + rng.normal(0, 4, shape).astype(np.float32)
+        return {"image1": np.ascontiguousarray(image1), "image2": np.clip(image2, 0, 255).astype(np.float32)}
+
+    def decode(self, network: str, feeds: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]):
+        """The flow in pixels is the network's output itself (no normalisation to undo); its
+        per-pixel magnitude is what the 1/3/5 px thresholds act on."""
+        flow = np.asarray(outputs[OUTPUT_NAME], np.float32)
+        return {"flow_px": flow, "flow_magnitude_px": np.sqrt((flow**2).sum(axis=1))}
+
+    def golden_inputs(self, spec, network: str, path: Path, data: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The full-size golden stores no inputs, only their sums: rebuild them from the two real
+        frames in fixtures/ by the spec's recipe (replicate-pad 436 -> 440) and check the sums."""
+        if not all(f"{name}_sum" in data for name in INPUT_NAMES):
+            return super().golden_inputs(spec, network, path, data)
+        feeds = {}
+        for name, file in zip(INPUT_NAMES, ("frame_0047.png", "frame_0048.png")):
+            frame = read_frame(FIXTURES_DIR / self.name / "frames" / file)
+            image = InputPadder(*frame.shape[-2:]).pad(frame)[None]
+            expected = float(data[f"{name}_sum"])
+            if float(image.sum(dtype=np.float64)) != expected:
+                raise ValueError(f"{path}: {name} rebuilt from {file} sums to {image.sum(dtype=np.float64)}, "
+                                 f"the golden says {expected}")
+            feeds[name] = image
+        return feeds
+
+    def evaluate(self, ctx: AccuracyContext) -> dict[str, float]:
+        """EPE and 1/3/5 px accuracy (percent of all pixels of all pairs) per pass; ``limit``
+        scores the first N pairs of each pass."""
+        flow_dir = ctx.data_paths[DATA["flow"]]
+        pairs = {p: sintel_pairs(ctx.data_paths[DATA[p]], flow_dir)[: ctx.limit] for p in PASSES}
+        total = sum(len(v) for v in pairs.values())
+        metrics: dict[str, float] = {}
+        done = 0
+        for pass_name, pass_pairs in pairs.items():
+            totals = FlowErrorTotals()
+            for pair in pass_pairs:
+                record = ctx.results.cached(f"{pass_name}-{pair.index:05d}", lambda pair=pair: _score_pair(ctx, pair))
+                totals.add(record)
+                done += 1
+                ctx.progress(done, total, "pairs")
+            summary = totals.summary()
+            metrics[f"{pass_name}_epe"] = summary["epe"]
+            metrics.update({f"{pass_name}_{k}": PERCENT * v for k, v in summary.items() if k != "epe"})
+            metrics[f"{pass_name}_pairs"] = float(len(pass_pairs))
+        return metrics
+
+    def make_known_answer(self, root: Path) -> KnownAnswer:
+        """Real frames warped by known affine motions, scored through an oracle that answers each
+        pair with its ground-truth flow (padding rows filled with junk the unpad must drop):
+        reader, padding, enumeration and metric must all be exact for EPE 0 and 100 % within 1 px.
+        The checkpoint (seeded, DataParallel ``module.`` keys) serves runs with the real network."""
+        data_root, weights_root = root / "data", root / "weights"
+        flows = write_warped_sintel(data_root, FIXTURES_DIR / self.name / "frames")
+        state = apply_seeded_weights(build_gma(), "known-answer").state_dict()
+        (weights_root / self.name).mkdir(parents=True)
+        torch.save({f"module.{k}": v for k, v in state.items()}, weights_root / self.name / CHECKPOINT)
+        oracle = GroundTruthFlowOracle(data_root)
+        expected = {}
+        for pass_name in PASSES:
+            expected.update({f"{pass_name}_epe": 0.0, f"{pass_name}_1px": PERCENT, f"{pass_name}_3px": PERCENT,
+                             f"{pass_name}_5px": PERCENT, f"{pass_name}_pairs": float(len(flows[pass_name]))})
+        return KnownAnswer(data_root, weights_root, expected, tolerance=1e-9, profile="smoke",
+                           oracles={"gma": oracle})
+
+
+def _score_pair(ctx: AccuracyContext, pair: SintelPair) -> dict[str, np.ndarray]:
+    image1, image2 = read_frame(pair.frame1), read_frame(pair.frame2)
+    ground_truth = read_flo(pair.flow)
+    padder = InputPadder(*image1.shape[-2:])
+    if image2.shape != image1.shape or ground_truth.shape[:2] != image1.shape[-2:]:
+        raise ValueError(f"{pair.frame1}: frames {image1.shape} / {image2.shape} and flow {pair.flow} "
+                         f"{ground_truth.shape} differ in size")
+    outputs = ctx.run("gma", {"image1": padder.pad(image1)[None], "image2": padder.pad(image2)[None]})
+    flow = padder.unpad(outputs[OUTPUT_NAME][0])
+    return FlowErrorTotals.record(endpoint_error(flow, ground_truth))
+
+
+def _fingerprint(*arrays: np.ndarray) -> bytes:
+    h = hashlib.blake2b(digest_size=16)
+    for a in arrays:
+        h.update(np.ascontiguousarray(a, np.float32).tobytes())
+    return h.digest()
+
+
+class GroundTruthFlowOracle:
+    """Answers each padded frame pair of a staged Sintel-format set with its ground-truth flow,
+    padded, with the padding filled with a value far off any flow (must be cropped away)."""
+
+    PADDING_JUNK = 1000.0
+
+    def __init__(self, data_root: Path):
+        self._answers: dict[bytes, np.ndarray] = {}
+        for pass_name in PASSES:
+            for pair in sintel_pairs(data_root / DATA[pass_name], data_root / DATA["flow"]):
+                image1, image2 = read_frame(pair.frame1), read_frame(pair.frame2)
+                padder = InputPadder(*image1.shape[-2:])
+                flow = read_flo(pair.flow).transpose(2, 0, 1)
+                padded = np.full((2, *padder.padded_shape), self.PADDING_JUNK, np.float32)
+                left, _, top, _ = padder.pads
+                padded[:, top : top + flow.shape[1], left : left + flow.shape[2]] = flow
+                self._answers[_fingerprint(padder.pad(image1), padder.pad(image2))] = padded
+
+    def __call__(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        flows = []
+        for image1, image2 in zip(feeds["image1"], feeds["image2"]):
+            key = _fingerprint(image1, image2)
+            if key not in self._answers:
+                raise KeyError("the oracle was given a frame pair it did not prepare: the pipeline fed something unexpected")
+            flows.append(self._answers[key])
+        return {OUTPUT_NAME: np.stack(flows)}
+
+
+SLICE = GmaSlice()
