@@ -1,0 +1,80 @@
+"""The two export variants' graphs (from the artifact cache the conformance gates fill) and the
+verify-golden command on the shipped goldens."""
+from __future__ import annotations
+
+from collections import Counter
+
+import onnx
+import pytest
+
+from tooling.cli import main
+from tooling.locations import Roots
+from tooling.model_spec import Case
+from tooling.workspace import Options, Workspace
+
+from .conftest import GOLDEN
+
+pytestmark = [
+    pytest.mark.gma,
+    pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning"),
+]
+
+ITERS, LEVELS, CORNERS = 6, 4, 4
+
+
+def smoke_graph(variant: str) -> onnx.ModelProto:
+    handle = Workspace(Roots.resolve(), Options(weights="seeded")).model("gma")
+    opset = {"gather": 12, "grid_sample": 16}[variant]
+    path = handle.onnx(Case("gma", "gma", "smoke", 1, "torchscript", variant, False))
+    model = onnx.load(str(path))
+    assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [opset]
+    return model
+
+
+def op_counts(model: onnx.ModelProto) -> Counter:
+    return Counter(node.op_type for node in model.graph.node)
+
+
+def test_gather_variant_is_the_guides_opset_12_graph():
+    """No GridSample (needs opset 16) and no Einsum: the four corners of every level and iteration
+    are GatherElements, attention and aggregation MatMuls; InstanceNorm stays for keep_dtype."""
+    ops = op_counts(smoke_graph("gather"))
+    assert ops["GridSample"] == 0 and ops["Einsum"] == 0
+    assert ops["GatherElements"] == CORNERS * LEVELS * ITERS
+    assert ops["InstanceNormalization"] == 15  # fnet: the ops keep.cfg holds in fp32
+    assert ops["MatMul"] >= 2 + ITERS  # correlation, attention, one aggregation per iteration
+
+
+def test_grid_sample_variant_samples_with_grid_sample():
+    ops = op_counts(smoke_graph("grid_sample"))
+    assert ops["GridSample"] == LEVELS * ITERS
+    assert ops["GatherElements"] == 0 and ops["Einsum"] == 0
+
+
+def test_inputs_and_output_are_named_as_the_guide_deploys_them():
+    graph = smoke_graph("gather").graph
+    dims = lambda v: [d.dim_value for d in v.type.tensor_type.shape.dim]  # noqa: E731
+    assert [(i.name, dims(i)) for i in graph.input] == [("image1", [1, 3, 128, 128]), ("image2", [1, 3, 128, 128])]
+    assert [(o.name, dims(o)) for o in graph.output] == [("out1", [1, 2, 128, 128])]
+
+
+@pytest.mark.parametrize("golden", ["gma_public.npz", "gma_b2odd_public.npz"])
+def test_verify_golden_accepts_the_goldens_on_torch(golden, capsys):
+    assert main(["verify-golden", "gma", "gma", str(GOLDEN / golden)]) == 0
+    assert capsys.readouterr().out.startswith("ok   out1")
+
+
+def test_verify_golden_rejects_another_salt(capsys):
+    assert main(["verify-golden", "gma", "gma", str(GOLDEN / "gma_public.npz"), "--salt", "other"]) == 1
+    assert "FAIL out1" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("golden", ["gma_public.npz", "gma_b2odd_public.npz", "gma_full_public.npz"])
+def test_verify_golden_accepts_the_goldens_on_onnxruntime(golden, capsys):
+    assert main(["verify-golden", "gma", "gma", str(GOLDEN / golden), "--backend", "onnxruntime"]) == 0
+
+
+@pytest.mark.slow
+def test_verify_golden_accepts_the_full_size_golden_on_torch(capsys):
+    assert main(["verify-golden", "gma", "gma", str(GOLDEN / "gma_full_public.npz")]) == 0
