@@ -163,6 +163,9 @@ class AccuracySpec:
     data: tuple[str, ...]
     profile: str
     extra_targets: dict[str, float]
+    # Per metric, the largest difference allowed between torch eager and a deployed backend
+    # running the real network on the known-answer set.
+    agreement: dict[str, float] = field(default_factory=dict)
 
     def passes(self, value: float, target: float | None = None) -> bool:
         goal = self.target if target is None else target
@@ -337,6 +340,7 @@ def parse_model_spec(raw: dict[str, Any], where: str) -> ModelSpec:
             data=tuple(acc.get("data", ())),
             profile=acc.get("profile", next(iter(profiles))),
             extra_targets={k: float(v) for k, v in acc.get("extra_targets", {}).items()},
+            agreement={k: float(v) for k, v in acc.get("agreement", {}).items()},
         )
     thr = _require(raw, "throughput", where)
     floors = {

@@ -106,6 +106,8 @@ ACCURACY = fields(
         "profile": NAME,
         "data": list_of(NAME),
         "extra_targets": mapping(NUMBER),
+        # max |metric(deployed) - metric(torch eager)| on the known-answer set with the real network
+        "agreement": mapping(NUMBER),
     },
     required=("metric", "target", "higher_is_better"),
 )
