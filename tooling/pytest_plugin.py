@@ -13,7 +13,7 @@ from tooling.conformance import ConformanceSuite
 from tooling.gates import GateContext, gate_of
 from tooling.locations import Roots
 from tooling.model_spec import EXPORTERS, Case, load_model_spec
-from tooling.report import ConformanceMatrix, MatrixRow
+from tooling.report import ConformanceMatrix, MatrixRow, flat_properties
 from tooling.workspace import Options, Workspace
 
 MODEL_MARKERS = ("videopose3d", "transpose", "dekr", "gma", "fomm")
@@ -167,14 +167,23 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         item.user_properties.append(("zoo_cell", cell))
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Add the row to the conformance matrix, then (in the process that writes JUnit XML, before
+    junitxml reads them) replace the structured records by flat ``zoo.*`` string properties."""
+    cell = dict(report.user_properties).get("zoo_cell")
+    if cell is None or _CONFIG and hasattr(_CONFIG[0], "workerinput"):
+        return  # an xdist worker forwards the structured records to the controller untouched
+    results = [v for k, v in report.user_properties if k == "zoo_result"]
+    _add_matrix_row(report, cell, results)
+    others = [(k, v) for k, v in report.user_properties if k not in ("zoo_cell", "zoo_result")]
+    report.user_properties = others + flat_properties(cell, report.outcome, results)
+
+
+def _add_matrix_row(report: pytest.TestReport, cell: dict, results: list[dict]) -> None:
     if report.when == "call" or (report.when == "setup" and report.outcome != "passed") or (
         report.when == "teardown" and report.outcome == "failed"
     ):
-        props = dict(report.user_properties)
-        cell = props.get("zoo_cell")
-        if cell is None:
-            return
         matrix = _current_matrix()
         if matrix is None:
             return
@@ -187,7 +196,6 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
             detail = message.strip().splitlines()[0][:300]
         else:
             detail = ""
-        results = [v for k, v in report.user_properties if k == "zoo_result"]
         diverging = [r["triage"]["first_divergence"] for r in results if (r.get("triage") or {}).get("first_divergence")]
         if report.failed and diverging:  # the parity failure's first diverging node, in the grid too
             detail += f" [first diverging node {diverging[0]['node']!r} ({diverging[0]['op_type']})]"
@@ -232,7 +240,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
     matrix = config.stash.get(_matrix_key, None)
     if not matrix or not matrix.rows:
         return
-    terminalreporter.section("conformance matrix")
+    terminalreporter.section("conformance grid")
     for line in matrix.render():
         terminalreporter.write_line(line)
     throughput = [r for row in matrix.rows for r in row.results if "throughput" in r]

@@ -79,26 +79,33 @@ class ConformanceMatrix:
         return Counter(_reason_class(r.detail) for r in self.rows if r.outcome == "skipped")
 
     def render(self) -> list[str]:
+        """The terminal view: per model, a grid of gate x case rows by backend columns, one short
+        figure per cell (``legend`` below says what each is), backends that cannot run on this host
+        folded into one line per reason, failures listed with their message. Full detail: JSON."""
         if not self.rows:
             return []
-        width_gate = max(len(r.gate) for r in self.rows)
-        width_backend = max(len(r.backend) for r in self.rows)
-        width_case = max(len(r.case) for r in self.rows)
-        lines = []
+        unavailable = {r.backend: _unavailable_reason(r) for r in self.rows if _unavailable_reason(r)}
+        usable = {r.backend for r in self.rows if not _unavailable_reason(r)}
+        folded = {b: why for b, why in unavailable.items() if b not in usable}
+        lines: list[str] = []
         for model in sorted({r.model for r in self.rows}):
-            lines.append(f"[{model}]")
-            for r in sorted((r for r in self.rows if r.model == model), key=lambda r: (r.gate, r.backend, r.case)):
-                detail = f"  {r.detail}" if r.outcome != "passed" and r.detail else _figures(r.results)
-                lines.append(
-                    f"  {r.gate:<{width_gate}}  {r.backend:<{width_backend}}  {r.case:<{width_case}}  "
-                    f"{r.outcome.upper():<7}{detail}"
-                )
+            lines.extend(_model_grid(model, [r for r in self.rows if r.model == model], set(folded)))
+        by_reason: dict[str, list[str]] = {}
+        for backend, why in folded.items():
+            by_reason.setdefault(why, []).append(backend)
+        for why, backends in sorted(by_reason.items()):
+            lines.append(f"not on this host: {', '.join(sorted(backends))}: {why}")
         counts = self.counts()
-        lines.append(
-            f"total: {counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped"
-        )
+        lines.append(f"total: {counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped")
         for reason, n in self.skip_reasons().most_common():
-            lines.append(f"  skipped x{n}: {reason}")
+            if not any(reason.startswith(f"{b} unavailable") for b in folded):
+                lines.append(f"  skipped x{n}: {reason}")
+        for r in self.rows:
+            for stand_in in (s for result in r.results for s in result.get("upstream_stand_ins", ())):
+                lines.append(f"  * {r.model} {r.gate} {r.case}: {stand_in}")
+            if r.outcome == "failed":
+                lines.append(f"  FAILED {r.model} {r.gate} {r.backend} {r.case}: {r.detail}")
+        lines.append(LEGEND)
         return lines
 
     def write_json(self, path: Path, throughput: list[dict] | None = None) -> None:
@@ -119,20 +126,94 @@ def _reason_class(detail: str) -> str:
     return detail.split(":", 1)[0].strip()[:100] if detail else "no reason given"
 
 
-def _figures(results: list[dict]) -> str:
-    parts = []
+LEGEND = ("cells: parity = worst |difference|; accuracy = metric; throughput = rate; cpu-speedup = "
+          "x torch eager (% of host GEMM peak); (x) = measured, not gated; * = upstream stand-in, see below; "
+          "skip = see reasons; FAIL = see below; . = not a case")
+BACKEND_ORDER = ("torch", "onnx", "best-cpu")  # references first, then deployed backends as met
+
+
+def _unavailable_reason(row: MatrixRow) -> str:
+    prefix = f"{row.backend} unavailable: "
+    return row.detail.removeprefix(prefix) if row.outcome == "skipped" and row.detail.startswith(prefix) else ""
+
+
+def _model_grid(model: str, rows: list[MatrixRow], folded: set[str]) -> list[str]:
+    cells: dict[tuple[str, str], dict[str, str]] = {}
+    columns: list[str] = []
+    for r in rows:
+        per_backend = _cell_figures(r)
+        for backend, text in per_backend.items():
+            if backend in folded:
+                continue
+            cells.setdefault((r.gate, r.case), {})[backend] = text
+            if backend not in columns:
+                columns.append(backend)
+    met = list(columns)
+    columns.sort(key=lambda b: (BACKEND_ORDER.index(b) if b in BACKEND_ORDER else len(BACKEND_ORDER), met.index(b)))
+    keys = sorted(cells)
+    gate_width = max([len("gate")] + [len(g) for g, _ in keys])
+    case_width = max([len("case")] + [len(c) for _, c in keys])
+    widths = {b: max([len(b)] + [len(cells[k].get(b, "")) for k in keys]) for b in columns}
+    header = f"  {'gate':<{gate_width}}  {'case':<{case_width}}  " + "  ".join(f"{b:>{widths[b]}}" for b in columns)
+    lines = [f"[{model}]", header.rstrip()]
+    for gate, case in keys:
+        row = cells[(gate, case)]
+        lines.append((f"  {gate:<{gate_width}}  {case:<{case_width}}  "
+                      + "  ".join(f"{row.get(b, '.'):>{widths[b]}}" for b in columns)).rstrip())
+    return lines
+
+
+def _cell_figures(row: MatrixRow) -> dict[str, str]:
+    """backend -> the cell text for one matrix row (a speed-up row fills one cell per contender)."""
+    if row.outcome == "skipped" and not row.results:
+        return {row.backend: "skip"}
+    speedups = next((r for r in row.results if "speedups" in r), None)
+    if speedups is not None:
+        cells = {"torch": "1x"}
+        peaks = {r["throughput"]["backend"]: r["throughput"].get("peak_fraction") for r in row.results if "throughput" in r}
+        for backend, ratio in speedups["speedups"].items():
+            peak = peaks.get(backend)
+            cells[backend] = f"{ratio:.2f}x" + (f" {peak:.0%}" if peak is not None else "")
+        if row.outcome == "failed":
+            cells[speedups["best"]] = "FAIL " + cells[speedups["best"]]
+        return cells
+    figure = _short_figure(row.results)
+    if row.outcome == "failed":
+        return {row.backend: f"FAIL {figure}".strip()}
+    if row.outcome == "skipped":
+        return {row.backend: f"({figure})" if figure else "skip"}  # a measurement without a gate
+    stand_ins = any(result.get("upstream_stand_ins") for result in row.results)
+    return {row.backend: (figure or "ok") + "*" * stand_ins}
+
+
+def _short_figure(results: list[dict]) -> str:
     for result in results:
         if "throughput" in result:
-            t = result["throughput"]
-            ratio = f", {t['speedup_vs_torch']:.2f}x torch" if t.get("speedup_vs_torch") else ""
-            parts.append(f"{t['backend']} {t['rate']:.1f} {t['unit']} on {t['device']}{ratio}")
-        if "metrics" in result:
-            shown = {k: round(v, 4) for k, v in result["metrics"].items() if "/" not in k}
-            parts.append(str(shown))
-        if "speedups" in result:
-            parts.append("best " + result["best"] + ": " + ", ".join(f"{n} {r:.2f}x" for n, r in result["speedups"].items()))
+            return f"{result['throughput']['rate']:.4g}"
+        if "metrics" in result and result["metrics"]:
+            name = next((k for k in result["metrics"] if "/" not in k), next(iter(result["metrics"])))
+            return f"{result['metrics'][name]:.4g}"
         if "worst_max_abs" in result:
-            parts.append(f"max_abs {result['worst_max_abs']:.2g}")
-        for stand_in in result.get("upstream_stand_ins", ()):  # e.g. "torchvision... served by ONNX Runtime ..."
-            parts.append(stand_in.split(":")[0])
-    return ("  " + "; ".join(parts)) if parts else ""
+            worst = result["worst_max_abs"]
+            return "0" if worst == 0 else f"{worst:.0e}".replace("e-0", "e-").replace("e+0", "e+")
+    return ""
+
+
+def flat_properties(cell: dict[str, Any], outcome: str, results: list[dict]) -> list[tuple[str, str]]:
+    """JUnit-friendly properties: flat ``zoo.<key>`` -> string pairs, one per scalar figure
+    (nested dicts and lists become dotted keys; throughput figures are keyed by backend)."""
+    flat = [(f"zoo.{k}", str(v)) for k, v in cell.items()] + [("zoo.outcome", outcome)]
+    for result in results:
+        for key, value in result.items():
+            if key == "throughput" and isinstance(value, dict):
+                key = f"throughput.{value.get('backend', '')}"
+            flat.extend(_flatten(f"zoo.{key}", value))
+    return flat
+
+
+def _flatten(prefix: str, value: Any) -> list[tuple[str, str]]:
+    if isinstance(value, dict):
+        return [pair for k, v in value.items() for pair in _flatten(f"{prefix}.{k}", v)]
+    if isinstance(value, (list, tuple)):
+        return [pair for i, v in enumerate(value) for pair in _flatten(f"{prefix}.{i}", v)]
+    return [(prefix, "" if value is None else str(value))]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import textwrap
+from xml.etree import ElementTree
 
 import pytest
 
@@ -97,12 +98,21 @@ def toy_project(pytester, monkeypatch, tmp_path):
 
 def test_a_new_model_gets_every_gate_from_its_yaml(toy_project):
     report = toy_project.path / "matrix.json"
+    junit = toy_project.path / "junit.xml"
     result = toy_project.runpytest_subprocess(
         "-p", "tooling.pytest_plugin", "-p", "no:cacheprovider", "-m", "not benchmark",
         "--backends", "onnxruntime,openvino", f"--zoo-report={report}", "-o", "markers=toynet",
+        f"--junitxml={junit}",
     )
     result.assert_outcomes(passed=11, skipped=4)  # no goldens, no upstream, no staged data
-    result.stdout.fnmatch_lines(["*conformance matrix*", "[[]toynet[]]", "*accuracy-known-answer*PASSED*"])
+    result.stdout.fnmatch_lines([
+        "*conformance grid*", "[[]toynet[]]", "*gate*case*onnx*onnxruntime*openvino",
+        "*deployed-vs-onnx*doubler-smoke-b1-torchscript*.*.*0*0",
+    ])
+    properties = ElementTree.parse(junit).getroot().findall(".//testcase/properties/property")
+    named = {(p.get("name"), p.get("value")) for p in properties}
+    assert ("zoo.gate", "deployed-vs-onnx") in named and ("zoo.backend", "openvino") in named
+    assert not any("{" in value for _, value in named), "JUnit properties are flat strings"
     rows = json.loads(report.read_text())["rows"]
     cells = {(r["gate"], r["backend"], r["case"]) for r in rows if r["outcome"] == "passed"}
     assert ("onnx-vs-torch", "onnx", "doubler-smoke-b2-torchscript") in cells

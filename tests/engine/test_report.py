@@ -1,0 +1,95 @@
+"""The terminal's conformance grid, flat JUnit properties and the JSON report."""
+from __future__ import annotations
+
+import json
+
+from tooling.report import ConformanceMatrix, MatrixRow, flat_properties
+
+OM_REASON = "atc not on PATH (source set_env.sh)"
+CUDA_REASON = "torch 2.13.0+cpu is a CPU-only build"
+
+
+def row(gate, backend, case, outcome="passed", detail="", **result) -> MatrixRow:
+    return MatrixRow("toy", gate, backend, case, outcome, detail, results=[result] if result else [])
+
+
+def speedup_row(outcome="passed") -> MatrixRow:
+    results = [
+        {"throughput": {"backend": "torch", "rate": 480.0, "peak_fraction": 0.27}},
+        {"throughput": {"backend": "onnxruntime", "rate": 996.0, "peak_fraction": 0.56}},
+        {"throughput": {"backend": "openvino", "rate": 1253.0, "peak_fraction": 0.7}},
+        {"speedups": {"onnxruntime": 2.07, "openvino": 2.61}, "best": "openvino", "floor": 1.3},
+    ]
+    return MatrixRow("toy", "cpu-speedup", "best-cpu", "net-b1", outcome,
+                     "" if outcome == "passed" else "best deployed CPU backend 1.1x; floor 1.3x", results=results)
+
+
+def matrix(*rows) -> ConformanceMatrix:
+    m = ConformanceMatrix()
+    for r in rows:
+        m.add(r)
+    return m
+
+
+def test_grid_has_one_row_per_gate_and_case_and_one_column_per_backend():
+    lines = matrix(
+        row("onnx-vs-torch", "onnx", "net-b1", worst_max_abs=2.4e-6),
+        row("deployed-vs-onnx", "onnxruntime", "net-b1", worst_max_abs=1.1e-6),
+        row("deployed-vs-onnx", "openvino", "net-b1", worst_max_abs=3.0e-5),
+        row("deployed-vs-onnx", "openvino", "net-b4", "failed", "net-b4: openvino vs ONNX: out max_abs 0.3 > 1e-4"),
+        row("accuracy-known-answer", "onnxruntime", "-", metrics={"AP": 1.0, "AP/easy": 1.0}),
+        speedup_row(),
+    ).render()
+    text = "\n".join(lines)
+    assert lines[0] == "[toy]"
+    header = lines[1].split()
+    assert header == ["gate", "case", "torch", "onnx", "onnxruntime", "openvino"]
+    grid = {tuple(line.split()[:2]): line.split()[2:] for line in lines[2:8]}
+    assert grid[("deployed-vs-onnx", "net-b1")] == [".", ".", "1e-6", "3e-5"]
+    assert grid[("deployed-vs-onnx", "net-b4")] == [".", ".", ".", "FAIL"]
+    assert grid[("onnx-vs-torch", "net-b1")] == [".", "2e-6", ".", "."]
+    assert grid[("accuracy-known-answer", "-")] == [".", ".", "1", "."]
+    assert grid[("cpu-speedup", "net-b1")] == ["1x", ".", "2.07x", "56%", "2.61x", "70%"]
+    assert "FAILED toy deployed-vs-onnx openvino net-b4: net-b4: openvino vs ONNX: out max_abs 0.3 > 1e-4" in text
+    assert "total: 5 passed, 1 failed, 0 skipped" in text
+
+
+def test_backends_unavailable_here_fold_into_one_line_per_reason():
+    lines = matrix(
+        row("deployed-vs-onnx", "onnxruntime", "net-b1", worst_max_abs=1e-6),
+        row("deployed-vs-onnx", "om", "net-b1", "skipped", f"om unavailable: {OM_REASON}"),
+        row("deployed-vs-onnx", "onnxruntime-cuda", "net-b1", "skipped", f"onnxruntime-cuda unavailable: {CUDA_REASON}"),
+        row("deployed-vs-onnx", "torch-cuda", "net-b1", "skipped", f"torch-cuda unavailable: {CUDA_REASON}"),
+        row("accuracy", "onnxruntime", "-", "skipped", "toy accuracy needs staged inputs: /data/x"),
+    ).render()
+    assert lines[1].split() == ["gate", "case", "onnxruntime"]  # no column for what cannot run here
+    assert f"not on this host: onnxruntime-cuda, torch-cuda: {CUDA_REASON}" in lines
+    assert f"not on this host: om: {OM_REASON}" in lines
+    assert "  skipped x1: toy accuracy needs staged inputs" in lines  # other skips still counted by reason
+    assert not any("skipped x" in line and "unavailable" in line for line in lines)
+    grid = {tuple(line.split()[:2]): line.split()[2:] for line in lines[2:4]}
+    assert grid[("accuracy", "-")] == ["skip"]
+
+
+def test_a_failed_speed_gate_marks_its_best_backend():
+    lines = matrix(speedup_row("failed")).render()
+    assert lines[2].split()[2:] == ["1x", "2.07x", "56%", "FAIL", "2.61x", "70%"]
+
+
+def test_junit_properties_are_flat_strings():
+    flat = flat_properties({"model": "toy", "gate": "cpu-speedup", "backend": "best-cpu", "case": "net-b1"}, "passed",
+                           speedup_row().results + [{"attempts": [{"onnxruntime": 1.2}]}])
+    assert all(isinstance(k, str) and isinstance(v, str) for k, v in flat)
+    props = dict(flat)
+    assert props["zoo.gate"] == "cpu-speedup" and props["zoo.outcome"] == "passed"
+    assert props["zoo.throughput.openvino.rate"] == "1253.0"
+    assert props["zoo.speedups.onnxruntime"] == "2.07" and props["zoo.attempts.0.onnxruntime"] == "1.2"
+    assert len(props) == len(flat)  # no key written twice
+
+
+def test_json_report_keeps_every_row_in_full(tmp_path):
+    m = matrix(speedup_row(), row("deployed-vs-onnx", "om", "net-b1", "skipped", f"om unavailable: {OM_REASON}"))
+    m.write_json(tmp_path / "r.json")
+    payload = json.loads((tmp_path / "r.json").read_text())
+    assert payload["rows"][0]["results"] == speedup_row().results
+    assert payload["rows"][1]["detail"] == f"om unavailable: {OM_REASON}"
