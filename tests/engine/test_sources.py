@@ -277,3 +277,35 @@ def test_every_baseline_upstream_requirement_is_pinned_in_the_extra_and_requirem
     for model in model_names():
         for status in dependency_status(upstream_source(load_model_spec(model)).requires):
             assert requirements.get(status.requirement.name) == str(status.requirement), model
+
+
+# -- the gate's verdicts on what is (not) staged -------------------------------------------------
+
+def upstream_gate_outcome(tmp_path, monkeypatch, error: Exception) -> BaseException:
+    from tooling.conformance import ConformanceSuite
+    from tooling.locations import Roots
+    from tooling.model_spec import Case
+    from tooling.workspace import ModelHandle, Workspace
+
+    def checkout(self):
+        raise error
+
+    monkeypatch.setattr(ModelHandle, "upstream_checkout", checkout)
+    suite = type("TestToy", (ConformanceSuite,), {"model": "videopose3d"})()
+    zoo = Workspace(Roots(None, None, None, tmp_path / "cache"))
+    case = Case("videopose3d", "vp3d", "dims:frames=250", 1, "torchscript", "default", False)
+    request = types.SimpleNamespace(node=types.SimpleNamespace(user_properties=[]))
+    with pytest.raises(BaseException) as raised:
+        suite.test_port_matches_upstream(zoo, case, request)
+    return raised.value
+
+
+def test_upstream_gate_skips_when_nothing_is_staged(tmp_path, monkeypatch):
+    outcome = upstream_gate_outcome(tmp_path, monkeypatch, UpstreamNotStaged("upstream videopose3d not staged: clone ..."))
+    assert isinstance(outcome, pytest.skip.Exception) and "not staged" in str(outcome)
+
+
+def test_upstream_gate_fails_when_staged_but_a_package_is_missing(tmp_path, monkeypatch):
+    message = "upstream videopose3d is staged but its code needs yacs==0.1.8 (not installed): install with ..."
+    outcome = upstream_gate_outcome(tmp_path, monkeypatch, UpstreamDependencyMissing(message))
+    assert isinstance(outcome, pytest.fail.Exception) and str(outcome) == message
