@@ -35,6 +35,10 @@ COMPARABLE = {
     onnx.TensorProto.INT32, onnx.TensorProto.INT64, onnx.TensorProto.BOOL,
 }
 
+# Constant nodes compute nothing: their value is the graph's own, and a backend may legitimately
+# narrow it (OpenVINO holds int64 slice bounds such as INT64_MAX as int32).
+NOT_COMPUTED = {"Constant"}
+
 Runner = Callable[[Path], Any]  # exposed-graph path -> a session with run(feeds) -> {name: array}
 
 
@@ -130,6 +134,8 @@ def expose_intermediates(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[
     present = {o.name for o in exposed.graph.output}
     comparable = []
     for out in node_outputs(model):
+        if out.op_type in NOT_COMPUTED:
+            continue
         tensor_type = types.get(out.tensor)
         if tensor_type is None or not tensor_type.HasField("tensor_type"):
             continue

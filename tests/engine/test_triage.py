@@ -155,3 +155,23 @@ def test_cli_triage_reports_and_writes_json(vp3d, tmp_path, capsys):
     assert json.loads(out.read_text())["first_divergence"] is None
     assert main(["triage", "videopose3d", "nope", "--backend", "onnxruntime"]) == 2
     assert f"cases: {VP3D_CASE}" in capsys.readouterr().err
+
+
+def test_constant_nodes_are_not_compared_their_consumers_are():
+    """A Constant computes nothing (backends may narrow its dtype, e.g. int64 bounds to int32): a
+    different constant shows up as a divergence of the node consuming it."""
+    model = chain_model()
+    model.graph.node.insert(3, helper.make_node("Constant", [], ["c"], name="offset", value=numpy_helper.from_array(np.ones(3, np.float32))))
+    model.graph.node[4].input[1] = "c"
+
+    def other_constant(path: Path):
+        changed = onnx.load(str(path))
+        changed.graph.node[3].attribute[0].t.CopyFrom(numpy_helper.from_array(np.full(3, 2.0, np.float32)))
+        faulty = path.with_name("faulty.onnx")
+        onnx.save(changed, str(faulty))
+        return ort(False)(faulty)
+
+    feeds = {"x": np.random.default_rng(1).standard_normal((2, 4)).astype(np.float32)}
+    report = first_divergence(model, feeds, ort(False), other_constant, TIGHT, "chain")
+    assert report.first.output.node == "bias" and report.first.output.feeds_from == ("second_matmul", "offset")
+    assert report.compared == 4
