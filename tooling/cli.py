@@ -75,7 +75,8 @@ def stage_check(args: argparse.Namespace) -> int:
 
 def triage(args: argparse.Namespace) -> int:
     """Name the first graph node whose output differs between the backend and ONNX Runtime without
-    graph rewrites, on the case's exported graph and example inputs: exit 1 if one does, 0 if none."""
+    graph rewrites (for ``--backend onnx``: the first torch module whose exported output differs
+    from torch eager), on the case's example inputs: exit 1 if one does, 0 if none."""
     spec = load_model_spec(args.model)
     cases = {c.id: c for c in spec.cases()}
     if args.case not in cases:
@@ -119,10 +120,13 @@ def main(argv: list[str] | None = None) -> int:
     stage.add_argument("models", nargs="*", help="default: every model with a baseline")
     stage.set_defaults(run=stage_check)
 
-    triage_cmd = sub.add_parser("triage", help="first graph node where a deployed backend diverges from ONNX")
+    triage_cmd = sub.add_parser(
+        "triage", help="first graph node where a deployed backend diverges from ONNX (--backend onnx: "
+                       "first torch module whose ONNX export diverges from torch eager)")
     triage_cmd.add_argument("model")
     triage_cmd.add_argument("case", help="a case id as the tests name it, e.g. vp3d-smoke-b2-torchscript")
-    triage_cmd.add_argument("--backend", required=True, help="the deployed backend whose parity gate failed")
+    triage_cmd.add_argument("--backend", required=True,
+                            help="the deployed backend whose parity gate failed, or onnx for onnx-vs-torch")
     triage_cmd.add_argument("--weights", choices=["auto", "seeded"], default="auto",
                             help="auto: a staged checkpoint if present (as the gates do), else seeded")
     triage_cmd.add_argument("--salt", default="public", help="salt of seeded weights")

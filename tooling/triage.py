@@ -9,11 +9,18 @@ order) with ``tooling.compare``; the first one out of tolerance is named with it
 nodes feeding it. Nodes before it agree, so the fault is in that node's kernel (or in a rewrite that
 replaced it), not upstream of it.
 
+``onnx-vs-torch`` is localised per torch module instead: torch eager has no per-node outputs that
+line up with an exported graph (the exporter folds BatchNorm into Conv, splits and renames ops), so
+the network is exported once more with a copy of every submodule's output as an extra graph output
+(a "probe"). Each probe is the same value on both sides by construction; the first module, in the
+order modules finish, whose probe exceeds the tolerance between torch eager and ONNX Runtime (no
+rewrites) is named, with the graph node that computes it.
+
 What this can and cannot say:
 - Exposing intermediates stops a backend from fusing across them, so a divergence that exists only
   in a fused kernel can vanish here; the report then says no node diverged while the outputs did.
-- ``onnx-vs-torch`` failures are not localised per node: torch eager has no per-node outputs that
-  line up with the exported graph (the exporter folds BatchNorm into Conv, splits and renames ops).
+- The probe export is a second export of the same network (same exporter and opset); a fault that
+  depends on the exporter fusing across a module boundary can vanish the same way.
 """
 from __future__ import annotations
 
@@ -24,6 +31,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 import onnx
+import torch
 
 from tooling.compare import OutputStats, compare_array
 from tooling.model_spec import Tolerance
@@ -53,6 +61,7 @@ class NodeOutput:
     op_type: str
     tensor: str
     feeds_from: tuple[str, ...]  # producing nodes of the node's inputs ("input:x", "initializer:w")
+    module: str | None = None  # the torch module whose output this is (onnx-vs-torch triage)
 
 
 @dataclass
@@ -64,6 +73,7 @@ class Divergence:
         s = self.stats
         return {
             "node": self.output.node, "op_type": self.output.op_type, "tensor": self.output.tensor,
+            "module": self.output.module,
             "position": self.output.position, "feeds_from": list(self.output.feeds_from),
             "shape": list(s.shape), "max_abs": s.max_abs, "mean_abs": s.mean_abs, "p99_abs": s.p99_abs,
             "max_rel": s.max_rel, "cosine": s.cosine, "violations": s.violations,
@@ -88,13 +98,14 @@ class TriageReport:
                 f"compared (of {self.nodes} nodes){unexposed}"
             )
         d, s = self.first.output, self.first.stats
+        module = f"module {d.module!r}, computed by " if d.module else ""
         return (
-            f"first-divergence triage ({self.what}): first diverging node #{d.position} {d.node!r} ({d.op_type}) "
+            f"first-divergence triage ({self.what}): first diverging {module}node #{d.position} {d.node!r} ({d.op_type}) "
             f"output {d.tensor!r} {s.shape}: max_abs={s.max_abs:.3g} mean_abs={s.mean_abs:.3g} "
             f"p99_abs={s.p99_abs:.3g} max_rel={s.max_rel:.3g} cos={s.cosine:.7f}, {s.violations} elements out "
             f"(atol={s.atol:.3g} rtol={s.tolerance.rtol:g}); worst@{s.worst_index}: got {s.worst_actual:.6g} "
             f"want {s.worst_expected:.6g}; fed by {', '.join(d.feeds_from) or 'nothing'}; "
-            f"{self.compared - 1} earlier node outputs agree"
+            f"{self.compared - 1} earlier {'module' if d.module else 'node'} outputs agree"
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -191,18 +202,127 @@ def node_tolerance(tolerances: Mapping[str, Tolerance]) -> Tolerance:
     )
 
 
+class _ModuleProbes(torch.nn.Module):
+    """The network, returning its outputs followed by a copy of each listed submodule call's tensor
+    output, in the order the calls finish (a copy: a later in-place op must not change it)."""
+
+    def __init__(self, network: torch.nn.Module, output_names: list[str], probes: list[str] | None = None):
+        super().__init__()
+        self.network = network
+        self.output_names = output_names
+        self.probes = probes  # None: record which calls there are (the first, eager pass)
+        self.seen: list[str] = []
+
+    def forward(self, *inputs):
+        captured: list[torch.Tensor] = []
+        calls: dict[str, int] = {}
+        self.seen = []
+
+        def hook(name):
+            def record(module, args, output):
+                if isinstance(output, torch.Tensor) and output.is_floating_point():
+                    count = calls[name] = calls.get(name, 0) + 1
+                    label = name if count == 1 else f"{name}#{count}"
+                    if self.probes is None or label in self.probes:
+                        self.seen.append(label)
+                        captured.append(output.clone())
+            return record
+
+        handles = [m.register_forward_hook(hook(n)) for n, m in self.network.named_modules() if n]
+        try:
+            result = self.network(*inputs)
+        finally:
+            for h in handles:
+                h.remove()
+        if isinstance(result, Mapping):
+            result = tuple(result[n] for n in self.output_names)
+        elif isinstance(result, torch.Tensor):
+            result = (result,)
+        return (*result, *captured)
+
+
+def probe_modules(network: torch.nn.Module, feeds: Mapping[str, np.ndarray], output_names: list[str],
+                  tolerance: Tolerance, export: Callable[[torch.nn.Module, list[str], Path], None], what: str,
+                  perturb: Callable[[Path], Path] | None = None) -> TriageReport:
+    """Torch eager against ONNX Runtime (no rewrites) per submodule output: the first module whose
+    exported output exceeds ``tolerance``, with the graph node computing it."""
+    args = [torch.from_numpy(np.ascontiguousarray(v)) for v in feeds.values()]
+    discover = _ModuleProbes(network, output_names).eval()
+    with torch.inference_mode():
+        discover(*args)
+    probes = list(discover.seen)
+    wrapper = _ModuleProbes(network, output_names, probes).eval()
+    with torch.inference_mode():
+        eager = [t.numpy() for t in wrapper(*args)[len(output_names):]]
+    names = [f"probe:{p}" for p in probes]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "probes.onnx"
+        export(wrapper, output_names + names, path)
+        model = onnx.load(str(path))
+        run_path = perturb(path) if perturb else path
+        session = _reference_session(run_path)
+        exported = session.run(dict(feeds))
+    compared = 0
+    for probe, name, expected in zip(probes, names, eager):
+        out = _computing_node(model, name)
+        if out is None or name not in exported:
+            continue
+        compared += 1
+        stats = compare_array(name, exported[name], expected, tolerance)
+        if not stats.passed:
+            located = NodeOutput(out.position, out.node, out.op_type, out.tensor, out.feeds_from, module=probe)
+            return TriageReport(what, len(model.graph.node), compared, Divergence(located, stats))
+    return TriageReport(what, len(model.graph.node), compared, None)
+
+
+def _computing_node(model: onnx.ModelProto, tensor: str) -> NodeOutput | None:
+    """The node computing a probe output, looking through the Identity copies the exporter may put
+    between the computing op and the graph output."""
+    made_by = {out: (node, position) for position, node in enumerate(model.graph.node) for out in node.output}
+    while tensor in made_by and made_by[tensor][0].op_type == "Identity" and made_by[tensor][0].input[0] in made_by:
+        tensor = made_by[tensor][0].input[0]
+    return next((o for o in node_outputs(model) if o.tensor == tensor), None)
+
+
+def _reference_session(path: Path):
+    from tooling.backends.cpu import OrtSession
+
+    return OrtSession(path, threads=1, optimize=False, providers=["CPUExecutionProvider"])
+
+
+def triage_export(handle, case, feeds: Mapping[str, np.ndarray] | None = None,
+                  perturb: Callable[[Path], Path] | None = None) -> TriageReport:
+    """onnx-vs-torch triage of ``case``: the first torch module whose exported output diverges."""
+    from tooling.export import export_onnx
+
+    net = handle.spec.networks[case.network]
+    if not net.variant(case.variant).runs_on("onnxruntime"):
+        raise TriageUnsupported(f"{case.id}: no ONNX runtime here executes this variant's graph")
+    module, _ = handle.network(case.network, case.variant, handle.weights(case.network))
+    feeds = dict(feeds if feeds is not None else handle.feeds(case))
+    opset = net.variant(case.variant).opset.get(case.exporter) or net.opset.get(case.exporter)
+    extras = handle.slice.export_extras(case.network, case.variant, case.exporter)
+
+    def export(wrapper: torch.nn.Module, names: list[str], path: Path) -> None:
+        export_onnx(wrapper, feeds, names, path, exporter=case.exporter, opset=opset, extras=extras)
+
+    tolerance = node_tolerance({o: handle.spec.tolerance(case.network, o, "onnx") for o in net.output_names})
+    what = (f"{handle.spec.name} {case.id}: ONNX Runtime with no graph rewrites vs torch eager, per module "
+            f"(a {case.exporter} export probing every submodule output)")
+    return probe_modules(module, feeds, list(net.output_names), tolerance, export, what, perturb)
+
+
 def triage_case(handle, case, backend_name: str, feeds: Mapping[str, np.ndarray] | None = None,
                 perturb: Callable[[Path], Path] | None = None) -> TriageReport:
     """First-divergence triage of ``case`` on ``backend_name`` against ONNX Runtime with no rewrites,
-    on the case's exported graph and example inputs (what the parity gates compare).
+    on the case's exported graph and example inputs (what the parity gates compare); for ``onnx``
+    (the onnx-vs-torch gate), against torch eager per module (``triage_export``).
 
-    ``perturb`` rewrites the exposed graph the candidate loads (fault injection in tests)."""
-    if backend_name in ("torch", "onnx"):
-        raise TriageUnsupported(
-            f"{backend_name}: triage localises a deployed backend against the ONNX graph it runs; "
-            "onnx-vs-torch is not localised per node (torch eager has no per-node outputs aligned with "
-            "the exported graph), only by the output comparison of its gate"
-        )
+    ``perturb`` rewrites the graph the candidate loads (fault injection in tests)."""
+    if backend_name == "onnx":
+        return triage_export(handle, case, feeds, perturb)
+    if backend_name == "torch":
+        raise TriageUnsupported("torch is the reference of every parity gate, not a backend that can diverge")
     ws = handle.ws
     backend = ws.backend(backend_name)
     if backend.consumes != "onnx":

@@ -134,14 +134,32 @@ def test_failed_gate_message_and_report_name_the_first_diverging_node(vp3d, monk
     assert key == "zoo_result" and result["triage"]["first_divergence"]["node"] == target.name
 
 
-def test_onnx_vs_torch_is_reported_as_not_localised(vp3d):
+@pytest.mark.videopose3d
+def test_onnx_vs_torch_fault_names_the_torch_module_and_its_node(vp3d):
+    """onnx-vs-torch: the export probing every submodule output computes one Conv 2 % too large
+    (as a wrong export of that op would): that Conv's module and node are named."""
     handle, case = vp3d
-    with pytest.raises(TriageUnsupported, match="onnx-vs-torch is not localised per node"):
-        triage_case(handle, case, "onnx")
-    request = SimpleNamespace(node=SimpleNamespace(user_properties=[]))
-    error = triaged(ComparisonError("out"), request, handle, case, "onnx", {})
-    assert "first-divergence triage: onnx: triage localises" in str(error)
-    assert "unsupported" in request.node.user_properties[0][1]["triage"]
+    chosen = {}
+
+    def faulty_export(path: Path) -> Path:
+        model = onnx.load(str(path))
+        convs = [n for n in model.graph.node if n.op_type == "Conv"]
+        target = convs[len(convs) // 2]
+        chosen["node"], chosen["weight"] = target.name, target.input[1]
+        return scaled_initializer(target.input[1], 1.02)(path)
+
+    report = triage_case(handle, case, "onnx", perturb=faulty_export)
+    assert report.first is not None, report.summary()
+    assert report.first.output.node == chosen["node"] and report.first.output.op_type == "Conv"
+    assert report.first.output.module.startswith("layers_conv."), report.first.output.module
+    assert chosen["weight"].endswith(report.first.output.module + ".weight")
+    assert f"first diverging module {report.first.output.module!r}, computed by node" in report.summary()
+
+
+def test_torch_is_no_backend_to_triage(vp3d):
+    handle, case = vp3d
+    with pytest.raises(TriageUnsupported, match="torch is the reference"):
+        triage_case(handle, case, "torch")
 
 
 @pytest.mark.videopose3d
