@@ -72,12 +72,29 @@ class ResultStore:
         return record
 
 
+def _stderr_line(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+# Where progress lines go when a reporter is given no stream. The pytest plugin points it at the
+# terminal with capture suspended, so a 17-minute accuracy pass shows its progress while it runs
+# rather than only in a failed test's captured output.
+_live_sink: list[Callable[[str], None]] = [_stderr_line]
+
+
+def set_live_sink(sink: Callable[[str], None] | None) -> None:
+    """Send progress lines to ``sink`` (None: back to stderr)."""
+    _live_sink[0] = sink or _stderr_line
+
+
 class ProgressReporter:
-    """Prints ``label: done/total unit, rate/s, ETA`` at most every ``interval`` seconds."""
+    """Prints ``label: done/total unit, rate/s, ETA`` at most every ``interval`` seconds, to
+    ``stream`` or else the live sink (the terminal under pytest), and keeps the last line in
+    ``logfile``."""
 
     def __init__(self, label: str, stream: TextIO | None = None, interval: float = 5.0, logfile: Path | None = None):
         self.label = label
-        self.stream = stream or sys.stderr
+        self.stream = stream
         self.interval = interval
         self.logfile = logfile
         self.start = time.monotonic()
@@ -97,7 +114,10 @@ class ProgressReporter:
         rate = fresh / elapsed if fresh else 0.0
         eta = (total - done) / rate if rate > 0 else float("nan")
         line = f"{self.label}: {done}/{total} {unit}, {rate:.2f} {unit}/s, ETA {_clock(eta)}"
-        print(line, file=self.stream, flush=True)
+        if self.stream is not None:
+            print(line, file=self.stream, flush=True)
+        else:
+            _live_sink[0](line)
         if self.logfile is not None:
             self.logfile.write_text(line + "\n")
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from tooling.conformance import ConformanceSuite
 from tooling.gates import GateContext, gate_of
 from tooling.locations import Roots
 from tooling.model_spec import EXPORTERS, Case, load_model_spec
+from tooling.progress import set_live_sink
 from tooling.report import ConformanceMatrix, MatrixRow, flat_properties
 from tooling.workspace import Options, Workspace
 
@@ -100,8 +102,31 @@ def _workspace(config: pytest.Config) -> Workspace:
     return Workspace(roots, options)
 
 
+def _terminal_progress(config: pytest.Config):
+    """Progress lines of long passes, written to the terminal with capture suspended, so they show
+    while the test runs (-n 0). An xdist worker has no terminal: there the lines stay in the test's
+    captured stderr and in progress.txt of the run directory (``tail -f`` it)."""
+    if hasattr(config, "workerinput"):
+        return None
+
+    def write(line: str) -> None:
+        # Looked up per line: the terminal reporter registers itself after this plugin configures.
+        terminal = config.pluginmanager.getplugin("terminalreporter")
+        capture = config.pluginmanager.getplugin("capturemanager")
+        if terminal is None:  # -p no:terminal
+            print(line, file=sys.stderr, flush=True)
+        elif capture is None:
+            terminal.write_line(line)
+        else:
+            with capture.global_and_fixture_disabled():
+                terminal.write_line(line)
+
+    return write
+
+
 def pytest_configure(config: pytest.Config) -> None:
     _required_backends(config)  # a usage error before collection, not in the first test
+    set_live_sink(_terminal_progress(config))
     config.stash[_matrix_key] = ConformanceMatrix()
     torch.set_num_threads(max(1, config.getoption("--threads")))
 
@@ -225,6 +250,10 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     config.stash[_idle_required_key] = idle
     if idle and session.exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    set_live_sink(None)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:

@@ -5,6 +5,7 @@ import io
 
 import numpy as np
 
+from tooling.model_spec import PROJECT_ROOT
 from tooling.progress import ProgressReporter, ResultStore
 
 FINGERPRINT = {"checkpoint": [123, 456], "backend": "onnxruntime"}
@@ -46,3 +47,27 @@ def test_progress_reports_counts_rate_and_eta():
     assert lines[0].startswith("dekr accuracy: 10/100 images, 0.00 images/s, ETA ?")
     assert lines[1].startswith("dekr accuracy: 20/100 images,") and "ETA 0:" in lines[1]
     assert lines[-1].startswith("dekr accuracy: 100/100 images")
+
+
+pytest_plugins = ["pytester"]
+
+
+def test_progress_reaches_the_terminal_while_pytest_captures_output(pytester, monkeypatch):
+    """A passing test's captured output is never shown; progress lines must get out anyway."""
+    monkeypatch.setenv("PYTHONPATH", str(PROJECT_ROOT))
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
+    pytester.makepyfile(test_long_pass='''
+        import sys
+        from tooling.progress import ProgressReporter
+
+        def test_long_pass(tmp_path):
+            print("captured noise", file=sys.stderr)
+            report = ProgressReporter("toy accuracy", interval=0.0, logfile=tmp_path / "progress.txt")
+            for done in range(1, 4):
+                report(done, 3, "samples")
+            assert (tmp_path / "progress.txt").read_text().startswith("toy accuracy: 3/3 samples")
+    ''')
+    result = pytester.runpytest_subprocess("-p", "tooling.pytest_plugin", "-p", "no:cacheprovider", "-p", "no:xdist")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["toy accuracy: 1/3 samples*", "toy accuracy: 3/3 samples*ETA 0:00:00"])
+    assert "captured noise" not in result.stdout.str() + result.stderr.str()  # capture itself still works
