@@ -18,7 +18,6 @@ import importlib.util
 import json
 import os
 import shutil
-import subprocess
 import sys
 import threading
 import tomllib
@@ -34,6 +33,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from tooling.model_spec import PROJECT_ROOT
+from tooling.tools import ToolTimeout, run_tool
 
 MANIFEST = ".zoo-source.json"
 
@@ -121,8 +121,14 @@ def patch_files(patches_dir: Path) -> list[Path]:
     return sorted(p for p in patches_dir.iterdir() if p.suffix in (".patch", ".py") and not p.name.startswith("_"))
 
 
+GIT_TIMEOUT_S = 600  # a clone or fetch of an upstream repository; a hung one fails the test
+
+
 def _git(*args: str, cwd: Path | None = None) -> str:
-    proc = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
+    try:
+        proc = run_tool(["git", *args], cwd=cwd, timeout_s=GIT_TIMEOUT_S)
+    except (ToolTimeout, OSError) as exc:
+        raise UpstreamError(str(exc)) from exc
     if proc.returncode != 0:
         where = f" in {cwd}" if cwd else ""
         raise UpstreamError(f"git {' '.join(args)}{where} failed: {proc.stderr.strip() or proc.stdout.strip()}")

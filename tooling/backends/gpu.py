@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import re
 import shutil
-import subprocess
 from typing import Mapping
 
 import numpy as np
@@ -19,6 +18,7 @@ import torch
 
 from tooling.backends.base import Arrays, Availability, Backend, BackendError, CompileRequest
 from tooling.backends.cpu import OnnxRuntimeBackend, OrtSession
+from tooling.tools import ToolTimeout, run_tool
 
 # Words in a CUDA device name that say who made it or how it is packaged, not what it is.
 _NOT_THE_MODEL = re.compile(r"^(NVIDIA|Tesla|GeForce|Quadro|PCIe|SXM\d*|NVL|HBM\d*e?|\d+GB|MIG.*)$", re.IGNORECASE)
@@ -45,9 +45,10 @@ def gpu_name(index: int) -> str:
     exe = shutil.which("nvidia-smi")
     if exe is None:
         raise BackendError("cannot name the GPU: torch has no CUDA and nvidia-smi is not on PATH")
-    done = subprocess.run(
-        [exe, "--query-gpu=name", "--format=csv,noheader", "-i", str(index)], capture_output=True, text=True
-    )
+    try:
+        done = run_tool([exe, "--query-gpu=name", "--format=csv,noheader", "-i", str(index)], timeout_s=30)
+    except ToolTimeout as exc:
+        raise BackendError(str(exc)) from exc
     if done.returncode != 0 or not done.stdout.strip():
         raise BackendError(f"nvidia-smi cannot name GPU {index}: {(done.stdout + done.stderr).strip()}")
     return done.stdout.strip().splitlines()[0]

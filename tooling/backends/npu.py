@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import re
 import shutil
-import subprocess
 from dataclasses import dataclass
+
+from tooling.tools import ToolTimeout, run_tool
 
 
 class NpuSmiError(ValueError):
@@ -98,8 +99,8 @@ def probe_npus(timeout_s: float = 30.0) -> tuple[list[NpuChip], str]:
     if exe is None:
         return [], "npu-smi not on PATH (no Ascend driver installed)"
     try:
-        done = subprocess.run([exe, "info"], capture_output=True, text=True, timeout=timeout_s)
-    except (OSError, subprocess.TimeoutExpired) as exc:
+        done = run_tool([exe, "info"], timeout_s=timeout_s)
+    except (OSError, ToolTimeout) as exc:
         return [], f"npu-smi info did not run: {exc}"
     if done.returncode != 0:
         return [], f"npu-smi info exited with {done.returncode}: {(done.stdout + done.stderr).strip()[:300]}"

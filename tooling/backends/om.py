@@ -44,7 +44,6 @@ from __future__ import annotations
 import importlib
 import shlex
 import shutil
-import subprocess
 import tempfile
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -58,6 +57,7 @@ from onnx import TensorProto, helper, numpy_helper
 from tooling.backends.base import Arrays, Availability, Backend, BackendError, CompileRequest
 from tooling.backends.npu import NpuChip, chip_for_device, probe_npus
 from tooling.model_spec import ModelSpec, ModelSpecError, NetworkSpec
+from tooling.tools import ToolTimeout, run_tool
 
 ATC_RECORD = "atc_command.txt"  # the command an artifact was built with (paths as ATC saw them, in staging)
 _ATC_OUTPUT_TAIL = 8000
@@ -291,11 +291,15 @@ def _toolkit_version(atc: str) -> str:
     return f"{real}:{stat.st_size}:{int(stat.st_mtime)}"
 
 
+ATC_TIMEOUT_S = 3600  # the longest guide compile takes minutes; an hour means ATC hung
+
+
 def run_atc(atc: str, argv: list[str], workdir: Path, label: str) -> None:
-    """Run ATC; a non-zero exit raises BackendError carrying the command and ATC's output."""
-    done = subprocess.run(
-        [atc, *argv[1:]], cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
-    )
+    """Run ATC; a non-zero exit or a hang raises BackendError carrying the command and ATC's output."""
+    try:
+        done = run_tool([atc, *argv[1:]], cwd=workdir, timeout_s=ATC_TIMEOUT_S, merge_stderr=True)
+    except ToolTimeout as exc:
+        raise BackendError(f"ATC for {label}: {exc}") from exc
     if done.returncode != 0:
         output = done.stdout.strip() or "(ATC printed nothing; see its logs under ~/ascend/log)"
         if len(output) > _ATC_OUTPUT_TAIL:
