@@ -1,0 +1,189 @@
+"""FOMM as the engine sees it: two chained networks, the reconstruction protocol, AKD/MKR/L1.
+
+Networks: ``kp_detector`` and ``generator`` are deployed; ``pose_estimator`` scores the
+reconstructions on the host (it has a golden but no deployed profile). Generator variants:
+``grid_sample`` (ONNX GridSample, opset 16+; ORT, OpenVINO), ``gather`` (the guide's opset-11
+sampler, for ATC) and ``upstream_align_corners`` (unpatched upstream under modern torch, which
+warps with align_corners=False; torch only, for its golden and comparisons).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Mapping
+
+import numpy as np
+import torch
+
+from tooling.models.fomm.metric import FrameKeypoints, akd_mkr, frame_l1
+from tooling.models.fomm.network import build_generator, build_kp_detector
+from tooling.models.fomm.pose import BOX_SIZE, frame_keypoints
+from tooling.models.fomm.pose_estimator import build_pose_estimator
+from tooling.models.fomm.synthetic import write_test_set
+from tooling.models.fomm.video import clip_frame_count, frames_to_input, list_clips, read_clip, reconstruction_image, save_reconstruction
+from tooling.seeded import apply_seeded_weights
+from tooling.slice import AccuracyContext, KnownAnswer, ModelSlice
+
+TEST_VIDEOS = "taichi/test"
+GENERATOR_CHECKPOINT = "taichi-cpk.pth.tar"
+POSE_CHECKPOINT = "pose_model.pth"
+GENERATOR_VARIANTS = {
+    "grid_sample": {"sampler": "grid_sample", "deform_align_corners": True},
+    "gather": {"sampler": "gather", "deform_align_corners": True},
+    "upstream_align_corners": {"sampler": "grid_sample", "deform_align_corners": False},
+}
+KNOWN_ANSWER_PROFILE = "smoke"
+
+Run = Callable[[str, Mapping[str, np.ndarray]], Mapping[str, np.ndarray]]
+
+
+def keypoints_px(value: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Keypoints in [-1, 1] (x, y) -> pixels of an (height, width) frame, pixel centres at -1 and 1."""
+    scale = np.array([width - 1, height - 1], np.float64)
+    return (np.asarray(value, np.float64) + 1) / 2 * scale
+
+
+def reconstruct_clip(run: Run, frames: np.ndarray, on_frame: Callable[[int], None] = lambda t: None) -> np.ndarray:
+    """Predictions (T, 3, H, W) for a clip: source = frame 0, every frame (0 included) driving."""
+    inputs = frames_to_input(frames)
+    source = inputs[:1]
+    kp_source = run("kp_detector", {"input": source})
+    predictions = []
+    for t in range(len(inputs)):
+        kp_driving = run("kp_detector", {"input": inputs[t : t + 1]})
+        out = run("generator", {
+            "source_imgs": source,
+            "kp_driving_value": kp_driving["value"], "kp_driving_jac": kp_driving["jacobian"],
+            "kp_source_value": kp_source["value"], "kp_source_jac": kp_source["jacobian"],
+        })
+        predictions.append(out["prediction"][0])
+        on_frame(t)
+    return np.stack(predictions)
+
+
+class FommSlice(ModelSlice):
+    name = "fomm"
+
+    def build_network(self, network: str, variant: str = "default") -> torch.nn.Module:
+        if network == "kp_detector":
+            return build_kp_detector()
+        if network == "generator":
+            options = GENERATOR_VARIANTS.get("grid_sample" if variant == "default" else variant)
+            if options is None:
+                raise KeyError(f"fomm generator has no variant {variant!r}; known: {sorted(GENERATOR_VARIANTS)}")
+            return build_generator(**options)
+        if network == "pose_estimator":
+            return build_pose_estimator()
+        raise KeyError(f"fomm has no network {network!r}")
+
+    def example_inputs(self, spec, network: str, dims: dict[str, int], seed: int = 0):
+        """Image-like inputs in [0, 1]; for the generator, keypoints in [-1, 1] and jacobians near
+        the identity, as the goldens draw them (a randn jacobian can be singular)."""
+        rng = np.random.default_rng(seed)
+        shapes = {i.name: i.concrete_shape(dims) for i in spec.networks[network].inputs}
+        feeds = {}
+        for name, shape in shapes.items():
+            if name.endswith("_jac"):
+                feeds[name] = (np.eye(2) + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+            elif name.endswith("_value"):
+                feeds[name] = rng.uniform(-1, 1, shape).astype(np.float32)
+            elif network == "pose_estimator":
+                feeds[name] = (rng.uniform(0, 1, shape) - 0.5).astype(np.float32)
+            else:
+                feeds[name] = rng.uniform(0, 1, shape).astype(np.float32)
+        return feeds
+
+    def chain_inputs(self, spec, chain: str, dims: dict[str, int], seed: int = 0):
+        """Frames in [0, 1]: the chain starts from images, as the reconstruction does."""
+        rng = np.random.default_rng(seed)
+        return {i.name: rng.uniform(0, 1, i.concrete_shape(dims)).astype(np.float32) for i in spec.chains[chain].inputs}
+
+    def decode(self, network: str, feeds: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]):
+        """Detector: keypoints in input pixels. Generator: the reconstruction as saved (uint8 HWC)."""
+        if network == "kp_detector":
+            height, width = feeds["input"].shape[2:]
+            return {"keypoints_px": keypoints_px(outputs["value"], height, width)}
+        if network == "generator":
+            return {"frame_uint8": np.stack([reconstruction_image(p[None]) for p in outputs["prediction"]])}
+        raise KeyError(f"fomm decodes no outputs of {network!r}")
+
+    def run_chain(self, chain: str, run: Run, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The reconstruction chain on two frames (source, driving) fed to the detector: the
+        generator's keypoint inputs are the detector's outputs."""
+        if chain != "reconstruction":
+            raise KeyError(f"fomm has no chain {chain!r}")
+        frames = feeds["input"]
+        kp_source = run("kp_detector", {"input": frames[:1]})
+        kp_driving = run("kp_detector", {"input": frames[1:2]})
+        out = run("generator", {
+            "source_imgs": frames[:1],
+            "kp_driving_value": kp_driving["value"], "kp_driving_jac": kp_driving["jacobian"],
+            "kp_source_value": kp_source["value"], "kp_source_jac": kp_source["jacobian"],
+        })
+        height, width = frames.shape[2:]
+        return {
+            "driving_keypoints_px": keypoints_px(kp_driving["value"], height, width),
+            "prediction": out["prediction"],
+            "frame_uint8": reconstruction_image(out["prediction"]),
+        }
+
+    # -- accuracy -------------------------------------------------------------------------------
+    def evaluate(self, ctx: AccuracyContext) -> dict[str, float]:
+        clips = list_clips(ctx.data_paths[TEST_VIDEOS])
+        if ctx.limit is not None:
+            clips = clips[: ctx.limit]
+        if not clips:
+            raise RuntimeError(f"{ctx.data_paths[TEST_VIDEOS]}: no clips (mp4 files or frame folders)")
+        box = int(ctx.dims.get("pose_box", BOX_SIZE))
+        png_dir = (ctx.scratch or Path(".")) / "reconstruction" / "png"
+        total = sum(clip_frame_count(c) for c in clips)
+        done = 0
+        gt_rows, gen_rows, l1 = [], [], []
+        for clip in clips:
+            def progress(t: int, offset=done) -> None:
+                ctx.progress(min(offset + t + 1, total), total, "frames")
+
+            record = ctx.results.cached(clip.name, lambda clip=clip, progress=progress: self._score_clip(
+                ctx, clip, png_dir, box, progress))
+            frames = len(record["l1"])
+            done += frames
+            ctx.progress(min(done, total), total, "frames")
+            l1.append(record["l1"])
+            for t in range(frames):
+                gt_rows.append(FrameKeypoints(clip.name, t, record["gt_keypoints"][t]))
+                gen_rows.append(FrameKeypoints(f"{clip.name}.png", t, record["gen_keypoints"][t]))
+        scores = akd_mkr(gt_rows, gen_rows)
+        l1_all = np.concatenate(l1)
+        return {"AKD": scores["AKD"], "MKR": scores["MKR"], "L1": float(l1_all.mean()),
+                "frames": float(len(l1_all)), "clips": float(len(clips)),
+                "akd_frames": scores["akd_frames"], "mkr_frames": scores["mkr_frames"]}
+
+    @staticmethod
+    def _score_clip(ctx: AccuracyContext, clip: Path, png_dir: Path, box: int, progress) -> dict[str, np.ndarray]:
+        frames = read_clip(clip)
+        predictions = reconstruct_clip(ctx.run, frames, progress)
+        saved = save_reconstruction(png_dir, clip, predictions)
+        generated = read_clip(saved)  # the stacked PNG, split back into frames
+        pose = lambda feeds: ctx.run_host("pose_estimator", feeds)  # noqa: E731
+        return {
+            "l1": frame_l1(predictions, frames_to_input(frames)),
+            "gt_keypoints": np.stack([frame_keypoints(f, pose, box) for f in frames]),
+            "gen_keypoints": np.stack([frame_keypoints(f, pose, box) for f in generated]),
+        }
+
+    def make_known_answer(self, root: Path) -> KnownAnswer:
+        """Two 128x128 clips (an mp4 and a frame folder) scored through oracles (see synthetic.py):
+        AKD 0, MKR and L1 known from the construction. The staged checkpoints are seeded, so the
+        same set also runs the real networks in the loop."""
+        oracles, expected = write_test_set(root / "data" / TEST_VIDEOS, size=128)
+        weights = root / "weights" / self.name
+        weights.mkdir(parents=True)
+        torch.save({
+            "kp_detector": apply_seeded_weights(build_kp_detector(), "known-answer").state_dict(),
+            "generator": apply_seeded_weights(build_generator(), "known-answer").state_dict(),
+        }, weights / GENERATOR_CHECKPOINT)
+        torch.save(apply_seeded_weights(build_pose_estimator(), "known-answer").state_dict(), weights / POSE_CHECKPOINT)
+        return KnownAnswer(root / "data", root / "weights", expected, tolerance=1e-6,
+                           profile=KNOWN_ANSWER_PROFILE, oracles=oracles.as_dict())
+
+
+SLICE = FommSlice()
