@@ -14,7 +14,7 @@ import pytest
 from tooling.backends import BACKENDS
 from tooling.compare import ComparisonError, assert_outputs_match
 from tooling.gates import gate
-from tooling.model_spec import Case, ModelSpec
+from tooling.model_spec import Case, ChainCase, ModelSpec
 from tooling.report import ThroughputEntry
 from tooling.roofline import host_peak_gflops
 from tooling.speed import InterleavedRounds, merge
@@ -89,7 +89,7 @@ class ConformanceSuite:
             feeds = handle.slice.golden_inputs(handle.spec, net.name, path, data)
             expected = {name: data[name] for name in net.output_names}
         weights = WeightsChoice(None, golden.get("salt", "public"))
-        module, _ = handle.network(net.name, None, weights)
+        module, _ = handle.network(net.name, golden.get("variant"), weights)
         from tooling.backends.cpu import TorchSession
 
         actual = TorchSession(module, net.input_names, net.output_names).run(feeds)
@@ -136,6 +136,19 @@ class ConformanceSuite:
         actual = handle.slice.decode(case.network, feeds, handle.session(deployed_backend, case).run(feeds))
         decoded = handle.spec.networks[case.network].decoded
         assert_outputs_match(actual, expected, decoded, f"{case.id}: decoded {deployed_backend} vs torch")
+
+    @pytest.mark.parity
+    @gate("chain-vs-torch")
+    def test_chain_matches_torch(self, zoo: Workspace, chain_case: ChainCase, deployed_backend: str, request):
+        """Networks that feed each other (yaml ``chains``), each deployed, agree with the same chain
+        in torch eager: what one backend's first network outputs is what its next one consumes."""
+        require_backend(zoo, deployed_backend)
+        handle = zoo.model(self.model)
+        expected = handle.run_chain(chain_case, "torch", served_by=deployed_backend)
+        actual = handle.run_chain(chain_case, deployed_backend)
+        tolerances = {o: handle.spec.chain_tolerance(chain_case.chain, o, deployed_backend) for o in expected}
+        stats = assert_outputs_match(actual, expected, tolerances, f"{chain_case.id}: {deployed_backend} vs torch")
+        record(request, worst_max_abs=max(s.max_abs for s in stats))
 
     @pytest.mark.parity
     @pytest.mark.upstream

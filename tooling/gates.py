@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 import pytest
 
 from tooling.backends import BACKENDS
-from tooling.model_spec import Case, ModelSpec
+from tooling.model_spec import Case, ChainCase, ModelSpec
 
 ATTRIBUTE = "zoo_gate"
 
@@ -102,6 +102,17 @@ def _params_decoded(ctx: GateContext) -> Params:
     return ("case", "deployed_backend"), case_backend_params(pairs)
 
 
+def _params_chain(ctx: GateContext) -> Params:
+    """Each yaml chain at each profile that builds all its networks, on every deployed backend
+    that serves each of them."""
+    params = [
+        pytest.param(c, b, id=f"{c.id}-{b}", marks=[pytest.mark.slow] * c.slow + backend_marks(b))
+        for c in ctx.spec.chain_cases(exporters=ctx.exporters) for b in ctx.deployed
+        if ctx.spec.chain_runs_on(c, b)
+    ]
+    return ("chain_case", "deployed_backend"), params
+
+
 def _params_upstream(ctx: GateContext) -> Params:
     first_per_network: dict[str, Case] = {}
     for case in ctx.cases if ctx.spec.upstream.get("commit") else ():
@@ -152,6 +163,7 @@ GATES: dict[str, Gate] = {
         Gate("onnx-vs-torch", _params_onnx_vs_torch, None, "onnx"),
         Gate("deployed-vs-onnx", _params_deployed, "deployed_backend", "onnxruntime"),
         Gate("decoded-vs-torch", _params_decoded, "deployed_backend", "onnxruntime"),
+        Gate("chain-vs-torch", _params_chain, "deployed_backend", "onnxruntime"),
         Gate("port-vs-upstream", _params_upstream, None, "torch"),
         Gate("accuracy", _params_accuracy, "accuracy_backend", "onnxruntime"),
         Gate("accuracy-known-answer", None, None, "onnxruntime"),

@@ -115,4 +115,4 @@ def missing_accuracy_inputs(spec: ModelSpec, roots: Roots) -> list[str]:
     for network, net in spec.networks.items():
         if net.checkpoint_files and find_checkpoint(spec, network, roots) is None:
             missing.append(" or ".join(map(str, checkpoint_candidates(spec, network, roots))))
-    return missing
+    return list(dict.fromkeys(missing))  # networks sharing one checkpoint file name it once

@@ -154,6 +154,31 @@ class Case:
 
 
 @dataclass(frozen=True)
+class ChainSpec:
+    """Networks that only make sense together (one feeds the next): the slice's ``run_chain``
+    wires them from ``inputs``; the chain gate compares its ``outputs`` across backends."""
+
+    name: str
+    networks: tuple[str, ...]
+    inputs: tuple[InputSpec, ...]
+    outputs: dict[str, Tolerance]
+
+
+@dataclass(frozen=True)
+class ChainCase:
+    """One chain at one profile and batch (each network's artifact is that profile's case)."""
+
+    chain: str
+    profile: str
+    batch: int
+    slow: bool
+
+    @property
+    def id(self) -> str:
+        return f"{self.chain}-{self.profile}-b{self.batch}"
+
+
+@dataclass(frozen=True)
 class AccuracySpec:
     metric: str
     target: float
@@ -200,6 +225,7 @@ class ModelSpec:
     backend_tolerances: dict[str, dict[str, Tolerance]]
     om: dict[str, Any]
     raw: dict[str, Any]
+    chains: dict[str, ChainSpec] = field(default_factory=dict)
 
     @property
     def fixtures(self) -> Path:
@@ -241,7 +267,38 @@ class ModelSpec:
         )
 
     def dims(self, case: Case) -> dict[str, int]:
-        return {**self.profiles[case.profile].dims, "batch": case.batch}
+        """The profile's dims that the network's inputs use, plus the batch. Other dims of the
+        profile (settings of the slice's pipeline) do not reach the artifact, so a case and the
+        accuracy pass at the same input shapes share one build."""
+        used = {d for i in self.networks[case.network].inputs for d in i.shape if isinstance(d, str)}
+        dims = {k: v for k, v in self.profiles[case.profile].dims.items() if k in used}
+        return {**dims, "batch": case.batch}
+
+    def chain_cases(self, *, exporters: tuple[str, ...] | None = None) -> list[ChainCase]:
+        """Each chain at every profile (and batch) that builds all of its networks."""
+        result = []
+        for chain in self.chains.values():
+            for profile in self.profiles.values():
+                if profile.networks is not None and not set(chain.networks) <= set(profile.networks):
+                    continue
+                result += [ChainCase(chain.name, profile.name, b, profile.slow) for b in profile.batch_sizes]
+        return sorted(result, key=lambda c: c.slow)
+
+    def chain_member(self, chain_case: ChainCase, network: str, backend: str,
+                     exporters: tuple[str, ...] | None = None) -> Case | None:
+        """The case of ``network`` in ``chain_case`` that ``backend`` serves (None if none does)."""
+        return next((
+            c for c in self.cases(exporters=exporters)
+            if (c.network, c.profile, c.batch) == (network, chain_case.profile, chain_case.batch)
+            and self.case_runs_on(c, backend)
+        ), None)
+
+    def chain_runs_on(self, chain_case: ChainCase, backend: str) -> bool:
+        return all(self.chain_member(chain_case, n, backend) for n in self.chains[chain_case.chain].networks)
+
+    def chain_tolerance(self, chain: str, output: str, backend: str | None = None) -> Tolerance:
+        per_backend = self.backend_tolerances.get(backend or "", {})
+        return per_backend.get(output, self.chains[chain].outputs[output])
 
     def load_slice(self):
         module = importlib.import_module(self.slice_module)
@@ -257,16 +314,33 @@ def _require(raw: dict, key: str, where: str) -> Any:
     return raw[key]
 
 
-def _parse_network(name: str, raw: dict, where: str) -> NetworkSpec:
-    where = f"{where}: networks.{name}"
-    inputs = tuple(
+def _parse_inputs(raw: dict, where: str) -> tuple[InputSpec, ...]:
+    return tuple(
         InputSpec(iname, tuple(spec["shape"]), spec.get("dtype", "float32"))
         for iname, spec in _require(raw, "inputs", where).items()
     )
-    outputs = {
+
+
+def _parse_outputs(raw: dict, where: str) -> dict[str, Tolerance]:
+    return {
         oname: Tolerance.parse(spec, f"{where}.outputs.{oname}")
         for oname, spec in _require(raw, "outputs", where).items()
     }
+
+
+def _parse_chain(name: str, raw: dict, where: str, networks: dict[str, NetworkSpec]) -> ChainSpec:
+    where = f"{where}: chains.{name}"
+    members = tuple(_require(raw, "networks", where))
+    unknown = [n for n in members if n not in networks]
+    if len(members) < 2 or unknown:
+        raise ModelSpecError(f"{where}: networks must name two or more of {sorted(networks)} (unknown: {unknown})")
+    return ChainSpec(name, members, _parse_inputs(raw, where), _parse_outputs(raw, where))
+
+
+def _parse_network(name: str, raw: dict, where: str) -> NetworkSpec:
+    where = f"{where}: networks.{name}"
+    inputs = _parse_inputs(raw, where)
+    outputs = _parse_outputs(raw, where)
     opset = {str(k): int(v) for k, v in _require(raw, "opset", where).items()}
     exporter = raw.get("exporter", "torchscript")
     variants_raw = raw.get("variants") or {"default": {}}
@@ -370,6 +444,7 @@ def parse_model_spec(raw: dict[str, Any], where: str) -> ModelSpec:
         backend_tolerances=backend_tolerances,
         om=raw.get("om", {}),
         raw=raw,
+        chains={n: _parse_chain(n, c, where, networks) for n, c in (raw.get("chains") or {}).items()},
     )
 
 

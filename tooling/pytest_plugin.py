@@ -13,7 +13,7 @@ from tooling.backends import BACKENDS, worker_device
 from tooling.conformance import ConformanceSuite
 from tooling.gates import GateContext, gate_of
 from tooling.locations import Roots
-from tooling.model_spec import EXPORTERS, Case, load_model_spec
+from tooling.model_spec import EXPORTERS, Case, ChainCase, load_model_spec
 from tooling.progress import set_live_sink
 from tooling.report import ConformanceMatrix, MatrixRow, flat_properties
 from tooling.workspace import Options, Workspace
@@ -183,11 +183,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             continue
         item.add_marker(getattr(pytest.mark, model))
         params = getattr(getattr(item, "callspec", None), "params", {})
-        case = params.get("case")
+        case = params.get("case") or params.get("chain_case")
         backend = params.get(registered.backend_arg) if registered.backend_arg else None
         golden = params.get("golden")
         # An empty parameter set (say, a model without goldens) leaves pytest's NOTSET marker here.
-        label = case.id if isinstance(case, Case) else golden["file"] if isinstance(golden, dict) else "-"
+        label = case.id if isinstance(case, (Case, ChainCase)) else golden["file"] if isinstance(golden, dict) else "-"
         cell = {"model": model, "gate": registered.label, "backend": backend or registered.default_backend, "case": label}
         item.user_properties.append(("zoo_cell", cell))
 

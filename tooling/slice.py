@@ -42,7 +42,8 @@ class AccuracyContext:
     cached on first use); ``progress(done, total, unit)`` reports how far the pass is;
     ``results`` stores per-sample records so an interrupted pass resumes instead of restarting;
     ``host_network(name)`` is a network with the staged weights in torch, for the parts a guide
-    runs on the host rather than the accelerator (e.g. DEKR's rescoring net).
+    runs on the host rather than the accelerator (e.g. DEKR's rescoring net); ``run_host(name,
+    feeds)`` runs such a network on arrays, or the known answer's oracle where one replaces it.
     """
 
     spec: "ModelSpec"
@@ -54,6 +55,7 @@ class AccuracyContext:
     limit: int | None = None
     scratch: Path | None = None
     dims: dict[str, int] = field(default_factory=dict)  # the profile's dims (e.g. padded sequence length)
+    run_host: Callable[[str, Mapping[str, np.ndarray]], Arrays] | None = None
 
 
 class ModelSlice:
@@ -87,6 +89,17 @@ class ModelSlice:
         if missing:
             raise KeyError(f"{path}: lacks input arrays {missing} (has {sorted(data)})")
         return {n: data[n] for n in names}
+
+    def chain_inputs(self, spec: "ModelSpec", chain: str, dims: dict[str, int], seed: int = 0) -> Arrays:
+        """Inputs of a chain (yaml ``chains.<name>.inputs``); standard normal unless overridden."""
+        rng = np.random.default_rng(seed)
+        return {i.name: rng.standard_normal(i.concrete_shape(dims)).astype(i.dtype) for i in spec.chains[chain].inputs}
+
+    def run_chain(self, chain: str, run: Callable[[str, Mapping[str, np.ndarray]], Arrays],
+                  feeds: Mapping[str, np.ndarray]) -> Arrays:
+        """Run a yaml chain: ``run(network, feeds)`` executes one member network on the backend
+        under test; the slice feeds each network from the previous ones' outputs."""
+        raise NotImplementedError(f"{type(self).__name__} runs no chain {chain!r}")
 
     # -- task results ---------------------------------------------------------------------------
     def decode(self, network: str, feeds: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> Arrays:

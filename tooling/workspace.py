@@ -21,7 +21,7 @@ from tooling.backends import BACKENDS, Availability, Backend, BackendConfig, Com
 from tooling.cache import ArtifactCache, ArtifactKey, file_sha256
 from tooling.export import export_onnx
 from tooling.locations import Roots, data_paths, find_checkpoint, missing_accuracy_inputs
-from tooling.model_spec import Case, ModelSpec, load_model_spec
+from tooling.model_spec import Case, ChainCase, ModelSpec, load_model_spec
 from tooling.progress import ProgressReporter, ResultStore
 from tooling.roofline import GraphFlops, graph_flops
 from tooling.slice import AccuracyContext, ModelSlice
@@ -296,6 +296,26 @@ class ModelHandle:
             self._references[key] = TorchSession(module, net.input_names, net.output_names).run(feeds)
         return self._references[key]
 
+    def run_chain(self, chain_case: ChainCase, backend_name: str, served_by: str | None = None,
+                  weights: WeightsChoice | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+        """The slice's chain on its example inputs, each member network on ``backend_name`` with the
+        artifact variant ``served_by`` runs (default: the same backend; torch eager as the
+        reference passes the deployed backend, so both run the same variant)."""
+        chain = self.spec.chains[chain_case.chain]
+        dims = {**self.spec.profiles[chain_case.profile].dims, "batch": chain_case.batch}
+        exporters = self.ws.options.exporters
+
+        def run(network: str, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+            if network not in chain.networks:
+                raise KeyError(f"chain {chain.name} runs {network!r}, which it does not list ({list(chain.networks)})")
+            case = self.spec.chain_member(chain_case, network, served_by or backend_name, exporters)
+            if case is None:
+                raise KeyError(f"{chain_case.id}: no {network} case runs on {served_by or backend_name}")
+            return self.session(backend_name, case, weights).run(feeds)
+
+        feeds = self.slice.chain_inputs(self.spec, chain.name, dims, seed)
+        return self.slice.run_chain(chain.name, run, feeds)
+
     # -- accuracy -------------------------------------------------------------------------------
     def run_accuracy(self, backend_name: str, *, roots: Roots | None = None, profile: str | None = None,
                      limit: int | None = None, label: str | None = None,
@@ -337,10 +357,18 @@ class ModelHandle:
         run_dir = run_dir or self.ws.roots.cache_dir / "runs" / self.spec.name / run_id
         store = ResultStore(run_dir / "records", fingerprint, restart=self.ws.options.restart_accuracy)
         reporter = ProgressReporter(label or f"{self.spec.name} accuracy on {backend_name}", logfile=run_dir / "progress.txt")
+        def run_host(network: str, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+            if network in oracles:
+                return oracles[network](feeds)
+            from tooling.backends.cpu import TorchSession
+
+            net = self.spec.networks[network]
+            return TorchSession(self.network(network, None, weights[network])[0], net.input_names, net.output_names).run(feeds)
+
         ctx = AccuracyContext(
             spec=self.spec, data_paths=paths, run=run, progress=reporter, results=store,
             host_network=lambda name: self.network(name, None, weights[name])[0],
-            limit=limit, scratch=run_dir, dims=dims,
+            limit=limit, scratch=run_dir, dims=dims, run_host=run_host,
         )
         metrics = self.slice.evaluate(ctx)
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
