@@ -183,8 +183,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             continue
         item.add_marker(getattr(pytest.mark, model))
         params = getattr(getattr(item, "callspec", None), "params", {})
-        case = params.get("case") or params.get("chain_case")
+        case = params["case"] if "case" in params else params.get("chain_case")
         backend = params.get(registered.backend_arg) if registered.backend_arg else None
+        backend = backend if isinstance(backend, str) else None  # an empty parameter set leaves NOTSET
         golden = params.get("golden")
         # An empty parameter set (say, a model without goldens) leaves pytest's NOTSET marker here.
         label = case.id if isinstance(case, (Case, ChainCase)) else golden["file"] if isinstance(golden, dict) else "-"

@@ -79,11 +79,23 @@ NETWORK = fields(
             "type": ["object", "null"],
         }),
         "checkpoint": fields({"files": list_of(NAME), "state_keys": list_of(NAME)}),
-        "goldens": list_of(fields({"file": NAME, "salt": STRING, "slow": BOOLEAN}, required=("file",))),
+        # variant: the export variant that made the golden (default: the network's first)
+        "goldens": list_of(fields({"file": NAME, "salt": STRING, "slow": BOOLEAN, "variant": NAME}, required=("file",))),
         "dynamic_axes": mapping(mapping(NAME, keys={"pattern": r"^[0-9]+$"})),
         "om": OM,
     },
     required=("inputs", "outputs", "opset"),
+)
+
+# Networks where one feeds the next: the slice's run_chain wires them from `inputs`; the chain
+# gate compares `outputs` (what the task produces) between each deployed backend and torch eager.
+CHAIN = fields(
+    {
+        "networks": list_of(NAME, 2),
+        "inputs": mapping(fields({"shape": list_of(DIM, 1), "dtype": NAME}, required=("shape",))),
+        "outputs": mapping(TOLERANCE),
+    },
+    required=("networks", "inputs", "outputs"),
 )
 
 PROFILE = fields({
@@ -134,6 +146,7 @@ SCHEMA = fields(
             "requires": list_of(NAME),  # packages upstream code imports, pinned in pyproject's [upstream] extra
         }),
         "networks": mapping(NETWORK),
+        "chains": mapping(CHAIN),
         "profiles": mapping(PROFILE),
         "batch_sizes": list_of(INTEGER, 1),  # default for profiles that do not list their own
         "backend_options": mapping(mapping({}), keys=NAME),  # backend -> its own tuning keys
@@ -201,10 +214,16 @@ def reference_errors(raw: dict[str, Any], backend_names: Iterable[str]) -> list[
             variant = variant or {}
             check(variant.get("backends", ()), backends, f"{where}.variants.{vname}.backends", "backend")
             check(variant.get("exporters", ()), EXPORTER_NAMES, f"{where}.variants.{vname}.exporters", "exporter")
+        variants = (net.get("variants") or {"default": {}}).keys()
+        for k, golden in enumerate(net.get("goldens") or ()):
+            check([golden["variant"]] if "variant" in golden else [], variants, f"{where}.goldens.{k}.variant", "variant")
         check(net.get("dynamic_axes", {}), [*inputs, *outputs], f"{where}.dynamic_axes", "input or output")
         symbolic = {d for i in inputs.values() for d in i["shape"] if isinstance(d, str)}
         dynamic = (net.get("om") or {}).get("dynamic_dims") or {}
         check(dynamic.get("dims", ()), symbolic, f"{where}.om.dynamic_dims.dims", "input dim")
+    for chain_name, chain in (raw.get("chains") or {}).items():
+        check(chain.get("networks", ()), networks, f"chains.{chain_name}.networks", "network")
+        all_outputs |= set(chain.get("outputs") or {})
     for pname, profile in profiles.items():
         where = f"profiles.{pname}"
         check(profile.get("networks", ()), networks, f"{where}.networks", "network")

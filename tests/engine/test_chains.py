@@ -1,0 +1,93 @@
+"""Chained networks (yaml ``chains:``), golden variants, and what reaches an artifact's dims."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import yaml
+
+from tooling.cli import main
+from tooling.locations import Roots
+from tooling.model_spec import BASELINES_DIR, FIXTURES_DIR, ChainCase, ModelSpecError, load_model_spec, parse_model_spec, validate_baseline
+from tooling.workspace import Options, Workspace
+
+pytestmark = pytest.mark.fomm  # the chain machinery is exercised on FOMM's baseline
+FOMM_RAW = yaml.safe_load((BASELINES_DIR / "fomm.yaml").read_text())
+
+
+def _edited(edit) -> dict:
+    raw = copy.deepcopy(FOMM_RAW)
+    edit(raw)
+    return raw
+
+
+def test_chain_cases_follow_profiles_and_backends():
+    spec = load_model_spec("fomm")
+    smoke = ChainCase("reconstruction", "smoke", 1, False)
+    assert smoke in spec.chain_cases()
+    # A profile that builds only one member network holds no chain case.
+    assert not [c for c in spec.chain_cases() if c.profile.startswith("deploy_")]
+    assert spec.chain_member(smoke, "generator", "onnxruntime").variant == "grid_sample"
+    assert spec.chain_member(smoke, "generator", "om").variant == "gather"
+    assert spec.chain_runs_on(smoke, "openvino")
+    assert not spec.chain_runs_on(smoke, "aoti")  # the smoke profile excludes it
+    assert spec.chain_tolerance("reconstruction", "prediction", "om").atol == 1e-2  # backend override
+    assert spec.chain_tolerance("reconstruction", "prediction").atol == 1e-4
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda r: r["chains"]["reconstruction"].update(networks=["kp_detector", "refiner"]), "unknown network 'refiner'"),
+    (lambda r: r["chains"]["reconstruction"].update(steps=2), r"unknown key chains\.reconstruction\.steps"),
+    (lambda r: r["chains"]["reconstruction"].update(networks=["kp_detector"]), "networks"),
+    (lambda r: r["networks"]["generator"]["goldens"][1].update(variant="patched"), "unknown variant 'patched'"),
+])
+def test_bad_chains_and_golden_variants_are_named(edit, message):
+    with pytest.raises(ModelSpecError, match=message):
+        raw = _edited(edit)
+        validate_baseline(raw, "fomm.yaml")
+        parse_model_spec(raw, "fomm.yaml")
+
+
+def test_profile_dims_no_input_uses_stay_out_of_artifacts():
+    """pose_box configures the slice's metric; the detector's artifact depends only on its input dims."""
+    spec = load_model_spec("fomm")
+    case = next(c for c in spec.cases() if c.network == "kp_detector" and c.profile == "smoke")
+    assert spec.dims(case) == {"height": 128, "width": 128, "batch": 1}
+
+
+def test_chain_feeds_the_generator_from_the_detector(tmp_path):
+    """The chain's generator receives exactly what the detector returned on the same backend."""
+    handle = Workspace(Roots(None, None, None, tmp_path), Options(weights="seeded")).model("fomm")
+    calls = []
+    original = handle.slice.run_chain
+
+    def spy(chain, run, feeds):
+        def recording(network, network_feeds):
+            out = run(network, network_feeds)
+            calls.append((network, dict(network_feeds), out))
+            return out
+        return original(chain, recording, feeds)
+
+    handle.slice.run_chain = spy
+    try:
+        result = handle.run_chain(ChainCase("reconstruction", "smoke", 1, False), "torch", served_by="onnxruntime")
+    finally:
+        del handle.slice.run_chain
+    (_, _, kp_source), (_, _, kp_driving), (network, generator_feeds, _) = calls
+    assert network == "generator"
+    np.testing.assert_array_equal(generator_feeds["kp_driving_value"], kp_driving["value"])
+    np.testing.assert_array_equal(generator_feeds["kp_source_jac"], kp_source["jacobian"])
+    assert result["frame_uint8"].shape == (128, 128, 3) and result["frame_uint8"].dtype == np.uint8
+
+
+@pytest.mark.parametrize(("network", "golden", "backend"), [
+    ("kp_detector", "kp_detector_public.npz", "torch"),
+    ("kp_detector", "kp_detector_public.npz", "onnxruntime"),
+    ("generator", "generator_upstream_public.npz", "torch"),  # the yaml names its variant (unpatched upstream)
+])
+def test_verify_golden_picks_the_golden_variant(network, golden, backend, tmp_path):
+    path = FIXTURES_DIR / "fomm" / "golden" / golden
+    assert main(["verify-golden", "fomm", network, str(path), "--backend", backend, "--cache-dir", str(tmp_path)]) == 0
+    assert main(["verify-golden", "fomm", "generator", str(FIXTURES_DIR / "fomm" / "golden" / "generator_public.npz"),
+                 "--variant", "nonexistent"]) == 2
