@@ -2,25 +2,49 @@
 
 An artifact lives in ``<cache>/<kind>/<model>/<name>-<key>/`` next to ``manifest.json``. The key is
 a hash of everything that determines the artifact's bytes (see ``ArtifactKey``). One process builds
-while the others wait on a file lock; the build writes into a private staging directory that is
-renamed into place, and the manifest (with each file's size and sha256) is written last. On reuse
-the manifest is checked against the files, and a mismatch triggers a rebuild rather than trust.
+while the others wait on a file lock (saying who holds it, up to a timeout); the build writes into a
+private staging directory that is renamed into place, and the manifest (with each file's size and
+sha256) is written last. On reuse the manifest is checked against the files, and a manifest that is
+missing, damaged or disagrees with the files triggers a rebuild rather than trust. Staging folders
+left by killed builds are removed once their lock is free. ``--rebuild`` rebuilds an artifact once
+per run (the run id is shared by xdist workers), not once per process. A read-only cache still
+serves intact artifacts; only a build needs write access, and then fails saying so.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
 import shutil
+import socket
+import sys
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 MANIFEST = "manifest.json"
+STAGING_MARK = ".tmp-"
+LOCK_TIMEOUT_ENV = "ZOO_LOCK_TIMEOUT"
+DEFAULT_LOCK_TIMEOUT_S = 3 * 3600.0  # the longest build (ATC at deploy shapes) stays well below
+LOCK_NOTICE_S = 10.0  # how often a waiting process says whom it waits for
+
+
+class CacheError(RuntimeError):
+    """The cache cannot be used as asked (not writable, lock held too long)."""
+
+
+class CacheNotWritable(CacheError):
+    pass
+
+
+class LockTimeout(CacheError):
+    pass
 
 
 @dataclass(frozen=True)
@@ -56,12 +80,135 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def tree_files(root: Path, skip: tuple[str, ...] = ()) -> dict[str, dict]:
+    """Size and sha256 of every file below ``root`` by relative path (what a manifest records)."""
+    return {
+        p.relative_to(root).as_posix(): {"size": p.stat().st_size, "sha256": file_sha256(p)}
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not p.is_symlink() and p.relative_to(root).as_posix() not in skip
+    }
+
+
+def check_tree(root: Path, recorded: object, what: str = "manifest") -> str | None:
+    """None when the files below ``root`` match ``recorded`` (from ``tree_files``), else the problem."""
+    if not isinstance(recorded, dict) or not recorded:
+        return f"damaged {what} (no file list)"
+    for name, meta in recorded.items():
+        if not isinstance(meta, dict) or not {"size", "sha256"} <= meta.keys():
+            return f"damaged {what} (entry {name!r} has no size and sha256)"
+        path = root / name
+        if not path.is_file() or path.stat().st_size != meta["size"]:
+            return f"{name} missing or truncated"
+        if file_sha256(path) != meta["sha256"]:
+            return f"{name} content changed"
+    return None
+
+
+def lock_timeout_s() -> float:
+    raw = os.environ.get(LOCK_TIMEOUT_ENV)
+    if not raw:
+        return DEFAULT_LOCK_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        raise CacheError(f"{LOCK_TIMEOUT_ENV}={raw!r}: not a number of seconds") from None
+    if value <= 0:
+        raise CacheError(f"{LOCK_TIMEOUT_ENV}={raw!r}: must be positive")
+    return value
+
+
+def _holder_file(lock_path: Path) -> Path:
+    return lock_path.with_name(lock_path.name + ".holder")
+
+
+def lock_holder(lock_path: Path) -> str:
+    """Who holds ``lock_path``, as recorded by ``hold_lock`` (or why that is not known)."""
+    try:
+        info = json.loads(_holder_file(lock_path).read_text())
+        since = time.strftime("%H:%M:%S", time.localtime(info["since"]))
+        return f"pid {info['pid']} on {info['host']} since {since} ({info['what']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "a process that has not said who it is"
+
+
+@contextlib.contextmanager
+def hold_lock(lock_path: Path, what: str, timeout_s: float | None = None,
+              notice_s: float = LOCK_NOTICE_S) -> Iterator[None]:
+    """Hold the file lock ``lock_path``; while waiting, say every ``notice_s`` who holds it, and give
+    up with ``LockTimeout`` after ``timeout_s`` (default ``ZOO_LOCK_TIMEOUT`` or three hours)."""
+    timeout_s = lock_timeout_s() if timeout_s is None else timeout_s
+    lock = FileLock(str(lock_path))
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            lock.acquire(timeout=max(0.0, min(notice_s, deadline - time.monotonic())), poll_interval=0.05)
+            break
+        except Timeout:
+            holder = lock_holder(lock_path)
+            if time.monotonic() >= deadline:
+                raise LockTimeout(
+                    f"{lock_path}: still held by {holder} after {timeout_s:.0f} s waiting to {what}; "
+                    f"stop that process or raise {LOCK_TIMEOUT_ENV}"
+                ) from None
+            print(f"zoo: waiting to {what}: {lock_path} is held by {holder}", file=sys.stderr, flush=True)
+    holder_file = _holder_file(lock_path)
+    try:
+        holder_file.write_text(json.dumps(
+            {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(), "what": what}))
+        yield
+    finally:
+        holder_file.unlink(missing_ok=True)
+        lock.release()
+
+
+def remove_stale_staging(target: Path) -> list[Path]:
+    """Delete the staging folders of ``target`` that killed builds left (call with its lock held)."""
+    stale = sorted(target.parent.glob(f"{target.name}{STAGING_MARK}*"))
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
+def sweep_stale_staging(directory: Path) -> list[Path]:
+    """Delete staging folders below ``directory`` whose build is not running (its lock is free)."""
+    removed = []
+    for staging in sorted(directory.glob(f"*{STAGING_MARK}*")):
+        if not staging.is_dir():
+            continue
+        target = staging.with_name(staging.name.split(STAGING_MARK, 1)[0])
+        lock = FileLock(str(target) + ".lock")
+        try:
+            lock.acquire(timeout=0)
+        except (Timeout, OSError):
+            continue  # a build is running (or the folder is read-only): leave it alone
+        try:
+            removed += remove_stale_staging(target)
+        finally:
+            lock.release()
+    return removed
+
+
+def check_cache_root(root: Path) -> bool:
+    """Whether ``root`` can hold new artifacts: True if writable, False if it exists read-only.
+    A path that cannot be a cache at all (a file, or not creatable) raises CacheError naming why."""
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise CacheError(f"cache dir {root}: exists and is not a directory")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CacheError(f"cache dir {root}: cannot be created ({exc.strerror or exc})") from None
+    return os.access(root, os.W_OK | os.X_OK)
+
+
 class ArtifactCache:
-    def __init__(self, root: Path, rebuild: bool = False):
+    def __init__(self, root: Path, rebuild: bool = False, run_id: str | None = None):
         self.root = Path(root)
         self.rebuild = rebuild
+        # Processes of one run (xdist workers) share the run id, so --rebuild builds each artifact
+        # once per run: a manifest stamped with this run was rebuilt by a sibling and is fresh.
+        self.run_id = run_id or uuid.uuid4().hex
         self.log: list[BuildLog] = []
-        self._rebuilt_this_session: set[str] = set()
         self._verified: set[Path] = set()  # hashing a large file once per process is enough
 
     def directory(self, key: ArtifactKey) -> Path:
@@ -72,20 +219,50 @@ class ArtifactCache:
         target = self.directory(key)
         if target in self._verified:
             return target
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(target) + ".lock"):
-            forced = self.rebuild and key.digest not in self._rebuilt_this_session
-            problem = "forced rebuild" if forced else self.verify(target)
+        # Lock-free first look: an intact artifact is usable even from a read-only cache.
+        problem = self._problem(key, target)
+        if problem is None:
+            return self._reused(key, target)
+        with contextlib.ExitStack() as held:
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                held.enter_context(hold_lock(Path(str(target) + ".lock"), f"build {key.kind} artifact {target.name}"))
+            except OSError as exc:
+                if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                    raise
+                raise CacheNotWritable(
+                    f"cache dir {self.root} is not writable: cannot build {key.kind} artifact {target.name} "
+                    f"({problem}; {exc.strerror}); use a writable --cache-dir"
+                ) from None
+            problem = self._problem(key, target)  # a sibling may have built it while we waited
             if problem is None:
-                self._verified.add(target)
-                self.log.append(BuildLog(key, target, False, 0.0, "reused"))
-                return target
+                return self._reused(key, target)
+            remove_stale_staging(target)
             start = time.perf_counter()
             self._build(key, target, build)
-            self._rebuilt_this_session.add(key.digest)
             self._verified.add(target)
             self.log.append(BuildLog(key, target, True, time.perf_counter() - start, problem))
+        sweep_stale_staging(target.parent)  # leftovers of other artifacts' killed builds
         return target
+
+    def _reused(self, key: ArtifactKey, target: Path) -> Path:
+        self._verified.add(target)
+        self.log.append(BuildLog(key, target, False, 0.0, "reused"))
+        return target
+
+    def _problem(self, key: ArtifactKey, target: Path) -> str | None:
+        problem = self.verify(target)
+        if problem is None and self.rebuild and self._manifest(target).get("run") != self.run_id:
+            return "forced rebuild (--rebuild)"
+        return problem
+
+    @staticmethod
+    def _manifest(target: Path) -> dict:
+        try:
+            recorded = json.loads((target / MANIFEST).read_text())
+        except (OSError, ValueError):
+            return {}
+        return recorded if isinstance(recorded, dict) else {}
 
     def verify(self, target: Path) -> str | None:
         """None when the artifact is complete and intact, else why it must be rebuilt."""
@@ -94,32 +271,30 @@ class ArtifactCache:
             return "not built" if not target.exists() else "incomplete (no manifest)"
         try:
             recorded = json.loads(manifest.read_text())
-        except json.JSONDecodeError:
-            return "corrupt manifest"
-        for name, meta in recorded.get("files", {}).items():
-            path = target / name
-            if not path.is_file() or path.stat().st_size != meta["size"]:
-                return f"{name} missing or truncated"
-            if file_sha256(path) != meta["sha256"]:
-                return f"{name} content changed"
-        return None
+        except (ValueError, OSError) as exc:
+            return f"corrupt manifest ({exc})"
+        if not isinstance(recorded, dict):
+            return f"damaged manifest (a {type(recorded).__name__}, not an object)"
+        if recorded.get("digest") != target.name.rsplit("-", 1)[-1]:
+            return "damaged manifest (its key digest does not match the directory)"
+        return check_tree(target, recorded.get("files"))
 
     def _build(self, key: ArtifactKey, target: Path, build: Callable[[Path], None]) -> None:
-        staging = target.with_name(f"{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+        staging = target.with_name(f"{target.name}{STAGING_MARK}{uuid.uuid4().hex[:8]}")
         staging.mkdir(parents=True)
         try:
             build(staging)
-            files = {
-                str(p.relative_to(staging)): {"size": p.stat().st_size, "sha256": file_sha256(p)}
-                for p in sorted(staging.rglob("*"))
-                if p.is_file()
-            }
+            files = tree_files(staging)
             if not files:
                 raise RuntimeError(f"building {key.kind} artifact {key.name} produced no files")
-            (staging / MANIFEST).write_text(
-                json.dumps({"key": asdict(key), "digest": key.digest, "files": files}, indent=1, default=str)
-            )
+            (staging / MANIFEST).write_text(json.dumps(
+                {"key": asdict(key), "digest": key.digest, "run": self.run_id, "files": files},
+                indent=1, default=str,
+            ))
             shutil.rmtree(target, ignore_errors=True)
             os.replace(staging, target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+
+    def rebuilds(self) -> list[BuildLog]:
+        return [entry for entry in self.log if entry.built]

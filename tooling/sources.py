@@ -28,10 +28,10 @@ from pathlib import Path
 from types import ModuleType
 from typing import Mapping
 
-from filelock import FileLock
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+from tooling.cache import check_tree, hold_lock, remove_stale_staging, tree_files
 from tooling.model_spec import PROJECT_ROOT
 from tooling.tools import ToolTimeout, run_tool
 
@@ -273,9 +273,11 @@ class UpstreamSource:
         target = cache_dir / "upstream" / f"{self.model}-{self.commit[:12]}-{digest}"
         hooks = [p for p in patch_files(self.patches_dir) if p.suffix == ".py"]
         target.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(target) + ".lock"):
-            if rebuild or not self._is_complete(target, digest):
+        with hold_lock(Path(str(target) + ".lock"), f"check out upstream {self.model}"):
+            problem = "forced rebuild (--rebuild)" if rebuild else self._problem(target, digest)
+            if problem is not None:
                 origin = self.origin(upstream_root)
+                remove_stale_staging(target)
                 shutil.rmtree(target, ignore_errors=True)
                 self._build(origin, target, digest)
         self.check_dependencies()
@@ -291,15 +293,19 @@ class UpstreamSource:
                 f"`pip install -e '.[{UPSTREAM_EXTRA}]'`)"
             )
 
-    def _is_complete(self, target: Path, digest: str) -> bool:
+    def _problem(self, target: Path, digest: str) -> str | None:
+        """None when the cached checkout is the pinned, patched tree with every file intact."""
         manifest = target / MANIFEST
         if not manifest.is_file():
-            return False
+            return "not checked out" if not target.exists() else "incomplete (no manifest)"
         try:
             recorded = json.loads(manifest.read_text())
-        except json.JSONDecodeError:
-            return False
-        return recorded.get("commit") == self.commit and recorded.get("patches") == digest
+        except (ValueError, OSError):
+            return "corrupt manifest"
+        if not isinstance(recorded, dict) or recorded.get("commit") != self.commit or recorded.get("patches") != digest:
+            return "manifest for another commit or patch set"
+        # A file deleted or edited in the cached tree would change what the upstream gate runs.
+        return check_tree(target, recorded.get("files"), "manifest")
 
     def _build(self, origin: str, target: Path, digest: str) -> None:
         staging = target.with_name(f"{target.name}.tmp-{uuid.uuid4().hex[:8]}")
@@ -318,9 +324,10 @@ class UpstreamSource:
                     except UpstreamError as exc:
                         raise UpstreamError(f"{patch}: does not apply to {self.model}@{self.commit[:12]}: {exc}") from exc
             shutil.rmtree(staging / ".git")
-            (staging / MANIFEST).write_text(
-                json.dumps({"model": self.model, "origin": origin, "commit": self.commit, "patches": digest})
-            )
+            (staging / MANIFEST).write_text(json.dumps({
+                "model": self.model, "origin": origin, "commit": self.commit, "patches": digest,
+                "files": tree_files(staging, skip=(MANIFEST,)),
+            }))
             os.replace(staging, target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
