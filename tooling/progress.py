@@ -37,6 +37,7 @@ class ResultStore:
         if not marker.is_file():
             marker.write_text(encoded)
         self.resumed = len(self.completed())
+        self.computed = 0  # records computed (not loaded) by this process: what a rate may count
 
     def _path(self, sample_id: str) -> Path:
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", sample_id)
@@ -68,6 +69,7 @@ class ResultStore:
         record = self.load(sample_id)
         if record is None:
             record = compute()
+            self.computed += 1
             self.save(sample_id, record)
         return record
 
@@ -90,20 +92,29 @@ def set_live_sink(sink: Callable[[str], None] | None) -> None:
 class ProgressReporter:
     """Prints ``label: done/total unit, rate/s, ETA`` at most every ``interval`` seconds, to
     ``stream`` or else the live sink (the terminal under pytest), and keeps the last line in
-    ``logfile``."""
+    ``logfile``.
 
-    def __init__(self, label: str, stream: TextIO | None = None, interval: float = 5.0, logfile: Path | None = None):
+    The rate counts only work done by this run: with ``fresh`` (how many records this process has
+    computed so far, e.g. ``ResultStore.computed``) every progress call made before the first fresh
+    record moves the starting point, so records resumed from disk, however many and in whatever
+    order they are reported, never inflate the rate or shorten the ETA. Without ``fresh`` the first
+    call is taken as the start.
+    """
+
+    def __init__(self, label: str, stream: TextIO | None = None, interval: float = 5.0, logfile: Path | None = None,
+                 fresh: Callable[[], int] | None = None):
         self.label = label
         self.stream = stream
         self.interval = interval
         self.logfile = logfile
+        self.fresh = fresh
         self.start = time.monotonic()
         self.last = 0.0
-        self.first_done: int | None = None
+        self.first_done: int | None = 0 if fresh is not None else None
 
     def __call__(self, done: int, total: int, unit: str) -> None:
         now = time.monotonic()
-        if self.first_done is None:
+        if self.first_done is None or (self.fresh is not None and self.fresh() == 0):
             self.first_done = done  # records resumed from disk do not count towards the rate
             self.start = now
         if done < total and now - self.last < self.interval:

@@ -20,6 +20,7 @@ import torch
 from tooling.backends import BACKENDS, Availability, Backend, BackendConfig, CompileRequest, Session
 from tooling.cache import ArtifactCache, ArtifactKey, file_sha256
 from tooling.export import export_onnx
+from tooling.fingerprint import content_digest, source_digest
 from tooling.locations import Roots, data_paths, find_checkpoint, missing_accuracy_inputs
 from tooling.model_spec import Case, ChainCase, ModelSpec, load_model_spec
 from tooling.progress import ProgressReporter, ResultStore
@@ -48,6 +49,7 @@ class Options:
     accuracy_limit: int | None = None
     restart_accuracy: bool = False
     required_backends: tuple[str, ...] = ()  # unavailable: the gate fails instead of skipping
+    run_id: str | None = None  # shared by the processes of one run (xdist workers): --rebuild once per run
 
 
 @dataclass
@@ -56,7 +58,7 @@ class Workspace:
     options: Options = field(default_factory=Options)
 
     def __post_init__(self):
-        self.cache = ArtifactCache(self.roots.cache_dir, rebuild=self.options.rebuild)
+        self.cache = ArtifactCache(self.roots.cache_dir, rebuild=self.options.rebuild, run_id=self.options.run_id)
         self._models: dict[str, ModelHandle] = {}
         self._backends: dict[str, Backend] = {}
 
@@ -86,15 +88,9 @@ class Workspace:
         return other
 
 
-def _source_digest(package: str) -> str:
-    """Hash of a slice's source files: editing the port invalidates every artifact built from it."""
-    module = __import__(package, fromlist=["__file__"])
-    root = Path(module.__file__).parent
-    h = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
-        h.update(path.relative_to(root).as_posix().encode())
-        h.update(path.read_bytes())
-    return h.hexdigest()[:16]
+# Engine code every artifact and score depends on besides the slice (and what they import).
+EXPORT_CODE = ("tooling.export", "tooling.seeded", "tooling.weights")
+SCORING_CODE = ("tooling.progress",)
 
 
 class ModelHandle:
@@ -112,7 +108,12 @@ class ModelHandle:
 
     @cached_property
     def port_digest(self) -> str:
-        return _source_digest(self.spec.slice_module)
+        """Every engine source file a network and its export depend on: the slice, the shared
+        modules it imports (e.g. the COCO stack), export and weights code."""
+        return source_digest(self.spec.slice_module, *EXPORT_CODE)
+
+    def backend_code_digest(self, backend: Backend, *more: str) -> str:
+        return source_digest(self.spec.slice_module, *EXPORT_CODE, type(backend).__module__, *more)
 
     # -- weights and networks -------------------------------------------------------------------
     def weights(self, network: str, roots: Roots | None = None) -> WeightsChoice:
@@ -198,7 +199,7 @@ class ModelHandle:
         opset = net.variant(case.variant).opset.get(case.exporter) or net.opset.get(case.exporter)
         if opset is None:
             raise KeyError(f"baselines/{self.spec.name}.yaml: no opset for exporter {case.exporter}")
-        source_id = f"port:{self.port_digest}" if source == "port" else f"upstream:{self.spec.upstream['commit']}"
+        source_id = "port" if source == "port" else f"upstream:{self.spec.upstream['commit']}"
         key = ArtifactKey(
             kind="onnx",
             model=self.spec.name,
@@ -206,6 +207,7 @@ class ModelHandle:
             name=f"{case.network}-{_dims_label(dims)}-{case.exporter}",
             fields={
                 "source": source_id,
+                "code": self.port_digest,
                 "patches": patches_digest(self.spec.patches) if source != "port" else None,
                 "weights": weights_digest,
                 "dims": dims,
@@ -259,7 +261,7 @@ class ModelHandle:
             dims = backend.artifact_dims(request)
             fields = {
                 "weights": weights_digest,
-                "port": self.port_digest,
+                "code": self.backend_code_digest(backend),
                 "dims": dims,
                 "variant": case.variant,
                 "versions": backend.versions(),
@@ -341,14 +343,24 @@ class ModelHandle:
             if network in oracles:
                 return oracles[network](feeds)
             case = self.case_for_feeds(network, feeds, backend_name)
-            return self.session(backend_name, case, weights[network]).run(feeds)
+            outputs = self.session(backend_name, case, weights[network]).run(feeds)
+            for name, value in outputs.items():
+                bad = int(np.count_nonzero(~np.isfinite(value))) if np.issubdtype(value.dtype, np.floating) else 0
+                if bad and not self.spec.tolerance(network, name, backend_name).allow_nonfinite:
+                    raise FloatingPointError(
+                        f"{self.spec.name}/{network} on {backend_name}: output {name} holds {bad} NaN/Inf values "
+                        f"(inputs {sorted(feeds)}); a score computed from them would be meaningless"
+                    )
+            return outputs
 
+        # Content, not size and mtime: a checkpoint copied with cp -p, an image replaced in place or
+        # an edit to shared code must not resume a stale score.
         fingerprint = {
             "backend": backend_name,
-            "port": self.port_digest,
+            "code": self.backend_code_digest(self.ws.backend(backend_name), *SCORING_CODE),
             "weights": {n: w.label for n, w in weights.items()},
-            "checkpoints": {n: _stat(w.path) for n, w in weights.items() if w.path},
-            "data": {name: _stat(p) for name, p in paths.items()},
+            "checkpoints": {n: content_digest(w.path) for n, w in weights.items() if w.path},
+            "data": {name: content_digest(p) for name, p in paths.items()},
             "dims": dims,
             "exporters": self.ws.options.exporters,
             "oracles": sorted(oracles),
@@ -356,7 +368,8 @@ class ModelHandle:
         run_id = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:16]
         run_dir = run_dir or self.ws.roots.cache_dir / "runs" / self.spec.name / run_id
         store = ResultStore(run_dir / "records", fingerprint, restart=self.ws.options.restart_accuracy)
-        reporter = ProgressReporter(label or f"{self.spec.name} accuracy on {backend_name}", logfile=run_dir / "progress.txt")
+        reporter = ProgressReporter(label or f"{self.spec.name} accuracy on {backend_name}",
+                                    logfile=run_dir / "progress.txt", fresh=lambda: store.computed)
         def run_host(network: str, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
             if network in oracles:
                 return oracles[network](feeds)
@@ -379,9 +392,3 @@ def _dims_label(dims: Mapping[str, int | str]) -> str:
     """Readable part of an artifact's directory name: the dims' values in name order."""
     return "x".join(str(dims[k]) for k in sorted(dims))
 
-
-def _stat(path: Path | None) -> list | None:
-    if path is None or not path.exists():
-        return None
-    st = path.stat()
-    return [st.st_size, int(st.st_mtime)]
