@@ -7,8 +7,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-
+from tooling.arrays import ArrayFileError, read_arrays
 from tooling.compare import compare_outputs
 from tooling.locations import Roots, staged_inventory
 from tooling.model_spec import ModelSpecError, load_model_spec, model_names
@@ -25,20 +24,15 @@ def verify_golden(args: argparse.Namespace) -> int:
     net = spec.networks[args.network]
     path = Path(args.file)
     try:
-        with np.load(path) as data:
-            try:  # a slice may rebuild inputs a golden stores only as a recipe
-                feeds = spec.load_slice().golden_inputs(spec, args.network, path, data)
-                missing = []
-            except KeyError:
-                feeds, missing = {}, [n for n in net.input_names if n not in data.files]
-            missing += [n for n in net.output_names if n not in data.files]
-            if missing:
-                print(f"{path}: lacks arrays {missing} (has {data.files})", file=sys.stderr)
-                return 2
-            expected = {n: data[n] for n in net.output_names}
-    except (OSError, ValueError) as exc:
-        print(f"{path}: not a readable npz file ({exc})", file=sys.stderr)
+        arrays = read_arrays(path)
+        missing = [n for n in net.output_names if n not in arrays]
+        if missing:
+            raise ArrayFileError(f"{path}: lacks arrays {missing} (has {sorted(arrays)})")
+        feeds = spec.load_slice().golden_inputs(spec, args.network, path, arrays)
+    except (ArrayFileError, KeyError, ValueError) as exc:  # a slice's recipe names the file too
+        print(str(exc).strip("'\""), file=sys.stderr)
         return 2
+    expected = {n: arrays[n] for n in net.output_names}
     roots = Roots(None, None, None, Roots.resolve(cache_dir=args.cache_dir).cache_dir)
     handle = Workspace(roots, Options(weights="seeded", salt=args.salt)).model(args.model)
     weights = WeightsChoice(None, args.salt)

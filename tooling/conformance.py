@@ -11,6 +11,7 @@ from functools import partial
 import numpy as np
 import pytest
 
+from tooling.arrays import read_arrays
 from tooling.backends import BACKENDS
 from tooling.compare import ComparisonError, assert_outputs_match
 from tooling.gates import gate
@@ -85,9 +86,9 @@ class ConformanceSuite:
         handle = zoo.model(self.model)
         net = handle.spec.networks[golden["network"]]
         path = handle.spec.fixtures / "golden" / golden["file"]
-        with np.load(path) as data:
-            feeds = handle.slice.golden_inputs(handle.spec, net.name, path, data)
-            expected = {name: data[name] for name in net.output_names}
+        arrays = read_arrays(path)
+        feeds = handle.slice.golden_inputs(handle.spec, net.name, path, arrays)
+        expected = {name: arrays[name] for name in net.output_names}
         weights = WeightsChoice(None, golden.get("salt", "public"))
         module, _ = handle.network(net.name, golden.get("variant"), weights)
         from tooling.backends.cpu import TorchSession

@@ -10,7 +10,7 @@ from typing import Iterable
 
 import torch
 
-from tooling.cache import file_sha256
+from tooling.fingerprint import file_digest
 from tooling.seeded import DEFAULT_SALT, apply_seeded_weights, seeded_digest
 
 
@@ -30,12 +30,26 @@ class WeightsChoice:
         return str(self.path) if self.path else f"seeded({self.salt})"
 
 
+def verify_archive(path: Path) -> None:
+    """Check every member of a zip-format checkpoint against its CRC-32: torch.load does not, so
+    bytes flipped inside tensor data would otherwise load as different weights."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+        raise CheckpointError(f"{path}: damaged checkpoint archive ({exc})") from exc
+    if bad is not None:
+        raise CheckpointError(f"{path}: damaged checkpoint: member {bad} fails its CRC-32 check")
+
+
 def read_checkpoint(path: Path) -> object:
     """Unpickle a torch checkpoint; anything but a readable file raises CheckpointError naming it."""
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: checkpoint file is empty")
+    if zipfile.is_zipfile(path):
+        verify_archive(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -48,8 +62,8 @@ def read_checkpoint(path: Path) -> object:
             return torch.load(path, map_location="cpu", weights_only=False)
         except Exception as inner:  # noqa: BLE001 - every failure means the same to the user
             raise CheckpointError(f"{path}: not a readable torch checkpoint ({inner})") from inner
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({exc})") from exc
+    except Exception as exc:  # noqa: BLE001 - text or fuzzed files escape as KeyError, IndexError, ...
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(exc).__name__}: {exc})") from exc
 
 
 def extract_state_dict(obj: object, path: Path, state_keys: Iterable[str]) -> dict[str, torch.Tensor]:
@@ -78,6 +92,17 @@ def load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Pa
         for k in expected
         if k in state and tuple(state[k].shape) != tuple(expected[k].shape)
     ]
+    # load_state_dict casts silently: integer data where a float parameter belongs is not weights.
+    wrong_type = [
+        f"{k}: checkpoint {state[k].dtype} vs network {expected[k].dtype}"
+        for k in expected
+        if k in state and state[k].is_floating_point() != expected[k].is_floating_point()
+    ]
+    nonfinite = [
+        f"{k} ({int((~torch.isfinite(state[k])).sum())} of {state[k].numel()})"
+        for k in expected
+        if k in state and state[k].is_floating_point() and not bool(torch.isfinite(state[k]).all())
+    ]
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing keys: {_preview(missing)}")
@@ -85,6 +110,10 @@ def load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Pa
         problems.append(f"{len(unexpected)} unexpected keys: {_preview(unexpected)}")
     if mismatched:
         problems.append(f"{len(mismatched)} shape mismatches: {_preview(mismatched)}")
+    if wrong_type:
+        problems.append(f"{len(wrong_type)} dtype mismatches: {_preview(wrong_type)}")
+    if nonfinite:
+        problems.append(f"{len(nonfinite)} tensors hold NaN or Inf: {_preview(nonfinite)}")
     if problems:
         raise CheckpointError(f"{path}: does not fit {type(model).__name__}: " + "; ".join(problems))
     model.load_state_dict(state, strict=True)
@@ -104,4 +133,4 @@ def apply_weights(model: torch.nn.Module, choice: WeightsChoice, slice_, network
     state = slice_.adapt_state_dict(network, extract_state_dict(raw, choice.path, state_keys))
     load_strict(model, state, choice.path)
     model.eval()
-    return "sha256-" + file_sha256(choice.path)[:32]
+    return "sha256-" + file_digest(choice.path)[:32]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,25 @@ class CocoFormatError(ValueError):
 
 
 class ImageReadError(OSError):
-    """An image file exists but OpenCV cannot decode it."""
+    """An image file exists but is truncated or cannot be decoded."""
+
+
+# Where a complete file of each container ends. OpenCV decodes a truncated JPEG or PNG partly (the
+# rest grey) with only a libjpeg warning, so a cut file would be scored as if it were the image.
+_COMPLETE_ENDINGS = {
+    b"\xff\xd8": (b"\xff\xd9", "JPEG end-of-image marker"),
+    b"\x89PNG": (b"IEND\xaeB`\x82", "PNG IEND chunk"),
+}
+
+
+def _check_complete(data: bytes, path: Path) -> None:
+    for magic, (ending, what) in _COMPLETE_ENDINGS.items():
+        if data.startswith(magic) and not data.rstrip(b"\0\r\n ").endswith(ending):
+            raise ImageReadError(f"{path}: truncated image (no {what} at the end of its {len(data)} bytes)")
+
+
+def _finite_numbers(values: Any) -> bool:
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
 
 
 def _require_list(dataset: dict[str, Any], key: str, path: Path) -> list[Any]:
@@ -53,12 +72,16 @@ def _validate_annotation(annotation: dict[str, Any], what: str, image_ids: set[A
         raise CocoFormatError(f"{path}: {what} refers to image_id {annotation['image_id']!r}, "
                               "which is not in 'images'")
     bbox = annotation["bbox"]
-    if not (isinstance(bbox, list) and len(bbox) == 4):
-        raise CocoFormatError(f"{path}: {what} has bbox {bbox!r}, expected [x, y, w, h]")
+    if not (isinstance(bbox, list) and len(bbox) == 4 and _finite_numbers(bbox)):
+        raise CocoFormatError(f"{path}: {what} has bbox {bbox!r}, expected [x, y, w, h] finite numbers")
     keypoints = annotation["keypoints"]
     if not (isinstance(keypoints, list) and len(keypoints) % 3 == 0):
         raise CocoFormatError(f"{path}: {what} has a keypoints list whose length is not a "
                               "multiple of 3 (x, y, v triplets)")
+    if not _finite_numbers(keypoints):
+        raise CocoFormatError(f"{path}: {what} has keypoints that are not finite numbers (NaN, Inf or text)")
+    if not _finite_numbers([annotation["area"]]):
+        raise CocoFormatError(f"{path}: {what} has area {annotation['area']!r}, expected a finite number")
 
 
 def _validate_keypoint_dataset(dataset: Any, path: Path) -> None:
@@ -101,7 +124,11 @@ def read_image(image_path: str | Path) -> np.ndarray:
     path = Path(image_path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: image file not found")
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    data = path.read_bytes()
+    if not data:
+        raise ImageReadError(f"{path}: image file is empty")
+    _check_complete(data, path)
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     if image is None:
         raise ImageReadError(f"{path}: OpenCV could not decode the image (corrupt or not an image)")
     return image

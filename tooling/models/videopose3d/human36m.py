@@ -20,6 +20,9 @@ from tooling.models.videopose3d.network import ONE_SIDED_PAD
 
 TEST_SUBJECTS = ("S9", "S11")
 CAMERAS_FILE = Path(__file__).with_name("h36m_cameras.json")
+# 2-D entries with no 3-D counterpart by design: the 3-D converter drops this recording as corrupted.
+# Any other 2-D entry missing from the 3-D file is an error, never a sequence silently not scored.
+DROPPED_BY_3D_CONVERTER = {("S11", "Directions")}
 
 
 class DatasetError(ValueError):
@@ -111,7 +114,11 @@ def _load_npz_dict(path: Path, key: str) -> dict:
         with np.load(path, allow_pickle=True) as data:
             if key not in data.files:
                 raise DatasetError(f"{path}: has no '{key}' entry (entries: {data.files})")
-            value = data[key].item()
+            array = data[key]
+            if array.shape != ():
+                raise DatasetError(
+                    f"{path}: '{key}' holds an array of shape {array.shape}, expected a dict by subject")
+            value = array.item()
     except DatasetError:
         raise
     except Exception as exc:  # noqa: BLE001 - zip, pickle and format errors all mean "unreadable"
@@ -132,23 +139,61 @@ def load_test_sequences(
     for subject in subjects:
         if subject not in positions:
             raise DatasetError(f"{positions_3d_file}: subject {subject} missing (have {sorted(positions)})")
+        if not isinstance(positions[subject], dict) or not positions[subject]:
+            raise DatasetError(f"{positions_3d_file}: subject {subject} holds no actions")
         for entry in positions[subject]:
             groups.setdefault(entry.split(" ")[0], []).append((subject, entry))
+    for subject in subjects:
+        scored = set(positions[subject])
+        unmatched = [e for e in _entries(detections, subject, keypoints_2d_file)
+                     if e not in scored and (subject, e) not in DROPPED_BY_3D_CONVERTER]
+        if unmatched:
+            raise DatasetError(
+                f"{positions_3d_file}: {subject} lacks {len(unmatched)} action(s) that "
+                f"{keypoints_2d_file.name} has: {sorted(unmatched)} (they would go unscored)"
+            )
     sequences = []
     for action, entries in groups.items():
         for subject, entry in entries:
             for cam_index, (pos, kps) in enumerate(
-                _camera_views(positions, detections, subject, entry, cameras[subject], skeleton, keypoints_2d_file)
+                _camera_views(positions, detections, subject, entry, cameras[subject], skeleton,
+                              positions_3d_file, keypoints_2d_file)
             ):
                 stem = f"{len(sequences) + 1:03d}_{action}"
                 sequences.append(Sequence(stem, action, subject, entry, cam_index, kps, pos))
     return sequences
 
 
-def _camera_views(positions, detections, subject, entry, cameras, skeleton, keypoints_2d_file) -> Iterator:
-    world = np.asarray(positions[subject][entry], dtype=np.float32)
+def _entries(detections: dict, subject: str, keypoints_2d_file: Path) -> list[str]:
+    entries = detections.get(subject)
+    if not isinstance(entries, dict):
+        raise DatasetError(f"{keypoints_2d_file}: no detections for subject {subject}")
+    return list(entries)
+
+
+def _finite(values: np.ndarray, where: str) -> np.ndarray:
+    bad = int(np.count_nonzero(~np.isfinite(values)))
+    if bad:
+        raise DatasetError(f"{where}: {bad} of {values.size} values are NaN or Inf")
+    return values
+
+
+def _numeric(raw, where: str) -> np.ndarray:
+    try:
+        return np.asarray(raw, dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise DatasetError(f"{where}: not a numeric array ({exc})") from exc
+
+
+def _camera_views(positions, detections, subject, entry, cameras, skeleton, positions_3d_file,
+                  keypoints_2d_file) -> Iterator:
+    where_3d = f"{positions_3d_file}: positions_3d[{subject}][{entry}]"
+    world = _numeric(positions[subject][entry], where_3d)
     if world.ndim != 3 or world.shape[1:] != (32, 3):
-        raise DatasetError(f"positions_3d[{subject}][{entry}]: shape {world.shape}, expected (T, 32, 3)")
+        raise DatasetError(f"{where_3d}: shape {world.shape}, expected (T, 32, 3)")
+    if world.shape[0] == 0:
+        raise DatasetError(f"{where_3d}: holds no frames")
+    _finite(world, where_3d)
     world = world[:, list(skeleton.kept_joints)]
     try:
         views = detections[subject][entry]
@@ -158,12 +203,13 @@ def _camera_views(positions, detections, subject, entry, cameras, skeleton, keyp
         raise DatasetError(f"{keypoints_2d_file}: {subject} / {entry} has {len(views)} cameras, expected {len(cameras)}")
     length = world.shape[0]
     for cam_index, (camera, kps) in enumerate(zip(cameras, views)):
-        kps = np.asarray(kps, dtype=np.float32)
+        kps = _numeric(kps, f"{keypoints_2d_file}: {subject} / {entry} camera {cam_index}")
         if kps.ndim != 3 or kps.shape[1:] != (17, 2) or kps.shape[0] < length:
             raise DatasetError(
                 f"{keypoints_2d_file}: {subject} / {entry} camera {cam_index}: shape {kps.shape}, "
                 f"expected at least ({length}, 17, 2)"
             )
+        _finite(kps[:length], f"{keypoints_2d_file}: {subject} / {entry} camera {cam_index}")
         cam = world_to_camera(world, camera)
         cam[:, 1:] -= cam[:, :1]
         yield cam, normalise_screen(kps[:length], camera.res_w, camera.res_h)

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from tooling.models.videopose3d.human36m import (
+    DatasetError,
     camera_constants,
     ground_truth_pair,
     load_test_sequences,
@@ -71,6 +72,8 @@ class VideoPose3DSlice(ModelSlice):
         sequences = load_test_sequences(ctx.data_paths[POSITIONS_3D], ctx.data_paths[DETECTIONS_2D])
         if ctx.limit is not None:
             sequences = sequences[: ctx.limit]
+        if not sequences:  # a mean over nothing is NaN, not a score
+            raise DatasetError(f"{ctx.data_paths[POSITIONS_3D]}: no test sequences to score")
         errors = []
         for done, seq in enumerate(sequences, start=1):
             record = ctx.results.cached(seq.stem, lambda seq=seq: self._score_sequence(ctx, seq, length))

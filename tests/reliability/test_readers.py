@@ -1,0 +1,277 @@
+"""Bad-input probes for every reader of the suite: a damaged input is a clear error, never a pass.
+
+Each ``Reader`` below writes a small *valid* input, reads it through the suite's own reader, and
+names the error types a damaged input must raise. Every file role of a reader gets the generic
+damages (``missing``, ``empty``, ``truncated`` to 60 %, ``garbage`` text); ``specific`` adds the
+damages only that format can suffer (flipped bytes in a CRC-checked archive, wrong type, missing
+part, NaN), each with a regex the message must match. For every probe the error must name the
+damaged file and say more than its name; ``test_valid_input_reads`` keeps the probes honest.
+
+Adding a reader (a new model's dataset format, e.g. GMA's ``.flo`` flow files and Sintel PNGs, or
+FOMM's mp4 videos) takes a few lines: write a ``_write_<format>(folder) -> {role: path}`` function
+producing a tiny valid input, then append
+
+    Reader("sintel-flo", roles=("flow",), write=_write_flo,
+           read=lambda files: read_flo(files["flow"]), errors=(FlowFormatError,),
+           specific={"wrong-magic": ("flow", _overwrite(0, b"XXXX"), "magic"),
+                     "nan": ("flow", _nan_flow, "NaN")})
+
+to ``READERS``. Generic damages that a format cannot detect by design (a JPEG with flipped bytes
+decodes to other pixels) are left out through ``generic``. Damage that only shows when outputs are
+compared (NaN in a golden) is probed in ``test_comparisons.py``; cache entries, upstream checkouts
+and stale resumes, which must *recover*, in ``test_cache_faults.py`` and ``test_stale_results.py``.
+"""
+from __future__ import annotations
+
+import json
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from tooling.arrays import ArrayFileError, read_arrays
+from tooling.coco.dataset import CocoFormatError, ImageReadError, load_coco, read_image
+from tooling.coco.synthetic import write_synthetic_coco
+from tooling.models.videopose3d.human36m import DatasetError, load_test_sequences
+from tooling.slice import ModelSlice
+from tooling.weights import CheckpointError, WeightsChoice, apply_weights
+
+Files = dict[str, Path]
+Damage = Callable[[Path], None]
+
+
+@dataclass(frozen=True)
+class Reader:
+    name: str
+    roles: tuple[str, ...]  # the files one input consists of
+    write: Callable[[Path], Files]  # writes a small valid input below the folder
+    read: Callable[[Files], Any]  # reads it through the suite's reader
+    errors: tuple[type[BaseException], ...]  # what a damaged input must raise
+    specific: dict[str, tuple[str, Damage, str]] = field(default_factory=dict)  # variant: (role, damage, regex)
+    generic: tuple[str, ...] = ("missing", "empty", "truncated", "garbage")
+
+
+# -- generic damages -------------------------------------------------------------------------------
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 6 // 10])
+
+
+GENERIC: dict[str, Damage] = {
+    "missing": lambda path: path.unlink(),
+    "empty": lambda path: path.write_bytes(b""),
+    "truncated": _truncate,
+    "garbage": lambda path: path.write_text("this is a text file, not the input the suite expects\n" * 3),
+}
+
+
+def _flip_in_member(member: str | None = None) -> Damage:
+    """Flip bytes in the middle of a zip member's stored data (the largest member by default)."""
+
+    def damage(path: Path) -> None:
+        with zipfile.ZipFile(path) as archive:
+            infos = archive.infolist()
+            info = next(i for i in infos if i.filename.endswith(member)) if member else max(infos, key=lambda i: i.compress_size)
+        data = bytearray(path.read_bytes())
+        name_len = int.from_bytes(data[info.header_offset + 26: info.header_offset + 28], "little")
+        extra_len = int.from_bytes(data[info.header_offset + 28: info.header_offset + 30], "little")
+        start = info.header_offset + 30 + name_len + extra_len + info.compress_size // 2
+        for i in range(start, start + 4):
+            data[i] ^= 0x5A
+        path.write_bytes(bytes(data))
+
+    return damage
+
+
+# -- checkpoints -----------------------------------------------------------------------------------
+class TinyNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(2, 4, 3)
+        self.norm = torch.nn.BatchNorm2d(4)
+
+
+def _state(**changes) -> dict[str, torch.Tensor]:
+    state = {k: torch.rand_like(v) if v.is_floating_point() else v for k, v in TinyNet().state_dict().items()}
+    state.update(changes)
+    return {k: v for k, v in state.items() if v is not None}
+
+
+def _write_checkpoint(folder: Path) -> Files:
+    path = folder / "net.pth"
+    torch.save({"epoch": 3, "state_dict": _state()}, path)
+    return {"checkpoint": path}
+
+
+def _resave(**changes) -> Damage:
+    return lambda path: torch.save({"state_dict": _state(**changes)}, path)
+
+
+def _read_checkpoint(files: Files):
+    return apply_weights(TinyNet(), WeightsChoice(files["checkpoint"]), ModelSlice(), "net", ("state_dict",))
+
+
+# -- Human3.6M --------------------------------------------------------------------------------------
+H36M_ENTRIES = {"S9": {"Walking": 12, "Eating 1": 9}, "S11": {"Walking": 10}}
+
+
+def _h36m(entries=H36M_ENTRIES, drop_3d=(), nan_3d=False, nan_2d=False, cameras=4):
+    rng = np.random.default_rng(0)
+    p3 = {s: {e: rng.uniform(-1, 1, (t, 32, 3)).astype(np.float32) for e, t in es.items() if e not in drop_3d}
+          for s, es in entries.items()}
+    p2 = {s: {e: [rng.uniform(0, 1000, (t, 17, 2)).astype(np.float32) for _ in range(cameras)] for e, t in es.items()}
+          for s, es in entries.items()}
+    if nan_3d:
+        p3["S9"]["Walking"][4, 7, 1] = np.nan
+    if nan_2d:
+        p2["S11"]["Walking"][2][3, 5, 0] = np.nan
+    return p3, p2
+
+
+def _write_h36m(folder: Path, **kw) -> Files:
+    p3, p2 = _h36m(**kw)
+    files = {"3d": folder / "data_3d_h36m.npz", "2d": folder / "data_2d_h36m_cpn_ft_h36m_dbb.npz"}
+    np.savez(files["3d"], positions_3d=p3)
+    np.savez_compressed(files["2d"], positions_2d=p2, metadata={"layout_name": "h36m"})
+    return files
+
+
+def _rewrite_h36m(role: str, **kw) -> Damage:
+    def damage(path: Path) -> None:
+        p3, p2 = _h36m(**kw)
+        if role == "3d":
+            np.savez(path, positions_3d=p3)
+        else:
+            np.savez_compressed(path, positions_2d=p2, metadata={"layout_name": "h36m"})
+    return damage
+
+
+# -- COCO annotations and images ------------------------------------------------------------------
+def _write_coco(folder: Path) -> Files:
+    dataset = write_synthetic_coco(folder, seed=1, num_images=4, image_size=(96, 64))
+    return {"annotations": dataset.annotation_path}
+
+
+def _edit_coco(edit: Callable[[dict], None]) -> Damage:
+    """Change the parsed annotations in place and write them back (NaN as the bare token json reads)."""
+
+    def damage(path: Path) -> None:
+        data = json.loads(path.read_text())
+        edit(data)
+        path.write_text(json.dumps(data))
+    return damage
+
+
+def _wrap_in_list(path: Path) -> None:
+    path.write_text(json.dumps([json.loads(path.read_text())]))
+
+
+def _set_first_annotation(key: str, value) -> Callable[[dict], None]:
+    return lambda data: data["annotations"][0].__setitem__(key, value)
+
+
+def _write_image(suffix: str) -> Callable[[Path], Files]:
+    def write(folder: Path) -> Files:
+        rng = np.random.default_rng(2)
+        path = folder / f"000000000042{suffix}"
+        cv2.imwrite(str(path), rng.integers(0, 255, (48, 64, 3), dtype=np.uint8))
+        return {"image": path}
+    return write
+
+
+# -- goldens ----------------------------------------------------------------------------------------
+def _write_golden(folder: Path) -> Files:
+    path = folder / "golden.npz"
+    rng = np.random.default_rng(3)
+    np.savez(path, x=rng.standard_normal((2, 64)).astype(np.float32), y=rng.standard_normal((2, 8)).astype(np.float32))
+    return {"golden": path}
+
+
+READERS = [
+    Reader(
+        "checkpoint", ("checkpoint",), _write_checkpoint, _read_checkpoint, (CheckpointError,),
+        specific={
+            "flipped-tensor-bytes": ("checkpoint", _flip_in_member("data/0"), "CRC"),
+            "int64-where-float": ("checkpoint", _resave(**{"conv.weight": torch.ones(4, 2, 3, 3, dtype=torch.int64)}),
+                                  r"dtype mismatch.*conv\.weight"),
+            "missing-tensor": ("checkpoint", _resave(**{"norm.bias": None}), r"missing keys: norm\.bias"),
+            "nan-weights": ("checkpoint", _resave(**{"conv.bias": torch.tensor([0.0, float("nan"), 1.0, 2.0])}),
+                            r"NaN or Inf: conv\.bias"),
+            "wrong-type-list": ("checkpoint", lambda p: torch.save([torch.zeros(2)], p), "no state_dict"),
+            "json-file": ("checkpoint", lambda p: p.write_text(json.dumps({"conv.weight": [1, 2]})), "not a readable"),
+            "random-bytes": ("checkpoint", lambda p: p.write_bytes(np.random.default_rng(5).bytes(4096)),
+                             "not a readable"),
+        },
+    ),
+    Reader(
+        "human36m", ("3d", "2d"), _write_h36m, lambda f: load_test_sequences(f["3d"], f["2d"]), (DatasetError,),
+        specific={
+            "3d-flipped-bytes": ("3d", _flip_in_member(), "not a readable"),
+            "2d-flipped-bytes": ("2d", _flip_in_member(), "not a readable"),
+            "3d-missing-action": ("3d", _rewrite_h36m("3d", drop_3d=("Eating 1",)), r"lacks 1 action.*Eating 1"),
+            "3d-nan": ("3d", _rewrite_h36m("3d", nan_3d=True), r"S9\]\[Walking\].*NaN"),
+            "2d-nan": ("2d", _rewrite_h36m("2d", nan_2d=True), r"S11 / Walking camera 2.*NaN"),
+            "2d-missing-camera": ("2d", _rewrite_h36m("2d", cameras=3), "has 3 cameras"),
+            "3d-wrong-type": ("3d", lambda p: np.savez(p, positions_3d=np.zeros((3, 32, 3))), "expected a dict"),
+            "3d-zero-frames": ("3d", _rewrite_h36m("3d", entries={**H36M_ENTRIES, "S11": {"Walking": 0}}),
+                               "no frames"),
+            "3d-no-actions": ("3d", lambda p: np.savez(p, positions_3d={"S9": {}, "S11": {}}), "holds no actions"),
+        },
+    ),
+    Reader(
+        "coco-annotations", ("annotations",), _write_coco, lambda f: load_coco(f["annotations"]), (CocoFormatError,),
+        specific={
+            "top-level-list": ("annotations", _wrap_in_list, "top level is a list"),
+            "no-annotations": ("annotations", _edit_coco(lambda d: d.__delitem__("annotations")), "'annotations' must be a list"),
+            "annotation-without-keypoints": ("annotations", _edit_coco(lambda d: d["annotations"][0].__delitem__("keypoints")),
+                                             "lacks field.*keypoints"),
+            "nan-bbox": ("annotations", _edit_coco(_set_first_annotation("bbox", [1.0, float("nan"), 5.0, 5.0])), "bbox"),
+            "nan-keypoint": ("annotations", _edit_coco(lambda d: d["annotations"][0]["keypoints"].__setitem__(0, float("nan"))),
+                             "not finite"),
+            "dangling-image-id": ("annotations", _edit_coco(_set_first_annotation("image_id", -7)), "image_id -7"),
+        },
+    ),
+    Reader("jpeg-image", ("image",), _write_image(".jpg"), lambda f: read_image(f["image"]), (ImageReadError, FileNotFoundError)),
+    Reader("png-image", ("image",), _write_image(".png"), lambda f: read_image(f["image"]), (ImageReadError, FileNotFoundError)),
+    Reader(
+        "golden", ("golden",), _write_golden, lambda f: read_arrays(f["golden"], ["x", "y"]), (ArrayFileError,),
+        specific={
+            "flipped-bytes": ("golden", _flip_in_member("x.npy"), "CRC"),
+            "missing-array": ("golden", lambda p: np.savez(p, x=np.zeros(3)), r"lacks arrays \['y'\]"),
+            "object-array": ("golden", lambda p: np.savez(p, x=np.zeros(3), y=np.array([{}], dtype=object)), "pickle"),
+            "text-array": ("golden", lambda p: np.savez(p, x=np.zeros(3), y=np.array(["a"])), "expected numbers"),
+        },
+    ),
+]
+
+
+def _probes():
+    for reader in READERS:
+        for role in reader.roles:
+            for kind in reader.generic:
+                yield pytest.param(reader, role, GENERIC[kind], None, id=f"{reader.name}-{role}-{kind}")
+        for variant, (role, damage, pattern) in reader.specific.items():
+            yield pytest.param(reader, role, damage, pattern, id=f"{reader.name}-{variant}")
+
+
+@pytest.mark.parametrize("reader", [pytest.param(r, id=r.name) for r in READERS])
+def test_valid_input_reads(reader: Reader, tmp_path):
+    reader.read(reader.write(tmp_path))
+
+
+@pytest.mark.parametrize(("reader", "role", "damage", "pattern"), list(_probes()))
+def test_damaged_input_is_a_clear_error(reader: Reader, role: str, damage: Damage, pattern: str | None, tmp_path):
+    files = reader.write(tmp_path)
+    damage(files[role])
+    with pytest.raises(reader.errors) as info:
+        reader.read(files)
+    message = str(info.value)
+    assert files[role].name in message, f"the error does not name {files[role].name}: {message}"
+    assert len(message) > len(str(files[role])) + 12, f"the error does not say what is wrong: {message}"
+    if pattern:
+        assert __import__("re").search(pattern, message), f"{message!r} does not match {pattern!r}"
