@@ -24,14 +24,25 @@ class OutputStats:
     violations: int
     tolerance: Tolerance
     atol: float  # the absolute bound applied (atol, or atol_of_max times the output's range)
+    nonfinite_actual: int = 0  # NaN or Inf elements on each side
+    nonfinite_expected: int = 0
+
+    @property
+    def nonfinite_violation(self) -> bool:
+        return not self.tolerance.allow_nonfinite and (self.nonfinite_actual or self.nonfinite_expected) > 0
 
     @property
     def passed(self) -> bool:
-        return self.violations == 0 and self.cosine >= self.tolerance.min_cosine
+        return self.violations == 0 and self.cosine >= self.tolerance.min_cosine and not self.nonfinite_violation
 
     def line(self) -> str:
         verdict = "ok  " if self.passed else "FAIL"
-        return (
+        nonfinite = (
+            f"NaN/Inf in {self.nonfinite_actual} actual and {self.nonfinite_expected} expected elements "
+            f"(the yaml does not allow_nonfinite for this output); "
+            if self.nonfinite_violation else ""
+        )
+        return nonfinite + (
             f"{verdict} {self.name} {self.shape}: max_abs={self.max_abs:.3g} mean_abs={self.mean_abs:.3g} "
             f"p99_abs={self.p99_abs:.3g} max_rel={self.max_rel:.3g} cos={self.cosine:.7f} "
             f"worst@{self.worst_index}: got {self.worst_actual:.6g} want {self.worst_expected:.6g} "
@@ -61,9 +72,12 @@ def compare_array(name: str, actual: np.ndarray, expected: np.ndarray, tol: Tole
     finite = np.abs(e[np.isfinite(e)])
     atol = max(tol.atol, tol.atol_of_max * float(finite.max()) if finite.size else 0.0)
     excess = diff - (atol + tol.rtol * np.abs(e))
+    if not tol.allow_nonfinite:
+        excess[nonfinite] = np.inf  # matching NaNs are no agreement unless the yaml allows them
     worst = int(np.argmax(excess))
-    norm = np.linalg.norm(a) * np.linalg.norm(e)
-    cosine = float(np.dot(a, e) / norm) if norm > 0 else float(np.array_equal(a, e))
+    with np.errstate(invalid="ignore", over="ignore"):  # Inf / Inf: a NaN cosine fails, as it must
+        norm = np.linalg.norm(a) * np.linalg.norm(e)
+        cosine = float(np.dot(a, e) / norm) if norm > 0 else float(np.array_equal(a, e))
     return OutputStats(
         name=name,
         shape=tuple(expected.shape),
@@ -78,6 +92,8 @@ def compare_array(name: str, actual: np.ndarray, expected: np.ndarray, tol: Tole
         violations=int(np.count_nonzero(excess > 0)),
         tolerance=tol,
         atol=atol,
+        nonfinite_actual=int(np.count_nonzero(~np.isfinite(a))),
+        nonfinite_expected=int(np.count_nonzero(~np.isfinite(e))),
     )
 
 

@@ -39,18 +39,25 @@ class Tolerance:
 
     ``atol_of_max`` scales the absolute bound with the output's range, for outputs whose scale
     depends on the weights (seeded weights can drive a heatmap to 1e4, a checkpoint keeps it < 1).
+    ``allow_nonfinite`` (yaml ``allow_nonfinite: true``) is for an output that may legitimately hold
+    NaN or Inf: then they must sit at the same places on both sides. Otherwise any NaN or Inf, on
+    either side, is a violation (an all-NaN result must never agree with an all-NaN reference).
     """
 
     atol: float
     rtol: float
     min_cosine: float = 0.0
     atol_of_max: float = 0.0
+    allow_nonfinite: bool = False
 
     @classmethod
     def parse(cls, raw: dict[str, Any], where: str) -> "Tolerance":
+        allow_nonfinite = raw.get("allow_nonfinite", False) if isinstance(raw, dict) else False
+        if not isinstance(allow_nonfinite, bool):
+            raise ModelSpecError(f"{where}: allow_nonfinite must be true or false, got {allow_nonfinite!r}")
         try:
             return cls(float(raw["atol"]), float(raw["rtol"]), float(raw.get("min_cosine", 0.0)),
-                       float(raw.get("atol_of_max", 0.0)))
+                       float(raw.get("atol_of_max", 0.0)), allow_nonfinite)
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelSpecError(f"{where}: tolerance needs numeric atol and rtol ({exc})") from exc
 
