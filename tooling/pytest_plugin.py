@@ -1,15 +1,18 @@
 """pytest integration: options, the ``zoo`` fixture, gate parametrization and the conformance matrix."""
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
 import torch
 
 from tooling.backends import BACKENDS, worker_device
+from tooling.cache import CacheError, check_cache_root
 from tooling.conformance import ConformanceSuite
 from tooling.gates import GateContext, gate_of
 from tooling.locations import Roots
@@ -22,6 +25,42 @@ MODEL_MARKERS = ("videopose3d", "transpose", "dekr", "gma", "fomm")
 _matrix_key = pytest.StashKey[ConformanceMatrix]()
 _nightly_deselected_key = pytest.StashKey[int]()
 _idle_required_key = pytest.StashKey[dict[str, str]]()
+_workspace_key = pytest.StashKey[Workspace]()
+_run_id_key = pytest.StashKey[str]()
+_cache_note_key = pytest.StashKey[str]()
+_builds_reported_key = pytest.StashKey[int]()
+
+
+def _positive_int(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _deployed_backend_names(raw: str) -> str:
+    """Validate a comma-separated list of deployed backends (returned unchanged)."""
+    deployed = sorted(n for n, b in BACKENDS.items() if b.deployed)
+    names = [b.strip() for b in raw.split(",")]
+    for name in names:
+        if not name:
+            raise argparse.ArgumentTypeError(f"{raw!r} has an empty entry; deployed backends: {', '.join(deployed)}")
+        if name not in BACKENDS:
+            raise argparse.ArgumentTypeError(f"unknown backend {name!r}; deployed backends: {', '.join(deployed)}")
+        if not BACKENDS[name].deployed:
+            raise argparse.ArgumentTypeError(
+                f"{name!r} is a reference every case runs anyway, not a deployed backend; "
+                f"deployed backends: {', '.join(deployed)}")
+    return raw
+
+
+def _deployed_backend_name(raw: str) -> str:
+    if "," in raw:
+        raise argparse.ArgumentTypeError(f"{raw!r}: name one backend")
+    return _deployed_backend_names(raw)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -32,16 +71,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--cache-dir", help="artifact cache (env ZOO_CACHE_DIR, default .zoo-cache/)")
     group.addoption("--rebuild", action="store_true", help="rebuild every artifact this run touches")
     group.addoption("--exporter", action="append", choices=EXPORTERS, help="restrict to these exporters (repeatable)")
-    group.addoption("--backends", help="comma-separated deployed backends to run (default: all available)")
-    group.addoption("--threads", type=int, default=1, help="threads per backend session and for torch (default 1)")
+    group.addoption("--backends", type=_deployed_backend_names,
+                    help="comma-separated deployed backends to run (default: all available)")
+    group.addoption("--threads", type=_positive_int, default=1, help="threads per backend session and for torch (default 1)")
     group.addoption("--weights", choices=("auto", "seeded"), default="auto",
                     help="auto: staged checkpoint when present, else seeded; seeded: always seeded")
     group.addoption("--salt", default="public", help="salt of the seeded weights")
     group.addoption("--device", help="NPU or GPU id for device backends")
     group.addoption("--devices", help="NPU or GPU ids, comma-separated: xdist worker gwN uses id N modulo their count "
                     "(run with -n <count> for one worker per device)")
-    group.addoption("--accuracy-limit", type=int, help="score only the first N samples (a quick look, not gated)")
-    group.addoption("--accuracy-backend", help="backend for the dataset accuracy gate (default: every deployed one)")
+    group.addoption("--accuracy-limit", type=_positive_int, help="score only the first N samples (a quick look, not gated)")
+    group.addoption("--accuracy-backend", type=_deployed_backend_name,
+                    help="backend for the dataset accuracy gate (default: every deployed one)")
     group.addoption("--restart-accuracy", action="store_true", help="discard resumable accuracy results")
     group.addoption("--zoo-report", default="reports/conformance.json", help="JSON conformance report path")
     group.addoption("--nightly", action="store_true", default=_env_flag("ZOO_NIGHTLY"),
@@ -98,6 +139,7 @@ def _workspace(config: pytest.Config) -> Workspace:
         weights=opt("--weights"), salt=opt("--salt"), device=device,
         accuracy_limit=opt("--accuracy-limit"), restart_accuracy=opt("--restart-accuracy"),
         required_backends=_required_backends(config),
+        run_id=config.stash[_run_id_key],
     )
     return Workspace(roots, options)
 
@@ -128,12 +170,45 @@ def pytest_configure(config: pytest.Config) -> None:
     _required_backends(config)  # a usage error before collection, not in the first test
     set_live_sink(_terminal_progress(config))
     config.stash[_matrix_key] = ConformanceMatrix()
-    torch.set_num_threads(max(1, config.getoption("--threads")))
+    # xdist workers share the controller's run id: --rebuild then rebuilds once per run.
+    config.stash[_run_id_key] = getattr(config, "workerinput", {}).get("testrunuid") or uuid.uuid4().hex
+    cache_dir = Roots.resolve(cache_dir=config.getoption("--cache-dir")).cache_dir
+    try:
+        writable = check_cache_root(cache_dir)
+    except CacheError as exc:
+        raise pytest.UsageError(f"--cache-dir: {exc}") from None
+    if not writable:
+        config.stash[_cache_note_key] = (
+            f"cache dir {cache_dir} is read-only: intact artifacts are used, anything to build fails")
+    torch.set_num_threads(config.getoption("--threads"))
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    note = config.stash.get(_cache_note_key, None)
+    return [f"zoo: {note}"] if note else []
 
 
 @pytest.fixture(scope="session")
 def zoo(pytestconfig) -> Workspace:
-    return _workspace(pytestconfig)
+    workspace = _workspace(pytestconfig)
+    pytestconfig.stash[_workspace_key] = workspace
+    return workspace
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call):
+    """Attach the artifacts this test phase built (and why) to its report, so the run summary of
+    the controller lists every rebuild, whichever xdist worker did it."""
+    workspace = item.config.stash.get(_workspace_key, None)
+    if workspace is not None:
+        reported = item.config.stash.get(_builds_reported_key, 0)
+        builds = workspace.cache.rebuilds()[reported:]
+        item.config.stash[_builds_reported_key] = reported + len(builds)
+        if builds:
+            item.user_properties.append(("zoo_builds", [
+                {"artifact": f"{b.key.kind}/{b.key.model}/{b.path.name}", "reason": b.reason,
+                 "seconds": round(b.seconds, 1)} for b in builds]))
+    yield
 
 
 # -- parametrization -----------------------------------------------------------------------------
@@ -195,11 +270,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    """Add the row to the conformance matrix, then (in the process that writes JUnit XML, before
-    junitxml reads them) replace the structured records by flat ``zoo.*`` string properties."""
-    cell = dict(report.user_properties).get("zoo_cell")
-    if cell is None or _CONFIG and hasattr(_CONFIG[0], "workerinput"):
+    """Add the row to the conformance matrix and the artifacts built to the run's list, then (in the
+    process that writes JUnit XML, before junitxml reads them) replace the structured records by
+    flat ``zoo.*`` string properties."""
+    if _CONFIG and hasattr(_CONFIG[0], "workerinput"):
         return  # an xdist worker forwards the structured records to the controller untouched
+    builds = [b for k, v in report.user_properties if k == "zoo_builds" for b in v]
+    matrix = _current_matrix()
+    if builds and matrix is not None:
+        matrix.add_builds(builds)
+    report.user_properties = [(k, v) for k, v in report.user_properties if k != "zoo_builds"]
+    cell = dict(report.user_properties).get("zoo_cell")
+    if cell is None:
+        return
     results = [v for k, v in report.user_properties if k == "zoo_result"]
     _add_matrix_row(report, cell, results)
     others = [(k, v) for k, v in report.user_properties if k not in ("zoo_cell", "zoo_result")]
@@ -268,6 +351,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
     for backend, why in config.stash.get(_idle_required_key, {}).items():
         terminalreporter.write_line(f"FAILED: required backend {backend} ran no gate: {why}", red=True, bold=True)
     matrix = config.stash.get(_matrix_key, None)
+    if matrix is not None and matrix.builds:
+        terminalreporter.section("artifacts built in this run")
+        for line in matrix.render_builds():
+            terminalreporter.write_line(line)
     if not matrix or not matrix.rows:
         return
     terminalreporter.section("conformance grid")

@@ -59,9 +59,18 @@ class MatrixRow:
 @dataclass
 class ConformanceMatrix:
     rows: list[MatrixRow] = field(default_factory=list)
+    builds: list[dict] = field(default_factory=list)  # artifacts (re)built in this run, and why
 
     def add(self, row: MatrixRow) -> None:
         self.rows.append(row)
+
+    def add_builds(self, builds: list[dict]) -> None:
+        known = {b["artifact"] for b in self.builds}
+        self.builds += [b for b in builds if b["artifact"] not in known]
+
+    def render_builds(self) -> list[str]:
+        return [f"  {b['artifact']}: {b['reason']} ({b['seconds']} s)" for b in self.builds] + [
+            f"built {len(self.builds)} artifact(s); every other one was reused from the cache"]
 
     def counts(self) -> Counter:
         return Counter(r.outcome for r in self.rows)
@@ -115,6 +124,7 @@ class ConformanceMatrix:
             "skips_by_reason": dict(self.skip_reasons()),
             "rows": [asdict(r) for r in self.rows],
             "throughput": throughput or [],
+            "builds": self.builds,
         }
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(payload, indent=1, default=str))
