@@ -48,7 +48,7 @@ def list_of(items: dict[str, Any], min_items: int = 0) -> dict[str, Any]:
 
 
 TOLERANCE = fields(
-    {"atol": NUMBER, "rtol": NUMBER, "min_cosine": NUMBER, "atol_of_max": NUMBER},
+    {"atol": NUMBER, "rtol": NUMBER, "min_cosine": NUMBER, "atol_of_max": NUMBER, "allow_nonfinite": BOOLEAN},
     required=("atol", "rtol"),
 )
 OPSETS = mapping(INTEGER, keys={"enum": list(EXPORTER_NAMES)})

@@ -199,6 +199,7 @@ def node_tolerance(tolerances: Mapping[str, Tolerance]) -> Tolerance:
         rtol=max(t.rtol for t in values),
         min_cosine=min(t.min_cosine for t in values),
         atol_of_max=max(t.atol_of_max for t in values),
+        allow_nonfinite=any(t.allow_nonfinite for t in values),
     )
 
 

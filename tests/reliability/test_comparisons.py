@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from tooling.compare import ComparisonError, assert_outputs_match, compare_array
-from tooling.model_spec import ModelSpecError, Tolerance
+import yaml
+
+from tooling.model_spec import BASELINES_DIR, ModelSpecError, Tolerance, parse_model_spec
 from tooling.models.videopose3d.slice import write_known_answer
 from tooling.locations import Roots
 from tooling.workspace import Options, Workspace
@@ -31,9 +33,13 @@ def test_nonfinite_on_either_side_is_a_named_violation(actual, expected):
 def test_yaml_may_allow_nonfinite_at_matching_places():
     assert compare_array("y", np.array([NAN, INF, 1.0]), np.array([NAN, INF, 1.0]), ALLOWED).passed
     assert not compare_array("y", np.array([NAN, 0.0, 1.0]), np.array([0.0, 0.0, 1.0]), ALLOWED).passed
-    assert Tolerance.parse({"atol": 1, "rtol": 0, "allow_nonfinite": True}, "x").allow_nonfinite
-    with pytest.raises(ModelSpecError, match="allow_nonfinite must be true or false"):
-        Tolerance.parse({"atol": 1, "rtol": 0, "allow_nonfinite": "yes"}, "x")
+    raw = yaml.safe_load((BASELINES_DIR / "videopose3d.yaml").read_text())
+    assert not parse_model_spec(raw, "videopose3d.yaml").tolerance("vp3d", "3d_preds").allow_nonfinite
+    raw["networks"]["vp3d"]["outputs"]["3d_preds"]["allow_nonfinite"] = True
+    assert parse_model_spec(raw, "videopose3d.yaml").tolerance("vp3d", "3d_preds").allow_nonfinite
+    raw["networks"]["vp3d"]["outputs"]["3d_preds"]["allow_nonfinite"] = "yes"
+    with pytest.raises(ModelSpecError, match="allow_nonfinite"):
+        parse_model_spec(raw, "videopose3d.yaml")
 
 
 def test_nan_from_a_deployed_backend_stops_the_accuracy_pass(tmp_path, monkeypatch):
