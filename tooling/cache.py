@@ -104,6 +104,11 @@ def check_tree(root: Path, recorded: object, what: str = "manifest") -> str | No
     return None
 
 
+def denied(exc: OSError) -> bool:
+    """Whether ``exc`` means the place cannot be written (permissions or a read-only mount)."""
+    return exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
 def lock_timeout_s() -> float:
     raw = os.environ.get(LOCK_TIMEOUT_ENV)
     if not raw:
@@ -228,7 +233,7 @@ class ArtifactCache:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 held.enter_context(hold_lock(Path(str(target) + ".lock"), f"build {key.kind} artifact {target.name}"))
             except OSError as exc:
-                if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                if not denied(exc):
                     raise
                 raise CacheNotWritable(
                     f"cache dir {self.root} is not writable: cannot build {key.kind} artifact {target.name} "

@@ -11,6 +11,7 @@ is importable, to adjust the imported upstream package in memory.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.metadata
@@ -31,7 +32,7 @@ from typing import Mapping
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from tooling.cache import check_tree, hold_lock, remove_stale_staging, tree_files
+from tooling.cache import check_tree, denied, hold_lock, remove_stale_staging, tree_files
 from tooling.model_spec import PROJECT_ROOT
 from tooling.tools import ToolTimeout, run_tool
 
@@ -272,14 +273,25 @@ class UpstreamSource:
         digest = patches_digest(self.patches_dir)
         target = cache_dir / "upstream" / f"{self.model}-{self.commit[:12]}-{digest}"
         hooks = [p for p in patch_files(self.patches_dir) if p.suffix == ".py"]
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with hold_lock(Path(str(target) + ".lock"), f"check out upstream {self.model}"):
-            problem = "forced rebuild (--rebuild)" if rebuild else self._problem(target, digest)
-            if problem is not None:
-                origin = self.origin(upstream_root)
-                remove_stale_staging(target)
-                shutil.rmtree(target, ignore_errors=True)
-                self._build(origin, target, digest)
+        # An intact checkout needs no lock, so a read-only cache still serves it.
+        if rebuild or self._problem(target, digest) is not None:
+            with contextlib.ExitStack() as held:
+                try:
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    held.enter_context(hold_lock(Path(str(target) + ".lock"), f"check out upstream {self.model}"))
+                except OSError as exc:
+                    if not denied(exc):
+                        raise
+                    raise UpstreamError(
+                        f"cache dir {cache_dir} is not writable: cannot check out upstream {self.model} "
+                        f"({exc.strerror}); use a writable --cache-dir"
+                    ) from None
+                problem = "forced rebuild (--rebuild)" if rebuild else self._problem(target, digest)
+                if problem is not None:
+                    origin = self.origin(upstream_root)
+                    remove_stale_staging(target)
+                    shutil.rmtree(target, ignore_errors=True)
+                    self._build(origin, target, digest)
         self.check_dependencies()
         return UpstreamCheckout(target, self.commit, hooks)
 

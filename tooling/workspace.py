@@ -18,7 +18,7 @@ import onnx
 import torch
 
 from tooling.backends import BACKENDS, Availability, Backend, BackendConfig, CompileRequest, Session
-from tooling.cache import ArtifactCache, ArtifactKey, file_sha256
+from tooling.cache import ArtifactCache, ArtifactKey, CacheNotWritable, denied, file_sha256
 from tooling.export import export_onnx
 from tooling.fingerprint import content_digest, source_digest
 from tooling.locations import Roots, data_paths, find_checkpoint, missing_accuracy_inputs
@@ -367,7 +367,15 @@ class ModelHandle:
         }
         run_id = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:16]
         run_dir = run_dir or self.ws.roots.cache_dir / "runs" / self.spec.name / run_id
-        store = ResultStore(run_dir / "records", fingerprint, restart=self.ws.options.restart_accuracy)
+        try:
+            store = ResultStore(run_dir / "records", fingerprint, restart=self.ws.options.restart_accuracy)
+        except OSError as exc:
+            if not denied(exc):
+                raise
+            raise CacheNotWritable(
+                f"{run_dir}: cannot keep the resumable records of this accuracy pass ({exc.strerror}); "
+                "use a writable --cache-dir"
+            ) from None
         reporter = ProgressReporter(label or f"{self.spec.name} accuracy on {backend_name}",
                                     logfile=run_dir / "progress.txt", fresh=lambda: store.computed)
         def run_host(network: str, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -26,7 +26,7 @@ from tooling.cache import (
     hold_lock,
 )
 from tooling.sources import MANIFEST as SOURCE_MANIFEST
-from tooling.sources import UpstreamSource
+from tooling.sources import UpstreamError, UpstreamSource
 
 KEY = ArtifactKey("onnx", "probe", "net", "net-1x3", {"weights": "w1"})
 OTHER = ArtifactKey("onnx", "probe", "net", "net-1x4", {"weights": "w1"})
@@ -198,3 +198,33 @@ def test_damaged_upstream_checkout_is_rebuilt(tmp_path, upstream, damage):
     again = source.checkout(tmp_path / "cache", upstream_root)
     assert (again.root / "pkg" / "model.py").read_text() == "WIDTH = 3\n"
     assert not list(again.root.parent.glob("*.tmp-*"))
+
+
+def test_read_only_cache_serves_an_intact_checkout_and_names_itself_otherwise(tmp_path, upstream, monkeypatch):
+    source, upstream_root = upstream
+    built = source.checkout(tmp_path / "cache", upstream_root)
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    assert source.checkout(tmp_path / "cache", upstream_root).root == built.root
+    (built.root / "pkg" / "model.py").unlink()
+    with pytest.raises(UpstreamError, match=rf"cache dir {tmp_path / 'cache'} is not writable: cannot check out upstream probe"):
+        source.checkout(tmp_path / "cache", upstream_root)
+
+
+def test_read_only_cache_stops_an_accuracy_pass_by_name(tmp_path, monkeypatch):
+    from tooling.locations import Roots
+    from tooling.models.videopose3d.slice import write_known_answer
+    from tooling.workspace import Options, Workspace
+
+    answer = write_known_answer(tmp_path / "ka")
+    handle = Workspace(Roots(answer.data_root, answer.weights_root, None, tmp_path / "cache"), Options()).model("videopose3d")
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    with pytest.raises(CacheNotWritable, match=r"runs/videopose3d/\w+: cannot keep the resumable records"):
+        handle.run_accuracy("onnxruntime", profile="smoke")

@@ -275,3 +275,27 @@ def test_damaged_input_is_a_clear_error(reader: Reader, role: str, damage: Damag
     assert len(message) > len(str(files[role])) + 12, f"the error does not say what is wrong: {message}"
     if pattern:
         assert __import__("re").search(pattern, message), f"{message!r} does not match {pattern!r}"
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_fuzzed_checkpoint_is_an_error_or_loads_unchanged(tmp_path, seed):
+    """Random byte flips and cuts anywhere in a checkpoint (headers, pickle, tensor data): the
+    load either fails with a CheckpointError naming the file or yields exactly the saved values."""
+    rng = np.random.default_rng(seed)
+    path = tmp_path / "net.pth"
+    saved = _state()
+    torch.save({"state_dict": saved}, path)
+    data = bytearray(path.read_bytes())
+    if seed % 3 == 0:
+        data = data[: int(rng.integers(1, len(data)))]
+    for position in rng.integers(0, len(data), int(rng.integers(1, 4))):
+        data[position] ^= int(rng.integers(1, 256))
+    path.write_bytes(bytes(data))
+    loaded = TinyNet()
+    try:
+        apply_weights(loaded, WeightsChoice(path), ModelSlice(), "net", ("state_dict",))
+    except CheckpointError as exc:
+        assert path.name in str(exc)
+        return
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(value, saved[key]), f"{key} changed without an error"
