@@ -16,13 +16,15 @@ def read_arrays(path: Path, names: Iterable[str] | None = None) -> dict[str, np.
     """The arrays ``names`` (default: all) from the npz ``path``, every one read in full (so a
     damaged member fails its CRC-32 check here, not later), numeric, and never pickled objects."""
     path = Path(path)
-    names = list(names) if names is not None else None
+    requested = names is not None
+    names = list(names) if requested else None
     if not path.is_file():
         raise ArrayFileError(f"{path}: file not found")
     try:
-        with np.load(path, allow_pickle=False) as data:
-            if not isinstance(data, np.lib.npyio.NpzFile):
-                raise ArrayFileError(f"{path}: a single .npy array, expected an npz archive of named arrays")
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise ArrayFileError(f"{path}: a single .npy array, expected an npz archive of named arrays")
+        with loaded as data:
             names = data.files if names is None else names
             missing = [n for n in names if n not in data.files]
             if missing:
@@ -33,6 +35,8 @@ def read_arrays(path: Path, names: Iterable[str] | None = None) -> dict[str, np.
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
         raise ArrayFileError(f"{path}: not a readable npz archive ({type(exc).__name__}: {exc})") from exc
     for name, array in arrays.items():
-        if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
+        numeric = np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_
+        # Arrays asked for by name are data; others (read with names=None) may be text metadata.
+        if not numeric and (requested or array.dtype.kind != "U"):
             raise ArrayFileError(f"{path}: array {name!r} has dtype {array.dtype}, expected numbers")
     return arrays

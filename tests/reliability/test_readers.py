@@ -23,6 +23,7 @@ and stale resumes, which must *recover*, in ``test_cache_faults.py`` and ``test_
 """
 from __future__ import annotations
 
+import io
 import json
 import zipfile
 from dataclasses import dataclass, field
@@ -192,6 +193,12 @@ def _write_golden(folder: Path) -> Files:
     return {"golden": path}
 
 
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
 READERS = [
     Reader(
         "checkpoint", ("checkpoint",), _write_checkpoint, _read_checkpoint, (CheckpointError,),
@@ -245,6 +252,7 @@ READERS = [
             "missing-array": ("golden", lambda p: np.savez(p, x=np.zeros(3)), r"lacks arrays \['y'\]"),
             "object-array": ("golden", lambda p: np.savez(p, x=np.zeros(3), y=np.array([{}], dtype=object)), "pickle"),
             "text-array": ("golden", lambda p: np.savez(p, x=np.zeros(3), y=np.array(["a"])), "expected numbers"),
+            "npy-not-npz": ("golden", lambda p: p.write_bytes(_npy_bytes(np.zeros(3))), "single .npy array"),
         },
     ),
 ]
