@@ -210,3 +210,19 @@ def test_required_backend_that_ran_no_gate_fails_the_run(toy_project):
     result.assert_outcomes(passed=1)
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     result.stdout.fnmatch_lines(["*required backend openvino ran no gate: no selected test uses it*"])
+
+
+def test_under_xdist_the_controller_gets_full_rows_and_junit_flat_properties(toy_project):
+    report = toy_project.path / "matrix.json"
+    junit = toy_project.path / "junit.xml"
+    result = toy_project.runpytest_subprocess(
+        "-p", "tooling.pytest_plugin", "-p", "no:cacheprovider", "-m", "not benchmark", "-n", "1",
+        "--backends", "onnxruntime,openvino", f"--zoo-report={report}", "-o", "markers=toynet", f"--junitxml={junit}",
+    )
+    result.assert_outcomes(passed=11, skipped=4)
+    rows = json.loads(report.read_text())["rows"]
+    figures = [r["results"] for r in rows if r["gate"] == "deployed-vs-onnx"]
+    assert figures and all("worst_max_abs" in results[0] for results in figures)  # structured, from the worker
+    properties = ElementTree.parse(junit).getroot().findall(".//testcase/properties/property")
+    assert any(p.get("name") == "zoo.worst_max_abs" for p in properties)
+    assert not any("{" in p.get("value") for p in properties)
