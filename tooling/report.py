@@ -105,7 +105,9 @@ class ConformanceMatrix:
         for why, backends in sorted(by_reason.items()):
             lines.append(f"not on this host: {', '.join(sorted(backends))}: {why}")
         counts = self.counts()
-        lines.append(f"total: {counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped")
+        elsewhere = sum(1 for r in self.rows if r.backend in folded)
+        lines.append(f"total: {counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped"
+                     + (f" ({elsewhere} on backends not on this host)" if elsewhere else ""))
         for reason, n in self.skip_reasons().most_common():
             if not any(reason.startswith(f"{b} unavailable") for b in folded):
                 lines.append(f"  skipped x{n}: {reason}")

@@ -66,6 +66,7 @@ def test_backends_unavailable_here_fold_into_one_line_per_reason():
     assert f"not on this host: onnxruntime-cuda, torch-cuda: {CUDA_REASON}" in lines
     assert f"not on this host: om: {OM_REASON}" in lines
     assert "  skipped x1: toy accuracy needs staged inputs" in lines  # other skips still counted by reason
+    assert "total: 1 passed, 0 failed, 4 skipped (3 on backends not on this host)" in lines
     assert not any("skipped x" in line and "unavailable" in line for line in lines)
     grid = {tuple(line.split()[:2]): line.split()[2:] for line in lines[2:4]}
     assert grid[("accuracy", "-")] == ["skip"]
