@@ -307,7 +307,9 @@ def _add_matrix_row(report: pytest.TestReport, cell: dict, results: list[dict]) 
             detail = ""
         diverging = [r["triage"]["first_divergence"] for r in results if (r.get("triage") or {}).get("first_divergence")]
         if report.failed and diverging:  # the parity failure's first diverging node, in the grid too
-            detail += f" [first diverging node {diverging[0]['node']!r} ({diverging[0]['op_type']})]"
+            first = diverging[0]
+            module = f"module {first['module']!r}, " if first.get("module") else ""
+            detail += f" [first diverging {module}node {first['node']!r} ({first['op_type']})]"
         matrix.add(MatrixRow(**cell, outcome=report.outcome, detail=detail, nodeid=report.nodeid, results=results))
 
 
