@@ -274,9 +274,11 @@ def test_a_requirement_the_extra_does_not_pin_is_an_error(pyproject_pinning):
 def test_every_baseline_upstream_requirement_is_pinned_in_the_extra_and_requirements_txt():
     requirements = {line.split("==")[0]: line.strip() for line in (PROJECT_ROOT / "requirements.txt").read_text().splitlines()
                     if "==" in line and not line.startswith("#")}
-    for model in model_names():
-        for status in dependency_status(upstream_source(load_model_spec(model)).requires):
-            assert requirements.get(status.requirement.name) == str(status.requirement), model
+    for spec in map(load_model_spec, model_names()):
+        if not spec.upstream.get("commit"):
+            continue  # no upstream pinned yet: nothing it could require
+        for status in dependency_status(upstream_source(spec).requires):
+            assert requirements.get(status.requirement.name) == str(status.requirement), spec.name
 
 
 # -- the gate's verdicts on what is (not) staged -------------------------------------------------
