@@ -12,6 +12,7 @@ import pytest
 from _pytest.config.argparsing import Parser
 
 from tooling import cli, pytest_plugin
+from tooling.cache import ArtifactCache, ArtifactKey
 
 PROJECT = Path(__file__).resolve().parents[2]
 
@@ -43,35 +44,55 @@ def test_good_options_parse():
     assert (options.backends, options.threads, options.accuracy_limit) == ("onnxruntime,openvino", 2, 5)
 
 
-def _run_pytest(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+def _run_pytest(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:xdist", "-p", "no:cacheprovider", "-p", "tooling.pytest_plugin",
-         "-q", *args], cwd=PROJECT, capture_output=True, text=True, timeout=300,
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "tooling.pytest_plugin", "-q", *args],
+        cwd=PROJECT, capture_output=True, text=True, timeout=300,
         env={**__import__("os").environ, "PYTHONPATH": str(PROJECT)})
 
 
-REBUILDING_TEST = '''
+REBUILDING_TESTS = '''
+import os
+from pathlib import Path
+
+import pytest
+
 from tooling.cache import ArtifactKey
 
-def test_uses_an_artifact(zoo):
-    key = ArtifactKey("onnx", "probe", "net", "net-1x3", {"w": 1})
-    zoo.cache.get(key, lambda staging: (staging / "model.onnx").write_bytes(b"graph"))
+def build(staging):
+    with open(os.environ["PROBE_BUILD_LOG"], "a") as log:
+        log.write(f"{os.getpid()}\\n")
+    (staging / "model.onnx").write_bytes(b"graph")
+
+@pytest.mark.parametrize("worker", range(4))
+def test_uses_the_same_artifact(zoo, worker):
+    zoo.cache.get(ArtifactKey("onnx", "probe", "net", "net-1x3", {"w": 1}), build)
 '''
 
 
-def test_run_summary_lists_rebuilt_artifacts_and_cache_dir_errors_at_start(tmp_path):
-    """One pytest process (slow to start) for every end-to-end check of the plugin."""
+def test_rebuild_under_xdist_builds_once_and_the_summary_lists_it(tmp_path, monkeypatch):
+    """Two workers, four tests asking for one artifact, --rebuild: one build, reported once."""
     test_file = tmp_path / "test_probe_run.py"
-    test_file.write_text(REBUILDING_TEST)
-    cache, report = tmp_path / "cache", tmp_path / "report.json"
-    first = _run_pytest(tmp_path, str(test_file), "--cache-dir", str(cache), "--zoo-report", str(report), "--rebuild")
-    assert first.returncode == 0, first.stdout + first.stderr
-    assert "artifacts built in this run" in first.stdout
-    assert "onnx/probe/net-1x3-" in first.stdout and "not built" in first.stdout
+    test_file.write_text(REBUILDING_TESTS)
+    cache, builds = tmp_path / "cache", tmp_path / "builds.txt"
+    monkeypatch.setenv("PROBE_BUILD_LOG", str(builds))
+    ArtifactCache(cache).get(ArtifactKey("onnx", "probe", "net", "net-1x3", {"w": 1}),
+                             lambda staging: (staging / "model.onnx").write_bytes(b"old graph"))
+    rebuilt = _run_pytest(str(test_file), "--cache-dir", str(cache), "--zoo-report", str(tmp_path / "report.json"),
+                          "-n", "2", "--rebuild")
+    assert rebuilt.returncode == 0, rebuilt.stdout + rebuilt.stderr
+    assert len(builds.read_text().splitlines()) == 1, "each worker rebuilt the artifact"
+    assert "artifacts built in this run" in rebuilt.stdout
+    assert rebuilt.stdout.count("onnx/probe/net-1x3-") == 1 and "forced rebuild (--rebuild)" in rebuilt.stdout
+
+
+def test_impossible_cache_dir_is_one_usage_error_at_start(tmp_path):
+    test_file = tmp_path / "test_probe_run.py"
+    test_file.write_text(REBUILDING_TESTS)
 
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    bad = _run_pytest(tmp_path, str(test_file), "--cache-dir", str(blocker / "cache"))
+    bad = _run_pytest(str(test_file), "-p", "no:xdist", "--cache-dir", str(blocker / "cache"))
     assert bad.returncode == pytest.ExitCode.USAGE_ERROR, bad.stdout + bad.stderr
     assert f"--cache-dir: cache dir {blocker / 'cache'}: cannot be created" in bad.stderr
     assert bad.stderr.count("cannot be created") == 1  # one error at start, not one per test

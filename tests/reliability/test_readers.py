@@ -38,6 +38,9 @@ import torch
 from tooling.arrays import ArrayFileError, read_arrays
 from tooling.coco.dataset import CocoFormatError, ImageReadError, load_coco, read_image
 from tooling.coco.synthetic import write_synthetic_coco
+from tooling.models.fomm.video import VideoError, read_clip, write_mp4
+from tooling.models.gma.flo import FloError, read_flo, write_flo
+from tooling.models.gma.sintel import SintelLayoutError, read_frame
 from tooling.models.videopose3d.human36m import DatasetError, load_test_sequences
 from tooling.slice import ModelSlice
 from tooling.weights import CheckpointError, WeightsChoice, apply_weights
@@ -176,12 +179,12 @@ def _set_first_annotation(key: str, value) -> Callable[[dict], None]:
     return lambda data: data["annotations"][0].__setitem__(key, value)
 
 
-def _write_image(suffix: str) -> Callable[[Path], Files]:
+def _write_image(suffix: str, role: str = "image") -> Callable[[Path], Files]:
     def write(folder: Path) -> Files:
         rng = np.random.default_rng(2)
         path = folder / f"000000000042{suffix}"
         cv2.imwrite(str(path), rng.integers(0, 255, (48, 64, 3), dtype=np.uint8))
-        return {"image": path}
+        return {role: path}
     return write
 
 
@@ -191,6 +194,33 @@ def _write_golden(folder: Path) -> Files:
     rng = np.random.default_rng(3)
     np.savez(path, x=rng.standard_normal((2, 64)).astype(np.float32), y=rng.standard_normal((2, 8)).astype(np.float32))
     return {"golden": path}
+
+
+# -- GMA: Sintel flow and frames; FOMM: mp4 clips ------------------------------------------------------
+def _write_flo(folder: Path) -> Files:
+    path = folder / "frame_0001.flo"
+    write_flo(path, np.random.default_rng(4).standard_normal((6, 8, 2)).astype(np.float32))
+    return {"flow": path}
+
+
+def _overwrite(offset: int, data: bytes) -> Damage:
+    def damage(path: Path) -> None:
+        content = bytearray(path.read_bytes())
+        content[offset: offset + len(data)] = data
+        path.write_bytes(bytes(content))
+    return damage
+
+
+def _nan_flow(path: Path) -> None:
+    flow = read_flo(path)
+    flow[2, 3, 1] = np.nan
+    write_flo(path, flow)
+
+
+def _write_mp4(folder: Path) -> Files:
+    path = folder / "clip.mp4"
+    write_mp4(path, np.random.default_rng(6).integers(0, 255, (12, 64, 64, 3), dtype=np.uint8))
+    return {"clip": path}
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -245,6 +275,17 @@ READERS = [
     ),
     Reader("jpeg-image", ("image",), _write_image(".jpg"), lambda f: read_image(f["image"]), (ImageReadError, FileNotFoundError)),
     Reader("png-image", ("image",), _write_image(".png"), lambda f: read_image(f["image"]), (ImageReadError, FileNotFoundError)),
+    Reader(
+        "gma-flo", ("flow",), _write_flo, lambda f: read_flo(f["flow"]), (FloError,),
+        specific={
+            "wrong-magic": ("flow", _overwrite(0, b"XXXX"), "magic"),
+            "huge-header": ("flow", _overwrite(4, np.array([1 << 20], "<i4").tobytes()), "needs"),
+            "nan": ("flow", _nan_flow, "NaN"),
+        },
+    ),
+    Reader("sintel-png", ("frame",), _write_image(".png", role="frame"), lambda f: read_frame(f["frame"]),
+           (SintelLayoutError,)),
+    Reader("fomm-mp4", ("clip",), _write_mp4, lambda f: read_clip(f["clip"]), (VideoError,)),
     Reader(
         "golden", ("golden",), _write_golden, lambda f: read_arrays(f["golden"], ["x", "y"]), (ArrayFileError,),
         specific={

@@ -35,6 +35,9 @@ def decode_flo(data: bytes, name: str | Path = "<bytes>") -> np.ndarray:
         state = "truncated" if len(data) < expected else "has trailing bytes"
         raise FloError(f"{name}: {state}: {len(data)} bytes, a {width} x {height} field needs {expected}")
     values = np.frombuffer(data, "<f4", count=width * height * 2, offset=HEADER_BYTES)
+    bad = int(np.count_nonzero(~np.isfinite(values)))
+    if bad:  # Sintel's ground truth is dense and finite: NaN would poison the end-point error
+        raise FloError(f"{name}: {bad} of {values.size} flow values are NaN or Inf")
     return values.reshape(height, width, 2).astype(np.float32)
 
 
