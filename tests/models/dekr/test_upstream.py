@@ -192,3 +192,68 @@ def test_rescore_port_matches_upstream_builder(tmp_path, fake_checkout):
     actual = TorchSession(port, net.input_names, net.output_names).run(feeds)
     stats = assert_outputs_match(actual, expected, net.outputs, "rescore port vs upstream")
     assert stats[0].max_abs == 0.0  # same maths, same weights, same kernels
+
+
+# -- DEKR and TransPose upstreams in one process -----------------------------------------------
+
+FAKE_TRANSPOSE = {
+    "lib/config/__init__.py": "from .default import _C as cfg\n",
+    "lib/config/default.py": """
+        from yacs.config import CfgNode as CN
+
+        _C = CN()
+        _C.MODEL = CN()
+        _C.MODEL.DIM_MODEL = 4
+    """,
+    "lib/models/__init__.py": "import models.transpose_r\n",
+    "lib/models/transpose_r.py": """
+        import torch
+
+
+        class Marker(torch.nn.Module):
+            def __init__(self, width):
+                super().__init__()
+                self.width = width
+
+            def forward(self, x):
+                return x
+
+
+        def get_pose_net(cfg, is_train):
+            return Marker(cfg.MODEL.DIM_MODEL)
+    """,
+    "experiments/coco/transpose_r/TP_R_256x192_d256_h1024_enc3_mh8.yaml": "MODEL:\n  DIM_MODEL: 256\n",
+}
+
+
+def generated_checkout(tmp_path: Path, model: str, files: dict[str, str]):
+    repo = tmp_path / "upstream" / model
+    for rel, text in files.items():
+        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+        (repo / rel).write_text(textwrap.dedent(text))
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
+           "HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "pinned"]):
+        subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, env=env)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, check=True, capture_output=True, text=True).stdout.strip()
+    return UpstreamSource(model, "", commit, tmp_path / "no-patches", ("yacs",)).checkout(tmp_path / "cache", repo.parent)
+
+
+@pytest.mark.transpose
+@pytest.mark.parametrize("order", [("dekr", "transpose"), ("transpose", "dekr")])
+def test_dekr_and_transpose_upstreams_build_in_either_order(tmp_path, order):
+    """Both repositories ship top-level ``config`` and ``models``: each slice's real builder must get
+    its own repository's, whichever is imported first."""
+    from tooling.models.transpose.slice import SLICE as TRANSPOSE
+
+    checkouts = {"dekr": generated_checkout(tmp_path, "dekr", FAKE_UPSTREAM),
+                 "transpose": generated_checkout(tmp_path, "transpose", FAKE_TRANSPOSE)}
+    built = {}
+    for model in order:
+        if model == "dekr":
+            built[model] = SLICE.build_upstream_network("rescore", checkouts[model])
+        else:
+            built[model] = TRANSPOSE.build_upstream_network("transpose_r", checkouts[model])
+    assert type(built["dekr"]).__name__ == "ScoreMLP" and built["dekr"].l1.weight.shape == (256, 74)
+    assert type(built["transpose"]).__name__ == "Marker" and built["transpose"].width == 256
+    assert "config" not in sys.modules and "models" not in sys.modules
