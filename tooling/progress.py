@@ -34,6 +34,8 @@ class ResultStore:
         if restart or stale:
             shutil.rmtree(self.directory, ignore_errors=True)
         self.directory.mkdir(parents=True, exist_ok=True)
+        for leftover in self.directory.glob(".*.tmp.npz"):  # a record whose writer was killed
+            leftover.unlink(missing_ok=True)
         if not marker.is_file():
             marker.write_text(encoded)
         self.resumed = len(self.completed())
@@ -46,7 +48,7 @@ class ResultStore:
         return self.directory / f"{safe}.npz"
 
     def completed(self) -> list[Path]:
-        return [p for p in self.directory.glob("*.npz")]
+        return [p for p in self.directory.glob("*.npz") if not p.name.startswith(".")]
 
     def load(self, sample_id: str) -> dict[str, np.ndarray] | None:
         path = self._path(sample_id)

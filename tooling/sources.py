@@ -269,12 +269,18 @@ class UpstreamSource:
             f"or set ZOO_UPSTREAM_URL_{self.model.upper()} to a reachable mirror"
         )
 
-    def checkout(self, cache_dir: Path, upstream_root: Path | None, rebuild: bool = False) -> UpstreamCheckout:
+    def checkout(self, cache_dir: Path, upstream_root: Path | None, rebuild: bool = False,
+                 run_id: str | None = None) -> UpstreamCheckout:
+        """The patched tree, built if missing or damaged; ``rebuild`` forces a fresh one once per
+        ``run_id`` (xdist workers of one run share it: a sibling's fresh checkout is not torn down)."""
         digest = patches_digest(self.patches_dir)
         target = cache_dir / "upstream" / f"{self.model}-{self.commit[:12]}-{digest}"
         hooks = [p for p in patch_files(self.patches_dir) if p.suffix == ".py"]
         # An intact checkout needs no lock, so a read-only cache still serves it.
-        if rebuild or self._problem(target, digest) is not None:
+        def forced() -> bool:
+            return rebuild and (run_id is None or self._recorded(target).get("run") != run_id)
+
+        if forced() or self._problem(target, digest) is not None:
             with contextlib.ExitStack() as held:
                 try:
                     target.parent.mkdir(parents=True, exist_ok=True)
@@ -286,12 +292,12 @@ class UpstreamSource:
                         f"cache dir {cache_dir} is not writable: cannot check out upstream {self.model} "
                         f"({exc.strerror}); use a writable --cache-dir"
                     ) from None
-                problem = "forced rebuild (--rebuild)" if rebuild else self._problem(target, digest)
+                problem = "forced rebuild (--rebuild)" if forced() else self._problem(target, digest)
                 if problem is not None:
                     origin = self.origin(upstream_root)
                     remove_stale_staging(target)
                     shutil.rmtree(target, ignore_errors=True)
-                    self._build(origin, target, digest)
+                    self._build(origin, target, digest, run_id)
         self.check_dependencies()
         return UpstreamCheckout(target, self.commit, hooks)
 
@@ -304,6 +310,14 @@ class UpstreamSource:
                 f"install with `{install_command(missing)}` (all upstream dependencies: "
                 f"`pip install -e '.[{UPSTREAM_EXTRA}]'`)"
             )
+
+    @staticmethod
+    def _recorded(target: Path) -> dict:
+        try:
+            recorded = json.loads((target / MANIFEST).read_text())
+        except (OSError, ValueError):
+            return {}
+        return recorded if isinstance(recorded, dict) else {}
 
     def _problem(self, target: Path, digest: str) -> str | None:
         """None when the cached checkout is the pinned, patched tree with every file intact."""
@@ -319,7 +333,7 @@ class UpstreamSource:
         # A file deleted or edited in the cached tree would change what the upstream gate runs.
         return check_tree(target, recorded.get("files"), "manifest")
 
-    def _build(self, origin: str, target: Path, digest: str) -> None:
+    def _build(self, origin: str, target: Path, digest: str, run_id: str | None = None) -> None:
         staging = target.with_name(f"{target.name}.tmp-{uuid.uuid4().hex[:8]}")
         try:
             _git("clone", "--quiet", "--no-checkout", origin, str(staging))
@@ -337,7 +351,7 @@ class UpstreamSource:
                         raise UpstreamError(f"{patch}: does not apply to {self.model}@{self.commit[:12]}: {exc}") from exc
             shutil.rmtree(staging / ".git")
             (staging / MANIFEST).write_text(json.dumps({
-                "model": self.model, "origin": origin, "commit": self.commit, "patches": digest,
+                "model": self.model, "origin": origin, "commit": self.commit, "patches": digest, "run": run_id,
                 "files": tree_files(staging, skip=(MANIFEST,)),
             }))
             os.replace(staging, target)

@@ -144,7 +144,8 @@ class ModelHandle:
         every network built from it); raises UpstreamNotStaged or UpstreamDependencyMissing."""
         if self._upstream is None:
             self._upstream = upstream_source(self.spec).checkout(
-                self.ws.roots.cache_dir, self.ws.roots.upstream_root, rebuild=self.ws.options.rebuild
+                self.ws.roots.cache_dir, self.ws.roots.upstream_root, rebuild=self.ws.options.rebuild,
+                run_id=self.ws.cache.run_id,
             )
         return self._upstream
 

@@ -228,3 +228,28 @@ def test_read_only_cache_stops_an_accuracy_pass_by_name(tmp_path, monkeypatch):
     monkeypatch.setattr(Path, "mkdir", refuse)
     with pytest.raises(CacheNotWritable, match=r"runs/videopose3d/\w+: cannot keep the resumable records"):
         handle.run_accuracy("onnxruntime", profile="smoke")
+
+
+def test_forced_checkout_rebuild_happens_once_per_run(tmp_path, upstream):
+    source, upstream_root = upstream
+    first = source.checkout(tmp_path / "cache", upstream_root)
+    manifest = first.root / SOURCE_MANIFEST
+    source.checkout(tmp_path / "cache", upstream_root, rebuild=True, run_id="run-1")
+    stamped = manifest.stat().st_ino
+    (first.root / "pkg" / "__pycache__").mkdir()  # what a sibling worker importing from it writes
+    source.checkout(tmp_path / "cache", upstream_root, rebuild=True, run_id="run-1")
+    assert manifest.stat().st_ino == stamped and (first.root / "pkg" / "__pycache__").is_dir()
+    source.checkout(tmp_path / "cache", upstream_root, rebuild=True, run_id="run-2")
+    assert not (first.root / "pkg" / "__pycache__").exists()
+
+
+def test_killed_record_writes_are_removed_and_not_counted(tmp_path):
+    import numpy as np
+
+    from tooling.progress import ResultStore
+
+    store = ResultStore(tmp_path / "run", {"probe": 1})
+    store.save("a", {"x": np.zeros(1)})
+    (tmp_path / "run" / ".b.1234abcd.tmp.npz").write_bytes(b"half a record")
+    again = ResultStore(tmp_path / "run", {"probe": 1})
+    assert again.resumed == 1 and not list((tmp_path / "run").glob(".*.tmp.npz"))

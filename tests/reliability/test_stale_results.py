@@ -166,3 +166,20 @@ def test_rate_and_eta_after_resume_count_only_this_runs_work(tmp_path, monkeypat
         if i == 94:
             assert stream.getvalue().splitlines()[-1] == "probe: 95/100 samples, 0.10 samples/s, ETA 0:00:50"
     assert store.computed == 10
+
+
+def test_onnx_artifact_key_covers_shared_engine_code(tmp_path, monkeypatch):
+    """The exported graph's cache key holds the digest of every engine module its bytes depend on
+    (the slice with what it imports, export, seeding, weights), not only the slice's own files."""
+    handle = Workspace(Roots(None, None, None, tmp_path / "cache"), Options(weights="seeded")).model("transpose")
+    keys = []
+
+    def record(key, build):
+        keys.append(key)
+        raise LookupError("key recorded; nothing to export in this probe")
+
+    monkeypatch.setattr(handle.ws.cache, "get", record)
+    case = next(c for c in handle.spec.cases() if not c.slow)
+    with pytest.raises(LookupError):
+        handle.onnx(case)
+    assert keys[0].fields["code"] == source_digest("tooling.models.transpose", *EXPORT_CODE)
