@@ -52,6 +52,11 @@ def mean_call_seconds(session, rounds: int, host_mean_s: float) -> float:
     return float(np.mean(device_times_ms()[-rounds:])) / 1000.0
 
 
+def relabel(request: pytest.FixtureRequest, **cell) -> None:
+    """Name a row by what it turned out to check (an oracle run is not a deployed-backend run)."""
+    request.node.user_properties.append(("zoo_relabel", cell))
+
+
 def record(request: pytest.FixtureRequest, **result) -> None:
     """Attach figures to the test report; the plugin puts them in the conformance matrix and JSON."""
     request.node.user_properties.append(("zoo_result", result))
@@ -209,10 +214,14 @@ class ConformanceSuite:
     @pytest.mark.accuracy
     @gate("accuracy-known-answer")
     def test_accuracy_pipeline_known_answer(self, zoo: Workspace, tmp_path, request):
-        """The whole accuracy path (reader, preprocessing, export, deployed run, metric) on generated
-        data whose correct score is known in advance."""
+        """The accuracy path (reader, preprocessing, postprocessing, metric) on generated data whose
+        correct score is known in advance. Where the slice's answer replaces a network by an oracle
+        (ideal heatmaps, say), no export or deployed run of that network happens, and the row is
+        labelled ``accuracy-oracle``; otherwise the network runs exported, on ONNX Runtime."""
         require_backend(zoo, "onnxruntime")
         answer = zoo.model(self.model).slice.make_known_answer(tmp_path)
+        if answer.oracles:
+            relabel(request, gate="accuracy-oracle", backend="oracle:" + "+".join(sorted(answer.oracles)))
         staged = zoo.with_roots(data_root=answer.data_root, weights_root=answer.weights_root)
         metrics = staged.model(self.model).run_accuracy(
             "onnxruntime", profile=answer.profile, label=f"{self.model} known answer", oracles=answer.oracles,
@@ -221,6 +230,69 @@ class ConformanceSuite:
         record(request, metrics=metrics, expected=answer.expected)
         for name, want in answer.expected.items():
             assert metrics[name] == pytest.approx(want, abs=answer.tolerance), f"{name}: got {metrics[name]}, want {want}"
+
+    @pytest.mark.accuracy
+    @gate("accuracy-agreement")
+    def test_accuracy_agrees_with_torch(self, zoo: Workspace, deployed_backend: str, tmp_path, request):
+        """Network in the loop: the accuracy pipeline on the known-answer dataset, with seeded
+        weights and no oracle, on a deployed backend. Every network call's raw outputs (backend
+        tolerances) and decoded outputs (``decoded`` tolerances) agree with torch eager on the same
+        feeds, and no metric moves further from the torch eager pipeline's than
+        ``accuracy.agreement`` allows: the deployed backend must not move AP or MPJPE."""
+        require_backend(zoo, deployed_backend)
+        spec = zoo.model(self.model).spec
+        assert spec.accuracy and spec.accuracy.agreement, (
+            f"baselines/{self.model}.yaml: accuracy.agreement names no metric bound for the deployed backends"
+        )
+        answer = zoo.model(self.model).slice.make_known_answer(tmp_path / "dataset")
+        handle = zoo.with_roots(data_root=answer.data_root, weights_root=None).model(self.model)
+        if not any(handle.spec.case_runs_on(c, deployed_backend) for c in handle.spec.cases()
+                   if c.profile == answer.profile):
+            pytest.skip(f"{deployed_backend} serves no case of profile {answer.profile} (the known-answer set's)")
+        weights = handle.seeded_weights()
+        problems: list[str] = []
+        worst: dict[str, float] = {}
+        calls = 0
+
+        def against_torch(network: str, feeds, outputs) -> None:
+            nonlocal calls
+            net = handle.spec.networks[network]
+            torch_case = handle.case_for_feeds(network, feeds, "torch")
+            expected = handle.session("torch", torch_case, weights).run(feeds)
+            where = f"call {calls} ({network}, {torch_case.profile}, b{torch_case.batch})"
+            calls += 1
+            checks = [
+                ({o: handle.spec.tolerance(network, o, deployed_backend) for o in expected}, outputs, expected, "raw"),
+            ]
+            if net.decoded:
+                checks.append((net.decoded, handle.slice.decode(network, feeds, outputs),
+                               handle.slice.decode(network, feeds, expected), "decoded"))
+            for tolerances, actual, reference, kind in checks:
+                try:
+                    stats = assert_outputs_match(actual, reference, tolerances, f"{where} {kind}")
+                except ComparisonError as exc:
+                    problems.append(str(exc))
+                    continue
+                for s in stats:
+                    worst[f"{kind}:{s.name}"] = max(worst.get(f"{kind}:{s.name}", 0.0), s.max_abs)
+
+        runs = {}
+        for backend, observe in (("torch", None), (deployed_backend, against_torch)):
+            runs[backend] = handle.run_accuracy(
+                backend, profile=answer.profile, seeded=True, observe=observe, run_dir=tmp_path / f"run-{backend}",
+                label=f"{self.model} agreement set on {backend}", limit=spec.accuracy.agreement_samples,
+            )
+        reference, metrics = runs["torch"], runs[deployed_backend]
+        deltas = {name: abs(metrics[name] - reference[name]) for name in spec.accuracy.agreement}
+        problems += [
+            f"{name}: {metrics[name]:.6g} on {deployed_backend} vs {reference[name]:.6g} on torch eager "
+            f"(moved {deltas[name]:.3g} > {bound:g})"
+            for name, bound in spec.accuracy.agreement.items() if not deltas[name] <= bound
+        ]
+        record(request, metrics=metrics, torch_metrics=reference, metric_deltas=deltas, calls=calls,
+               worst_max_abs=max(worst.values(), default=0.0))
+        assert calls, f"the agreement set ran no network call on {deployed_backend}"
+        assert not problems, f"{len(problems)} disagreement(s) over {calls} calls:\n" + "\n".join(problems[:8])
 
     @pytest.mark.benchmark
     @gate("throughput")

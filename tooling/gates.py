@@ -142,6 +142,14 @@ def _params_accuracy(ctx: GateContext) -> Params:
     return "accuracy_backend", [pytest.param(chosen, id=chosen, marks=[pytest.mark.skip(reason=reason)])]
 
 
+def _params_agreement(ctx: GateContext) -> Params:
+    """Every deployed backend, for models with an accuracy gate; whether the backend serves the
+    known-answer set's profile is known only once the slice has written it."""
+    if ctx.spec.accuracy is None:
+        return "deployed_backend", []
+    return "deployed_backend", [pytest.param(b, id=b, marks=backend_marks(b)) for b in ctx.deployed]
+
+
 def _params_throughput(ctx: GateContext) -> Params:
     """Device backends (NPU, GPU) against the guides' floors; CPU backends are timed against torch
     eager, interleaved, by the speed-up gate, so none of them is a throughput row."""
@@ -167,6 +175,7 @@ GATES: dict[str, Gate] = {
         Gate("port-vs-upstream", _params_upstream, None, "torch"),
         Gate("accuracy", _params_accuracy, "accuracy_backend", "onnxruntime"),
         Gate("accuracy-known-answer", None, None, "onnxruntime"),
+        Gate("accuracy-agreement", _params_agreement, "deployed_backend", "onnxruntime"),
         Gate("throughput", _params_throughput, "backend", "torch"),
         Gate("cpu-speedup", _params_cpu_speedup, None, "best-cpu"),
     )

@@ -107,12 +107,13 @@ def staged_inventory(spec: ModelSpec, roots: Roots) -> list[StagedItem]:
     return items
 
 
-def missing_accuracy_inputs(spec: ModelSpec, roots: Roots) -> list[str]:
-    """What must still be staged for the dataset accuracy gate, as exact paths."""
+def missing_accuracy_inputs(spec: ModelSpec, roots: Roots, *, checkpoints: bool = True) -> list[str]:
+    """What must still be staged for the dataset accuracy gate, as exact paths (the dataset only
+    when ``checkpoints`` is False: a run on seeded weights)."""
     missing = [
         f"{path}" for path in data_paths(spec, roots).values() if roots.data_root is None or not path.exists()
     ]
-    for network, net in spec.networks.items():
+    for network, net in spec.networks.items() if checkpoints else ():
         if net.checkpoint_files and find_checkpoint(spec, network, roots) is None:
             missing.append(" or ".join(map(str, checkpoint_candidates(spec, network, roots))))
     return list(dict.fromkeys(missing))  # networks sharing one checkpoint file name it once

@@ -196,8 +196,10 @@ class AccuracySpec:
     profile: str
     extra_targets: dict[str, float]
     # Per metric, the largest difference allowed between torch eager and a deployed backend
-    # running the real network on the known-answer set.
+    # running the real network (seeded weights) on the first ``agreement_samples`` samples of
+    # the known-answer set: the network-in-the-loop agreement gate.
     agreement: dict[str, float] = field(default_factory=dict)
+    agreement_samples: int = 4
 
     def passes(self, value: float, target: float | None = None) -> bool:
         goal = self.target if target is None else target
@@ -422,6 +424,7 @@ def parse_model_spec(raw: dict[str, Any], where: str) -> ModelSpec:
             profile=acc.get("profile", next(iter(profiles))),
             extra_targets={k: float(v) for k, v in acc.get("extra_targets", {}).items()},
             agreement={k: float(v) for k, v in acc.get("agreement", {}).items()},
+            agreement_samples=int(acc.get("agreement_samples", 4)),
         )
     thr = _require(raw, "throughput", where)
     floors = {

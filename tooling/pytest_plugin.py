@@ -310,6 +310,9 @@ def _add_matrix_row(report: pytest.TestReport, cell: dict, results: list[dict]) 
             first = diverging[0]
             module = f"module {first['module']!r}, " if first.get("module") else ""
             detail += f" [first diverging {module}node {first['node']!r} ({first['op_type']})]"
+        for key, value in report.user_properties:
+            if key == "zoo_relabel":
+                cell = {**cell, **value}
         matrix.add(MatrixRow(**cell, outcome=report.outcome, detail=detail, nodeid=report.nodeid, results=results))
 
 

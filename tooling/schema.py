@@ -118,8 +118,10 @@ ACCURACY = fields(
         "profile": NAME,
         "data": list_of(NAME),
         "extra_targets": mapping(NUMBER),
-        # max |metric(deployed) - metric(torch eager)| on the known-answer set with the real network
-        "agreement": mapping(NUMBER),
+        # The network-in-the-loop agreement gate: metric -> largest |deployed - torch eager| on the
+        # first `agreement_samples` samples of the known-answer set, seeded weights.
+        "agreement": mapping({"type": "number", "minimum": 0}),
+        "agreement_samples": {"type": "integer", "minimum": 1},
     },
     required=("metric", "target", "higher_is_better"),
 )

@@ -11,7 +11,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import onnx
@@ -31,6 +31,9 @@ from tooling.weights import WeightsChoice, apply_weights
 
 ONNX_FILE = "model.onnx"
 OPEN_SESSIONS = 4
+
+
+CallObserver = Callable[[str, Mapping[str, np.ndarray], Mapping[str, np.ndarray]], None]
 
 
 class AccuracyInputsMissing(RuntimeError):
@@ -119,8 +122,11 @@ class ModelHandle:
     def weights(self, network: str, roots: Roots | None = None) -> WeightsChoice:
         roots = roots or self.ws.roots
         if self.ws.options.weights == "seeded":
-            return WeightsChoice(None, self.ws.options.salt)
+            return self.seeded_weights()
         return WeightsChoice(find_checkpoint(self.spec, network, roots), self.ws.options.salt)
+
+    def seeded_weights(self) -> WeightsChoice:
+        return WeightsChoice(None, self.ws.options.salt)
 
     def network(
         self, network: str, variant: str | None = None, weights: WeightsChoice | None = None, source: str = "port"
@@ -322,19 +328,25 @@ class ModelHandle:
     # -- accuracy -------------------------------------------------------------------------------
     def run_accuracy(self, backend_name: str, *, roots: Roots | None = None, profile: str | None = None,
                      limit: int | None = None, label: str | None = None,
-                     oracles: Mapping[str, Any] | None = None, run_dir: Path | None = None) -> dict[str, float]:
+                     oracles: Mapping[str, Any] | None = None, run_dir: Path | None = None,
+                     seeded: bool = False, observe: CallObserver | None = None) -> dict[str, float]:
         """Score the staged dataset on ``backend_name`` with the staged checkpoints.
 
         ``oracles`` replaces the named networks by stand-ins (known-answer runs only); ``run_dir``
-        holds the resumable records (default: a directory per input fingerprint in the cache).
+        holds the resumable records (default: a directory per input fingerprint in the cache);
+        ``seeded`` runs every network on seeded weights instead of checkpoints; ``observe`` sees
+        each network call's feeds and outputs (the agreement gate re-runs them on torch).
         """
         roots = roots or self.ws.roots
         if self.spec.accuracy is None:
             raise AccuracyInputsMissing(f"baselines/{self.spec.name}.yaml declares no accuracy gate")
-        missing = missing_accuracy_inputs(self.spec, roots)
+        missing = missing_accuracy_inputs(self.spec, roots, checkpoints=not seeded)
         if missing:
             raise AccuracyInputsMissing("stage " + "; ".join(missing))
-        weights = {n: WeightsChoice(find_checkpoint(self.spec, n, roots)) for n in self.spec.networks}
+        weights = {
+            n: self.seeded_weights() if seeded else WeightsChoice(find_checkpoint(self.spec, n, roots))
+            for n in self.spec.networks
+        }
         paths = data_paths(self.spec, roots)
         profile = profile or self.spec.accuracy.profile
         dims = {**self.spec.profiles[profile].dims, "batch": self.spec.profiles[profile].batch_sizes[0]}
@@ -352,6 +364,8 @@ class ModelHandle:
                         f"{self.spec.name}/{network} on {backend_name}: output {name} holds {bad} NaN/Inf values "
                         f"(inputs {sorted(feeds)}); a score computed from them would be meaningless"
                     )
+            if observe is not None:
+                observe(network, feeds, outputs)
             return outputs
 
         # Content, not size and mtime: a checkpoint copied with cp -p, an image replaced in place or

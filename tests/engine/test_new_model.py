@@ -73,6 +73,7 @@ accuracy:
   target: 1.0
   higher_is_better: true
   data: [toy/images.npy]
+  agreement: {samples: 2, metrics: {mean_peak: 1.0e-5}}
 throughput: {unit: fps, items_per_call: [batch], cpu_speedup_vs_torch: 0.0}
 '''
 
@@ -104,7 +105,7 @@ def test_a_new_model_gets_every_gate_from_its_yaml(toy_project):
         "--backends", "onnxruntime,openvino", f"--zoo-report={report}", "-o", "markers=toynet",
         f"--junitxml={junit}",
     )
-    result.assert_outcomes(passed=11, skipped=5)  # no goldens, no upstream, no staged data, no chains
+    result.assert_outcomes(passed=13, skipped=5)  # no goldens, no upstream, no staged data, no chains
     result.stdout.fnmatch_lines([
         "*conformance grid*", "[[]toynet[]]", "*gate*case*onnx*onnxruntime*openvino",
         "*deployed-vs-onnx*doubler-smoke-b1-torchscript*.*.*0*0",
@@ -117,6 +118,7 @@ def test_a_new_model_gets_every_gate_from_its_yaml(toy_project):
     cells = {(r["gate"], r["backend"], r["case"]) for r in rows if r["outcome"] == "passed"}
     assert ("onnx-vs-torch", "onnx", "doubler-smoke-b2-torchscript") in cells
     assert ("deployed-vs-onnx", "openvino", "doubler-smoke-b1-torchscript") in cells
+    assert {("accuracy-agreement", "onnxruntime", "-"), ("accuracy-agreement", "openvino", "-")} <= cells
     skipped = {r["gate"]: r["detail"] for r in rows if r["outcome"] == "skipped"}
     assert "toynet/toy.pth" in skipped["accuracy"]
 

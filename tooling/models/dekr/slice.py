@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from tooling.coco.dataset import CocoKeypointDataset, read_image_rgb
-from tooling.coco.evaluation import evaluate_keypoints, first_image_ids, write_results_json
+from tooling.coco.evaluation import KEYPOINT_STAT_NAMES, evaluate_keypoints, first_image_ids, write_results_json
 from tooling.coco.synthetic import STAGED_ANNOTATIONS, STAGED_IMAGES, perfect_score_answer, stage_synthetic_coco
 from tooling.coco.transforms import affine_transform_points
 from tooling.models.dekr import deform_conv
@@ -88,11 +88,13 @@ class DekrSlice(ModelSlice):
             )
             results += coco_results(torch.from_numpy(record["poses"]), torch.from_numpy(record["scores"]), image_id)
             ctx.progress(done, len(image_ids), "images")
-        if not results:
-            raise RuntimeError(f"no person detected in {len(image_ids)} image(s) of {dataset.annotation_path}")
-        path = (ctx.scratch or Path(".")) / "keypoint_results.json"
-        write_results_json(results, path)
-        stats = evaluate_keypoints(dataset.coco, path, image_ids)
+        if results:
+            path = (ctx.scratch or Path(".")) / "keypoint_results.json"
+            write_results_json(results, path)
+            stats = evaluate_keypoints(dataset.coco, path, image_ids)
+        else:
+            # Nobody detected (an untrained network, say): every person is missed, AP = AR = 0.
+            stats = dict.fromkeys(KEYPOINT_STAT_NAMES, 0.0)
         return {**stats, "images": float(len(image_ids)), "detections": float(len(results))}
 
     def make_known_answer(self, root: Path) -> KnownAnswer:
