@@ -73,7 +73,8 @@ accuracy:
   target: 1.0
   higher_is_better: true
   data: [toy/images.npy]
-  agreement: {samples: 2, metrics: {mean_peak: 1.0e-5}}
+  agreement: {mean_peak: 1.0e-5}
+  agreement_samples: 2
 throughput: {unit: fps, items_per_call: [batch], cpu_speedup_vs_torch: 0.0}
 '''
 
