@@ -274,6 +274,9 @@ class ModelHandle:
                 "versions": backend.versions(),
                 "torch": torch.__version__,
             }
+            settings = backend.artifact_settings(request)
+            if settings:  # absent when empty, so backends without settings keep their keys
+                fields["settings"] = settings
             # Named by what the artifact depends on, not by the case: cases that differ only in
             # the exporter share one build of a backend that compiles the torch network.
             name = f"{case.network}-{_dims_label(dims)}"

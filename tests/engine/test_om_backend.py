@@ -26,11 +26,12 @@ from onnx import TensorProto, helper, numpy_helper
 from tooling.backends import BackendConfig, BackendError, CompileRequest
 from tooling.backends.npu import NpuSmiError, parse_npu_smi_info
 from tooling.backends.om import (
-    ATC_RECORD, ONNX_REWRITES, OmBackend, OmSettings, apply_onnx_rewrites, atc_command, int64_to_int32,
+    ATC_RECORD, DEFAULT_PRECISION_MODE, ONNX_REWRITES, OmBackend, OmSettings, apply_onnx_rewrites, atc_command,
+    call_duration_ms, int64_to_int32,
 )
 from tooling.cache import ArtifactCache, ArtifactKey
 from tooling.compare import assert_outputs_match
-from tooling.conformance import mean_call_seconds
+from tooling.conformance import call_seconds
 from tooling.locations import Roots
 from tooling.model_spec import FIXTURES_DIR, Case, ModelSpecError, load_model_spec, model_names, parse_model_spec
 from tooling.workspace import Options, Workspace
@@ -142,8 +143,10 @@ def atc_flags(argv: list[str]) -> dict[str, str]:
 
 
 def guide_flags(command: str, batch: int) -> dict[str, str]:
+    """The guide's flags; a guide without --precision_mode ran ATC's default (force_fp16 for
+    inference), which the suite writes out because the mode keys the artifact and tolerances."""
     text = command.replace("\\\n", " ").replace("${chip_name}", GUIDE_CHIP.name).replace("${bs}", str(batch))
-    return atc_flags(shlex.split(text))
+    return {"--precision_mode": DEFAULT_PRECISION_MODE, **atc_flags(shlex.split(text))}
 
 
 def guide_params(spec) -> list:
@@ -205,6 +208,11 @@ def test_guide_comparison_notices_a_wrong_flag():
     ({"output": "x", "dynamic_dims": {"dims": ["height", "width"], "buckets": [[512]]}}, "one value per dim"),
     ({"output": "x", "files": {"keep_dtype": {"content": "OpType::InstanceNorm"}}},
      "networks.net.om.files.keep_dtype: missing required field 'name'"),
+    # ATC takes 2..100 gears: a single one is a static OM, and ATC refuses it.
+    ({"output": "x", "dynamic_dims": {"dims": ["height"], "buckets": [[512]]}}, "2 to 100 distinct gears, got 1"),
+    ({"output": "x", "dynamic_dims": {"dims": ["height"], "buckets": [[h] for h in range(101)]}}, "got 101"),
+    ({"output": "x", "precision_mode": "fp16"}, "not an ATC precision mode"),
+    ({"output": "x", "flags": {"precision_mode": "force_fp32"}}, "set precision_mode as om.precision_mode"),
 ])
 def test_bad_om_sections_are_named(om, message):
     with pytest.raises(ModelSpecError, match=re.escape(message)):
@@ -327,7 +335,10 @@ def tiny_request(tmp_path: Path, om: dict, dynamic: bool = False, dims: dict | N
 
 
 def build(backend: OmBackend, request: CompileRequest, cache: ArtifactCache) -> Path:
-    key = ArtifactKey("om", "tiny", "tiny", "tiny", {"dims": backend.artifact_dims(request), **backend.versions()})
+    """The artifact as the workspace keys it: dims, tool versions and the om: settings."""
+    fields = {"dims": backend.artifact_dims(request), **backend.versions(),
+              "settings": backend.artifact_settings(request)}
+    key = ArtifactKey("om", "tiny", "tiny", "tiny", fields)
     return cache.get(key, lambda staging: backend.compile(request, staging))
 
 
@@ -371,6 +382,7 @@ def test_unlisted_device_is_unavailable(npu_host):
 def test_compile_writes_config_files_and_runs_through_the_session(npu_host, tmp_path):
     request = tiny_request(tmp_path, {
         "output": "tiny_bs{batch}",
+        "precision_mode": "must_keep_origin_dtype",  # fp32 throughout: the OM equals the ONNX
         "files": {"keep_dtype": {"name": "keep.cfg", "content": "OpType::InstanceNorm\n"}},
     })
     backend = OmBackend()
@@ -404,7 +416,7 @@ def test_atc_failure_carries_its_log(npu_host, tmp_path, monkeypatch):
 
 
 def test_dynamic_dims_session_picks_the_bucket_and_rejects_other_shapes(npu_host, tmp_path):
-    om = {"output": "tiny", "input_format": "ND",
+    om = {"output": "tiny", "input_format": "ND", "precision_mode": "must_keep_origin_dtype",
           "dynamic_dims": {"dims": ["height", "width"], "buckets": [[4, 6], [6, 4]]}}
     request = tiny_request(tmp_path, om, dynamic=True)
     backend = OmBackend()
@@ -423,6 +435,9 @@ def test_dynamic_dims_session_picks_the_bucket_and_rejects_other_shapes(npu_host
     assert session.session.dynamic_dims_calls == ["image:1,3,4,6", "image:1,3,6,4"]
     with pytest.raises(BackendError, match=r"match no --dynamic_dims bucket \(4,6; 6,4\)"):
         session.run({"image": np.zeros((1, 3, 5, 5), np.float32)})
+    # ACL itself (the fake, like the real runtime) takes only the gears the OM was built with.
+    with pytest.raises(RuntimeError, match="no gear of the model"):
+        session.session.infer([np.zeros((1, 3, 5, 5), np.float32)], mode="dymdims")
 
 
 def test_wrongly_shaped_om_output_is_refused(npu_host, tmp_path):
@@ -434,19 +449,40 @@ def test_wrongly_shaped_om_output_is_refused(npu_host, tmp_path):
         session.run(request.example_feeds)
 
 
-def test_throughput_divides_by_npu_compute_time(npu_host, tmp_path):
-    """The guide's figure: items per call x 1000 / mean NPU compute time in ms, not host time."""
+@pytest.mark.parametrize("generation", ["ait", "tools"])
+def test_throughput_divides_by_npu_compute_time(npu_host, tmp_path, monkeypatch, generation):
+    """The guide's figure: items per call x 1000 / mean NPU compute time in ms, not host time, from
+    either ais_bench generation: ait's (start_ms, end_ms) pairs or the Ascend/tools durations."""
+    monkeypatch.setattr(npu_host, "InferSession", npu_host.GENERATIONS[generation])
     request = tiny_request(tmp_path, {"output": "tiny"})
     backend = OmBackend()
     session = backend.load(build(backend, request, ArtifactCache(tmp_path / "cache")), request)
+    entries = (session.session.summary if generation == "ait" else session.session.sumary)
     session.session.exec_time_ms = 50.0
     session.run(request.example_feeds)  # warm-up, outside the timed rounds
-    session.session.exec_time_ms = 4.0
-    for _ in range(3):
+    for ms in (4.0, 3.0, 5.0):
+        session.session.exec_time_ms = ms
         session.run(request.example_feeds)
-    assert session.device_times_ms() == [50.0, 4.0, 4.0, 4.0]
-    mean_s = mean_call_seconds(session, rounds=3, host_mean_s=1.0)
+    assert isinstance(entries().exec_time_list[0], tuple if generation == "ait" else float)
+    assert session.device_times_ms() == [50.0, 4.0, 3.0, 5.0]
+    mean_s, best_s = call_seconds(session, rounds=3, host_mean_s=1.0, host_min_s=0.5)
     assert 2 * 6115 / mean_s == pytest.approx(2 * 6115 / 4.0 * 1000)
+    assert best_s == pytest.approx(0.003)  # the device's fastest call, not a host-scaled mean
+
+
+@pytest.mark.parametrize(("entry", "ms"), [(2.5, 2.5), ((1000.0, 1002.5), 2.5), ([10, 13], 3.0)])
+def test_exec_time_entries_of_both_generations_are_durations(entry, ms):
+    assert call_duration_ms(entry) == pytest.approx(ms)
+
+
+@pytest.mark.parametrize("entry", [(5.0, 3.0), "fast", (1.0, 2.0, 3.0)])
+def test_unreadable_exec_time_entries_are_named(entry):
+    with pytest.raises(BackendError, match="exec_time_list entry"):
+        call_duration_ms(entry)
+
+
+def test_host_timed_sessions_keep_host_mean_and_best():
+    assert call_seconds(object(), rounds=3, host_mean_s=0.2, host_min_s=0.1) == (0.2, 0.1)
 
 
 def test_videopose3d_om_through_the_workspace(npu_host, tmp_path):
@@ -458,10 +494,14 @@ def test_videopose3d_om_through_the_workspace(npu_host, tmp_path):
     feeds = handle.feeds(case)
     actual = handle.session("om", case).run(feeds)
     expected = handle.session("onnx", case).run(feeds)
-    assert_outputs_match(actual, expected, handle.spec.networks["vp3d"].outputs, "fake OM vs ONNX")
+    key = OmBackend.tolerance_key(handle.spec, "vp3d")
+    assert key == "om@force_fp16"
+    tolerances = {o: handle.spec.tolerance("vp3d", o, key) for o in expected}
+    assert_outputs_match(actual, expected, tolerances, "fake fp16 OM vs ONNX")
     (record,) = (tmp_path / "cache" / "om").rglob(ATC_RECORD)
     recorded = shlex.split(record.read_text())
     assert "--input_shape=2d_poses:1,243,17,2" in recorded
+    assert "--precision_mode=force_fp16" in recorded
     assert [t for t in recorded if t.startswith("--output=")][0].endswith("/vp3d_seq243")
 
 
@@ -537,3 +577,166 @@ def test_onnxsim_rewrite_without_the_package_says_how_to_get_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxsim", None)
     with pytest.raises(BackendError, match="pip install onnxsim"):
         ONNX_REWRITES["onnxsim"](index_arithmetic_onnx())
+
+
+# -- ATC's rules, as the fake toolkit enforces them -------------------------------------------------
+def test_gears_follow_the_order_of_the_minus_ones_not_the_yaml(npu_host, tmp_path):
+    """ATC reads each --dynamic_dims gear in the order of the -1s in --input_shape (H then W here),
+    whatever order the yaml lists the dims in; the OM then serves exactly those shapes."""
+    om = {"output": "tiny", "input_format": "ND", "precision_mode": "must_keep_origin_dtype",
+          "dynamic_dims": {"dims": ["width", "height"], "buckets": [[6, 4], [8, 4]]}}
+    request = tiny_request(tmp_path, om, dynamic=True)
+    argv = atc_command(request.spec, "tiny", {"batch": 1}, model=Path("m.onnx"), output_dir=Path("o"),
+                       soc_version="Ascend310P3")
+    assert "--input_shape=image:1,3,-1,-1" in argv
+    assert "--dynamic_dims=4,6;4,8" in argv
+    backend = OmBackend()
+    session = backend.load(build(backend, request, ArtifactCache(tmp_path / "cache")), request)
+    for shape in [(1, 3, 4, 6), (1, 3, 4, 8)]:
+        feeds = {"image": np.ones(shape, np.float32)}
+        assert_outputs_match(session.run(feeds), reference(request, feeds), request.spec.networks["tiny"].outputs,
+                             f"OM at {shape}")
+
+
+def fake_atc(tmp_path: Path, model: Path, *flags: str):
+    import subprocess
+
+    argv = [sys.executable, str(OM_FIXTURES / "fake_atc.py"), "--framework=5", f"--model={model}",
+            f"--output={tmp_path / 'out'}", "--soc_version=Ascend310P3", *flags]
+    return subprocess.run(argv, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--input_shape=image:1,3,-1,-1", "--dynamic_dims=4,6"], "E10035"),  # one gear: ATC needs 2..100
+    (["--input_shape=image:1,3,-1,-1", "--dynamic_dims=4;6"], "E10042"),  # one value per -1
+    (["--input_shape=image:1,3,-1,-1"], "has -1 but no --dynamic_dims"),
+    (["--input_shape=image:1,3,4,6", "--precision_mode=fp16"], "--precision_mode"),
+])
+def test_fake_atc_refuses_what_atc_refuses(tmp_path, flags, message):
+    done = fake_atc(tmp_path, tiny_onnx(tmp_path / "tiny.onnx", dynamic=True), *flags)
+    assert done.returncode == 1 and message in done.stdout, done.stdout
+
+
+def custom_domain_onnx(path: Path) -> Path:
+    """image -> Relu -> DeformableConv2D in the exporter's custom ``ascend`` domain, as DEKR exports it."""
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["image"], ["r"]),
+         helper.make_node("DeformableConv2D", ["r", "w", "off"], ["heatmap"], domain="ascend", name="dcn"),
+         helper.make_node("Sub", ["image", "one"], ["offset"])],
+        "custom", [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, 4, 6])],
+        [helper.make_tensor_value_info("heatmap", TensorProto.FLOAT, [1, 3, 4, 6]),
+         helper.make_tensor_value_info("offset", TensorProto.FLOAT, [1, 3, 4, 6])],
+        [numpy_helper.from_array(np.ones((3, 3, 3, 3), np.float32), "w"),
+         numpy_helper.from_array(np.zeros((1, 27, 4, 6), np.float32), "off"),
+         numpy_helper.from_array(np.array(1.0, np.float32), "one")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11), helper.make_opsetid("ascend", 1)])
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize("rewrites", [[], ["custom_ops_to_default_domain"]])
+def test_custom_ops_reach_atc_in_the_default_domain(npu_host, tmp_path, rewrites):
+    """ATC's parser refuses default-domain nodes in a model importing two domains (E16005) and
+    knows DeformableConv2D under ai.onnx only: the rewrite at the OM boundary is what makes it build."""
+    request = tiny_request(tmp_path, {"output": "dcn", "onnx_rewrites": rewrites})
+    request.onnx_path = custom_domain_onnx(tmp_path / "custom.onnx")
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    if not rewrites:
+        with pytest.raises(BackendError, match="E16005"):
+            OmBackend().compile(request, staging)
+        return
+    OmBackend().compile(request, staging)
+    built = onnx.load(str(staging / "dcn.om"))
+    assert {o.domain for o in built.opset_import} == {""}
+    assert [n.domain for n in built.graph.node if n.op_type == "DeformableConv2D"] == [""]
+    onnx.checker.check_model(onnx.load(str(request.onnx_path)))  # the exported file itself stays valid
+
+
+def test_fake_atc_knows_deformable_conv2d_only_at_opsets_9_to_16(tmp_path):
+    model = custom_domain_onnx(tmp_path / "custom.onnx")
+    proto = ONNX_REWRITES["custom_ops_to_default_domain"](onnx.load(str(model)))
+    proto.opset_import[0].version = 17
+    onnx.save(proto, str(tmp_path / "v17.onnx"))
+    done = fake_atc(tmp_path, tmp_path / "v17.onnx", "--input_shape=image:1,3,4,6")
+    assert done.returncode == 1 and "optype [DeformableConv2D]] in domain [ai.onnx] version [17]" in done.stdout
+
+
+def test_dekr_onnx_reaches_atc_with_deformable_conv_in_the_default_domain(npu_host, tmp_path):
+    """DEKR's exported Ascend graph, through the yaml's om: section, into (the fake) ATC."""
+    zoo = Workspace(Roots.resolve(cache_dir=tmp_path / "cache"), Options(weights="seeded"))
+    handle = zoo.model("dekr")
+    case = next(c for c in handle.spec.cases() if c.variant == "ascend_deformable_conv2d")
+    backend = zoo.backend("om")
+    request = handle.compile_request(case)
+    request.onnx_path = handle.onnx(case, dynamic_dims=backend.dynamic_input_dims(request))
+    exported = onnx.load(str(request.onnx_path), load_external_data=False)
+    assert {n.domain for n in exported.graph.node if n.op_type == "DeformableConv2D"} == {"ascend"}
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    backend.compile(request, staging)
+    built = onnx.load(str(staging / "dekr_bs1.om"), load_external_data=False)
+    assert {o.domain for o in built.opset_import} == {""}
+    assert {n.domain for n in built.graph.node if n.op_type == "DeformableConv2D"} == {""}
+    recorded = shlex.split((staging / ATC_RECORD).read_text())
+    assert "--dynamic_dims=512,768;512,512;768,512;512,1024;1024,512" in recorded
+
+
+def test_dekr_om_is_parametrized_at_its_atc_buckets_only():
+    """The OM serves its five --dynamic_dims gears; the 128 x 128 smoke shape would fail every night."""
+    spec = load_model_spec("dekr")
+    om_profiles = sorted(c.profile for c in spec.cases() if spec.case_runs_on(c, "om"))
+    assert om_profiles == sorted(["bucket_512x768", "bucket_512x512", "bucket_768x512", "bucket_512x1024",
+                                  "bucket_1024x512"])
+    smoke = next(c for c in spec.cases() if c.profile == "smoke" and c.variant == "grid_sample")
+    assert spec.case_runs_on(smoke, "onnxruntime")
+
+
+# -- precision mode ---------------------------------------------------------------------------------
+def test_precision_mode_changes_the_command_the_artifact_and_the_numbers(npu_host, tmp_path):
+    cache = ArtifactCache(tmp_path / "cache")
+    backend = OmBackend()
+    fp16 = tiny_request(tmp_path, {"output": "tiny"})
+    fp32 = tiny_request(tmp_path, {"output": "tiny", "precision_mode": "must_keep_origin_dtype"})
+    built16, built32 = build(backend, fp16, cache), build(backend, fp32, cache)
+    assert built16 != built32  # a different precision mode is a different OM
+    assert "--precision_mode=force_fp16" in shlex.split((built16 / ATC_RECORD).read_text())
+    assert "--precision_mode=must_keep_origin_dtype" in shlex.split((built32 / ATC_RECORD).read_text())
+    assert OmBackend.tolerance_key(fp16.spec, "tiny") == "om@force_fp16"
+    assert OmBackend.tolerance_key(fp32.spec, "tiny") == "om@must_keep_origin_dtype"
+
+    feeds = fp16.example_feeds
+    expected = reference(fp16, feeds)
+    out16 = backend.load(built16, fp16).run(feeds)
+    out32 = backend.load(built32, fp32).run(feeds)
+    assert_outputs_match(out32, expected, fp32.spec.networks["tiny"].outputs, "fp32 OM vs ONNX")
+    for name, value in out16.items():
+        np.testing.assert_array_equal(value, value.astype(np.float16).astype(np.float32))  # fp16 storage
+        assert not np.array_equal(value, expected[name])
+        np.testing.assert_allclose(value, expected[name], rtol=2 ** -9, atol=1e-3)
+
+
+@pytest.mark.parametrize(("model", "profile", "batch"), [
+    ("videopose3d", "smoke_min", 1), ("transpose", "smoke", 1), ("transpose", "smoke_batched", 4),
+])
+def test_fp16_om_agrees_within_the_yaml_om_tolerances_not_the_fp32_ones(npu_host, tmp_path, model, profile, batch):
+    """What the deployed and decoded gates check for an OM built at the guide's precision (ATC's
+    default force_fp16): the yaml's om@force_fp16 tolerances hold, the fp32 ones would not."""
+    zoo = Workspace(Roots.resolve(cache_dir=tmp_path / "cache"), Options(weights="seeded"))
+    handle = zoo.model(model)
+    spec = handle.spec
+    case = next(c for c in spec.cases() if (c.profile, c.batch, c.exporter) == (profile, batch, "torchscript"))
+    net = spec.networks[case.network]
+    key = OmBackend.tolerance_key(spec, case.network)
+    assert key == "om@force_fp16"
+    feeds = handle.feeds(case)
+    actual = handle.session("om", case).run(feeds)
+    expected = handle.session("onnx", case).run(feeds)
+    assert_outputs_match(actual, expected, {o: spec.tolerance(case.network, o, key) for o in net.outputs}, "raw")
+    decoded_om = handle.slice.decode(case.network, feeds, actual)
+    decoded_torch = handle.slice.decode(case.network, feeds, handle.reference(case))
+    om_tolerances = {n: spec.decoded_tolerance(case.network, n, key) for n in net.decoded}
+    assert_outputs_match(decoded_om, decoded_torch, om_tolerances, f"{case.id}: decoded om vs torch")
+    with pytest.raises(AssertionError, match="out of tolerance"):
+        assert_outputs_match(decoded_om, decoded_torch, net.decoded, "decoded at fp32 tolerances")

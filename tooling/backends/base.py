@@ -88,6 +88,22 @@ class Backend:
         """Tool versions that change a compiled artifact's bytes (part of its cache key)."""
         return {}
 
+    @classmethod
+    def serves(cls, spec: "ModelSpec", case: "Case") -> bool:
+        """Whether this backend's artifact can take the case's shape at all (an ATC OM built for
+        fixed --dynamic_dims gears cannot); a case it cannot serve is not parametrized for it."""
+        return True
+
+    @classmethod
+    def tolerance_key(cls, spec: "ModelSpec", network: str) -> str:
+        """Which ``backend_tolerances`` entry holds this backend's tolerances: its name, or
+        ``name@setting`` where a compile setting (ATC's precision mode) changes the numbers."""
+        return cls.name
+
+    def artifact_settings(self, request: CompileRequest) -> dict[str, Any]:
+        """The model's compile settings that change the artifact's bytes (part of its cache key)."""
+        return {}
+
     def artifact_dims(self, request: CompileRequest) -> dict[str, int]:
         """The case dims a compiled artifact depends on (its cache key); a backend whose artifact
         serves several shapes (ATC dynamic dims) leaves those out, so they share one build."""

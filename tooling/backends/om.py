@@ -16,11 +16,15 @@ Schema (under ``networks.<net>.om``; a model-level ``om:`` holds defaults for ev
                                  #   dims and {batch} (tp_r_256x192_enc3_d256_h1024_mh8_bs{batch})
       input_format: NCHW         # --input_format (default NCHW); null leaves the flag out
       log: error                 # --log (default error); null leaves the flag out
-      dynamic_dims:              # ATC dynamic dims: one OM serves every bucket
-        dims: [height, width]    #   named dims written as -1 in --input_shape, in --dynamic_dims order
-        buckets:                 #   one entry per bucket, values in the order of `dims`
-          - [512, 768]
-          - [512, 512]
+      precision_mode: force_fp16 # --precision_mode, always written (default force_fp16: ATC's own
+                                 #   default for inference, what a guide without the flag ran). Part
+                                 #   of the artifact key; raw and decoded tolerances for the OM are
+                                 #   looked up as backend_tolerances."om@<mode>", then "om".
+      dynamic_dims:              # ATC dynamic dims: one OM serves exactly these buckets (2..100,
+        dims: [height, width]    #   ATC's gear limits); named dims written as -1 in --input_shape
+        buckets:                 #   one entry per bucket, values in the order of `dims` (the
+          - [512, 768]           #   command writes them in the order of the -1s in --input_shape).
+          - [512, 512]           #   Cases at other shapes are not parametrized for om at all.
       files:                     # flags whose value is a config file: the suite writes `content`
         fusion_switch_file:      #   under `name` next to the OM and passes --<flag>=<that path>
           name: fusion_switch.cfg
@@ -30,14 +34,19 @@ Schema (under ``networks.<net>.om``; a model-level ``om:`` holds defaults for ev
       flags:                     # any further --<flag>=<value>, verbatim
         buffer_optimize: off_optimize
       onnx_rewrites: [onnxsim]   # ONNX rewrites run in order before ATC (ONNX_REWRITES below; a
-                                 #   slice registers its own with @onnx_rewrite("name"))
+                                 #   slice registers its own with @onnx_rewrite("name")).
+                                 #   custom_ops_to_default_domain: ATC's ONNX parser reads custom
+                                 #   operators (DeformableConv2D) from the default domain only.
 
 To add a model: write its ``om:`` section, then copy the guide's ATC command(s) verbatim into
 ``fixtures/om/<model>.yaml``; tests/engine/test_om_backend.py checks that the generated command
 equals the guide's for every batch size (and bucket) listed there.
 
 Throughput is the guides' figure: batch x 1000 / mean NPU compute time in ms, from ais_bench's
-own per-call timings (``OmSession.device_times_ms``), not host wall time.
+own per-call timings (``OmSession.device_times_ms``), not host wall time. ais_bench comes in two
+generations: the Ascend/tools build's ``sumary().exec_time_list`` holds one duration (ms) per call,
+the ``ait`` benchmark component's ``summary().exec_time_list`` holds ``(start_ms, end_ms)`` pairs
+(its own ``benchmark_process.py`` subtracts them); both are read.
 """
 from __future__ import annotations
 
@@ -64,10 +73,24 @@ _ATC_OUTPUT_TAIL = 8000
 
 
 # -- the om: section --------------------------------------------------------------------------------
+# ATC's --precision_mode values (CANN ATC reference); force_fp16 is its default for inference.
+PRECISION_MODES = (
+    "force_fp16", "allow_fp32_to_fp16", "allow_mix_precision", "allow_mix_precision_fp16",
+    "must_keep_origin_dtype", "force_fp32", "cube_fp16in_fp32out",
+)
+DEFAULT_PRECISION_MODE = "force_fp16"
+# ATC accepts between 2 and 100 gears in --dynamic_dims (--dynamic_batch_size alike).
+MIN_GEARS, MAX_GEARS = 2, 100
+
+
 @dataclass(frozen=True)
 class DynamicDims:
     dims: tuple[str, ...]
     buckets: tuple[tuple[int, ...], ...]
+
+    def serves(self, dims: Mapping[str, int]) -> bool:
+        """Whether an OM built with these gears accepts inputs at the case's ``dims``."""
+        return tuple(int(dims.get(d, -1)) for d in self.dims) in self.buckets
 
     def require_bucket(self, net: NetworkSpec, shapes: Mapping[str, tuple[int, ...]]) -> None:
         """BackendError unless the input shapes fall in one of the buckets the OM was built for."""
@@ -99,12 +122,14 @@ class OmSettings:
     files: dict[str, OmFile] = field(default_factory=dict)
     flags: dict[str, str] = field(default_factory=dict)
     onnx_rewrites: tuple[str, ...] = ()
+    precision_mode: str = DEFAULT_PRECISION_MODE
 
     @classmethod
     def of(cls, spec: ModelSpec, network: str) -> "OmSettings":
         raw: dict[str, Any] = {**(spec.om or {}), **(spec.networks[network].om or {})}
         where = f"baselines/{spec.name}.yaml: networks.{network}.om"
-        unknown = set(raw) - {"output", "input_format", "log", "dynamic_dims", "files", "flags", "onnx_rewrites"}
+        known = {"output", "input_format", "log", "precision_mode", "dynamic_dims", "files", "flags", "onnx_rewrites"}
+        unknown = set(raw) - known
         if unknown:
             raise ModelSpecError(f"{where}: unknown keys {sorted(unknown)} (see tooling/backends/om.py)")
         if "output" not in raw:
@@ -117,9 +142,19 @@ class OmSettings:
             except (KeyError, TypeError, ValueError) as exc:
                 message = f"{where}.dynamic_dims: needs dims (names) and buckets (int lists): {exc}"
                 raise ModelSpecError(message) from exc
-            if not buckets or any(len(b) != len(dims) for b in buckets):
+            if any(len(b) != len(dims) for b in buckets):
                 raise ModelSpecError(f"{where}.dynamic_dims: each bucket needs one value per dim {list(dims)}")
+            if not MIN_GEARS <= len(set(buckets)) <= MAX_GEARS:
+                raise ModelSpecError(
+                    f"{where}.dynamic_dims: ATC takes {MIN_GEARS} to {MAX_GEARS} distinct gears, got {len(set(buckets))}"
+                    " (a single shape is a static OM: drop dynamic_dims and set the dims in the profile)"
+                )
             dynamic = DynamicDims(dims, buckets)
+        mode = str(raw.get("precision_mode") or DEFAULT_PRECISION_MODE)
+        if mode not in PRECISION_MODES:
+            raise ModelSpecError(f"{where}.precision_mode: {mode!r} is not an ATC precision mode {list(PRECISION_MODES)}")
+        if "precision_mode" in (raw.get("flags") or {}):
+            raise ModelSpecError(f"{where}.flags: set precision_mode as om.precision_mode (it keys tolerances)")
         try:
             files = {flag: OmFile(str(f["name"]), str(f["content"])) for flag, f in (raw.get("files") or {}).items()}
         except (KeyError, TypeError) as exc:
@@ -132,7 +167,41 @@ class OmSettings:
             files=files,
             flags={str(k): str(v) for k, v in (raw.get("flags") or {}).items()},
             onnx_rewrites=tuple(raw.get("onnx_rewrites") or ()),
+            precision_mode=mode,
         )
+
+    def key_fields(self) -> dict[str, Any]:
+        """Everything here that changes the OM's bytes (part of its artifact key)."""
+        return {
+            "output": self.output, "input_format": self.input_format, "log": self.log,
+            "precision_mode": self.precision_mode,
+            "dynamic_dims": [list(self.dynamic_dims.dims), [list(b) for b in self.dynamic_dims.buckets]]
+            if self.dynamic_dims else None,
+            "files": {flag: [f.name, f.content] for flag, f in sorted(self.files.items())},
+            "flags": dict(sorted(self.flags.items())),
+            "onnx_rewrites": list(self.onnx_rewrites),
+        }
+
+
+def gear_dim_order(net: NetworkSpec, dynamic: DynamicDims) -> tuple[str, ...]:
+    """The dynamic dims in the order their -1s appear in ``--input_shape`` (inputs in order, then
+    axes): ATC reads each --dynamic_dims gear in that order, whatever order the yaml lists them."""
+    order: list[str] = []
+    for spec in net.inputs:
+        for template in spec.shape:
+            if template in dynamic.dims:
+                order.append(str(template))
+    missing = [d for d in dynamic.dims if d not in order]
+    if missing:
+        raise ModelSpecError(f"{net.name}: om.dynamic_dims names {missing}, which no input shape uses")
+    return tuple(order)
+
+
+def dynamic_dims_arg(net: NetworkSpec, dynamic: DynamicDims) -> str:
+    """``--dynamic_dims``'s value: one gear per bucket, values in the order of the -1s."""
+    position = {d: i for i, d in enumerate(dynamic.dims)}
+    order = [position[d] for d in gear_dim_order(net, dynamic)]
+    return ";".join(",".join(str(bucket[i]) for i in order) for bucket in dynamic.buckets)
 
 
 def input_shape_arg(net: NetworkSpec, dims: Mapping[str, int], dynamic: DynamicDims | None) -> str:
@@ -156,9 +225,10 @@ def atc_command(
         argv.append(f"--input_format={settings.input_format}")
     argv.append(f"--input_shape={input_shape_arg(net, dims, settings.dynamic_dims)}")
     if settings.dynamic_dims:
-        argv.append("--dynamic_dims=" + ";".join(",".join(map(str, b)) for b in settings.dynamic_dims.buckets))
+        argv.append(f"--dynamic_dims={dynamic_dims_arg(net, settings.dynamic_dims)}")
     argv += [f"--{flag}={output_dir / f.name}" for flag, f in settings.files.items()]
     argv += [f"--{flag}={value}" for flag, value in settings.flags.items()]
+    argv.append(f"--precision_mode={settings.precision_mode}")
     if settings.log is not None:
         argv.append(f"--log={settings.log}")
     argv.append(f"--soc_version={soc_version}")
@@ -190,6 +260,33 @@ def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
     if not checked:
         raise BackendError("onnxsim could not confirm that the simplified graph computes the same outputs")
     return simplified
+
+
+_STANDARD_DOMAINS = {"", "ai.onnx"}
+
+
+@onnx_rewrite("custom_ops_to_default_domain")
+def custom_ops_to_default_domain(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Every node of a custom domain moved to the default domain, whose opset import stays alone.
+
+    ATC's ONNX parser refuses default-domain nodes when the model imports more than one domain
+    (E16005) and looks a custom node up under its own domain, while CANN registers its custom
+    operators (DeformableConv2D) under ``ai.onnx`` only. The file this writes fails onnx.checker
+    (an unknown op in the default domain), which is why it exists only on the way into ATC.
+    """
+    moved = {node.domain for node in model.graph.node if node.domain not in _STANDARD_DOMAINS}
+    if not moved:
+        return model
+    for function in model.functions:
+        if function.domain in moved:
+            raise BackendError(f"custom_ops_to_default_domain: {function.domain} defines local functions")
+    for node in model.graph.node:
+        if node.domain in moved:
+            node.domain = ""
+    kept = [o for o in model.opset_import if o.domain in _STANDARD_DOMAINS]
+    del model.opset_import[:]
+    model.opset_import.extend(kept)
+    return model
 
 
 # Elementwise ops that compute the same in int32 as in int64 for index arithmetic.
@@ -310,6 +407,21 @@ def run_atc(atc: str, argv: list[str], workdir: Path, label: str) -> None:
 
 
 # -- the backend ------------------------------------------------------------------------------------
+def call_duration_ms(entry: Any) -> float:
+    """One ``exec_time_list`` entry as a duration in ms: a float (Ascend/tools ais_bench) or a
+    ``(start_ms, end_ms)`` pair (ait's ais_bench since late 2023)."""
+    if isinstance(entry, (int, float, np.floating, np.integer)):
+        return float(entry)
+    try:
+        start, end = entry
+        duration = float(end) - float(start)
+    except (TypeError, ValueError) as exc:
+        raise BackendError(f"ais_bench exec_time_list entry {entry!r} is neither ms nor (start_ms, end_ms)") from exc
+    if duration < 0:
+        raise BackendError(f"ais_bench exec_time_list entry {entry!r} ends before it starts")
+    return duration
+
+
 class OmSession:
     """ais_bench's ``InferSession`` behind the suite's ``run(feeds) -> {name: array}``.
 
@@ -348,7 +460,7 @@ class OmSession:
         """NPU compute time of every call so far, as ais_bench measures it (ms)."""
         # ais_bench spelt it `sumary` before it added `summary`.
         summary = getattr(self.session, "summary", None) or self.session.sumary
-        return [float(t) for t in summary().exec_time_list]
+        return [call_duration_ms(entry) for entry in summary().exec_time_list]
 
 
 class OmBackend(Backend):
@@ -389,6 +501,22 @@ class OmBackend(Backend):
     def versions(self) -> dict[str, str]:
         atc = shutil.which("atc")
         return {"soc_version": self.chip().soc_version, "cann": _toolkit_version(atc) if atc else "none"}
+
+    @classmethod
+    def serves(cls, spec: ModelSpec, case) -> bool:
+        if not (spec.om or spec.networks[case.network].om):
+            return True  # no om: section: compile says so, with the yaml's path
+        dynamic = OmSettings.of(spec, case.network).dynamic_dims
+        return dynamic is None or dynamic.serves(spec.dims(case))
+
+    @classmethod
+    def tolerance_key(cls, spec: ModelSpec, network: str) -> str:
+        if not (spec.om or spec.networks[network].om):
+            return cls.name
+        return f"{cls.name}@{OmSettings.of(spec, network).precision_mode}"
+
+    def artifact_settings(self, request: CompileRequest) -> dict[str, Any]:
+        return OmSettings.of(request.spec, request.case.network).key_fields()
 
     def artifact_dims(self, request: CompileRequest) -> dict[str, int]:
         # One OM serves every --dynamic_dims bucket: the bucket dims do not identify it.
