@@ -42,6 +42,8 @@ class Tolerance:
     ``allow_nonfinite`` (yaml ``allow_nonfinite: true``) is for an output that may legitimately hold
     NaN or Inf: then they must sit at the same places on both sides. Otherwise any NaN or Inf, on
     either side, is a violation (an all-NaN result must never agree with an all-NaN reference).
+    ``max_fraction_out`` lets that fraction of (finite) elements exceed the bound: for decoded
+    argmax outputs, where a precision change flips the peak of a near-flat map to another cell.
     """
 
     atol: float
@@ -49,6 +51,7 @@ class Tolerance:
     min_cosine: float = 0.0
     atol_of_max: float = 0.0
     allow_nonfinite: bool = False
+    max_fraction_out: float = 0.0
 
     @classmethod
     def parse(cls, raw: dict[str, Any], where: str) -> "Tolerance":
@@ -57,7 +60,8 @@ class Tolerance:
             raise ModelSpecError(f"{where}: allow_nonfinite must be true or false, got {allow_nonfinite!r}")
         try:
             return cls(float(raw["atol"]), float(raw["rtol"]), float(raw.get("min_cosine", 0.0)),
-                       float(raw.get("atol_of_max", 0.0)), allow_nonfinite)
+                       float(raw.get("atol_of_max", 0.0)), allow_nonfinite,
+                       float(raw.get("max_fraction_out", 0.0)))
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelSpecError(f"{where}: tolerance needs numeric atol and rtol ({exc})") from exc
 
@@ -212,8 +216,14 @@ class AccuracySpec:
 class ThroughputSpec:
     unit: str
     items_per_call: tuple[str, ...]
-    floors: dict[str, dict[int, float]]
+    # device class -> profile -> batch -> the guide's figure. Keyed by the shape the guide measured
+    # (a profile holds its dims), so a figure is never applied to a shape it was not measured at.
+    floors: dict[str, dict[str, dict[int, float]]]
     cpu_speedup_vs_torch: float
+
+    def floor(self, device: str, profile: str, batch: int) -> float | None:
+        """The guide's figure for this device class at exactly this profile and batch, if any."""
+        return self.floors.get(device, {}).get(profile, {}).get(batch)
 
     def items(self, dims: dict[str, int], batch: int) -> int:
         values = {**dims, "batch": batch}
@@ -244,9 +254,22 @@ class ModelSpec:
     def patches(self) -> Path:
         return PATCHES_DIR / self.name
 
+    def _backend_tolerance(self, key: str | None, name: str) -> Tolerance | None:
+        """``backend_tolerances`` for a backend key: ``om@force_fp16`` first, then ``om``."""
+        if not key:
+            return None
+        for candidate in (key, key.split("@", 1)[0]):
+            if name in self.backend_tolerances.get(candidate, {}):
+                return self.backend_tolerances[candidate][name]
+        return None
+
     def tolerance(self, network: str, output: str, backend: str | None = None) -> Tolerance:
-        per_backend = self.backend_tolerances.get(backend or "", {})
-        return per_backend.get(output, self.networks[network].outputs[output])
+        """Raw-output tolerance; ``backend`` is a backend's tolerance key (``Backend.tolerance_key``)."""
+        return self._backend_tolerance(backend, output) or self.networks[network].outputs[output]
+
+    def decoded_tolerance(self, network: str, name: str, backend: str | None = None) -> Tolerance:
+        """Tolerance of a decoded output (what the task reports) on a backend, same lookup."""
+        return self._backend_tolerance(backend, name) or self.networks[network].decoded[name]
 
     def cases(self, *, exporters: tuple[str, ...] | None = None) -> list[Case]:
         """Every (network, profile, batch, exporter, variant) the yaml declares, smoke before slow."""
@@ -269,10 +292,14 @@ class ModelSpec:
         return sorted(result, key=lambda c: c.slow)
 
     def case_runs_on(self, case: Case, backend: str) -> bool:
-        """Whether ``backend`` serves ``case``: its export variant runs there and its profile keeps it."""
+        """Whether ``backend`` serves ``case``: its export variant runs there, its profile keeps it,
+        and the backend's artifact can take the case's shape (an OM's --dynamic_dims gears)."""
+        from tooling.backends import BACKENDS  # the registry imports this module
+
         return (
             self.networks[case.network].variant(case.variant).runs_on(backend)
             and self.profiles[case.profile].runs_on(backend)
+            and (backend not in BACKENDS or BACKENDS[backend].serves(self, case))
         )
 
     def dims(self, case: Case) -> dict[str, int]:
@@ -427,9 +454,9 @@ def parse_model_spec(raw: dict[str, Any], where: str) -> ModelSpec:
             agreement_samples=int(acc.get("agreement_samples", 4)),
         )
     thr = _require(raw, "throughput", where)
-    floors = {
-        str(device): {int(b): float(v) for b, v in per_batch.items()}
-        for device, per_batch in thr.get("floors", {}).items()
+    floors = {  # the schema has checked the profile names and their batch sizes
+        str(device): {str(p): {int(b): float(v) for b, v in per_batch.items()} for p, per_batch in per_profile.items()}
+        for device, per_profile in (thr.get("floors") or {}).items()
     }
     throughput = ThroughputSpec(
         unit=thr.get("unit", "fps"),

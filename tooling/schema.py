@@ -48,7 +48,8 @@ def list_of(items: dict[str, Any], min_items: int = 0) -> dict[str, Any]:
 
 
 TOLERANCE = fields(
-    {"atol": NUMBER, "rtol": NUMBER, "min_cosine": NUMBER, "atol_of_max": NUMBER, "allow_nonfinite": BOOLEAN},
+    {"atol": NUMBER, "rtol": NUMBER, "min_cosine": NUMBER, "atol_of_max": NUMBER, "allow_nonfinite": BOOLEAN,
+     "max_fraction_out": {"type": "number", "minimum": 0, "maximum": 1}},
     required=("atol", "rtol"),
 )
 OPSETS = mapping(INTEGER, keys={"enum": list(EXPORTER_NAMES)})
@@ -58,6 +59,7 @@ OM = fields({
     "output": NAME,
     "input_format": {"anyOf": [STRING, {"type": "null"}]},
     "log": {"anyOf": [STRING, {"type": "null"}]},
+    "precision_mode": NAME,  # an ATC --precision_mode value; OmSettings checks which
     "dynamic_dims": fields(
         {"dims": list_of(NAME, 1), "buckets": list_of(list_of(INTEGER, 1), 1)}, required=("dims", "buckets"),
     ),
@@ -130,8 +132,9 @@ THROUGHPUT = fields(
     {
         "unit": NAME,
         "items_per_call": list_of(NAME, 1),
-        # device class (310P3, T4, ...) -> batch size -> minimum rate in `unit`
-        "floors": mapping(mapping(NUMBER, keys=INTEGER), keys={"type": ["string", "integer"]}),
+        # device class (310P3, T4, ...) -> profile (the shape the guide measured) -> batch size ->
+        # minimum rate in `unit`; a shape the guide did not measure has no floor
+        "floors": mapping(mapping(mapping(NUMBER, keys=INTEGER), keys=NAME), keys={"type": ["string", "integer"]}),
         "cpu_speedup_vs_torch": NUMBER,
     },
 )
@@ -152,6 +155,8 @@ SCHEMA = fields(
         "profiles": mapping(PROFILE),
         "batch_sizes": list_of(INTEGER, 1),  # default for profiles that do not list their own
         "backend_options": mapping(mapping({}), keys=NAME),  # backend -> its own tuning keys
+        # backend -> output or decoded name -> tolerance; "om@force_fp16" holds the OM's at one
+        # ATC precision mode (Backend.tolerance_key), falling back to "om"
         "backend_tolerances": mapping(mapping(TOLERANCE)),
         "accuracy": ACCURACY,
         "throughput": THROUGHPUT,
@@ -231,8 +236,8 @@ def reference_errors(raw: dict[str, Any], backend_names: Iterable[str]) -> list[
         check(profile.get("networks", ()), networks, f"{where}.networks", "network")
         check(profile.get("exporters", ()), EXPORTER_NAMES, f"{where}.exporters", "exporter")
         check(profile.get("exclude_backends", ()), backends, f"{where}.exclude_backends", "backend")
-    for section in ("backend_tolerances", "backend_options"):
-        check(raw.get(section, {}), backends, section, "backend")
+    check(raw.get("backend_options", {}), backends, "backend_options", "backend")
+    check([k.split("@", 1)[0] for k in raw.get("backend_tolerances", {})], backends, "backend_tolerances", "backend")
     for backend, outputs in raw.get("backend_tolerances", {}).items():
         check(outputs, all_outputs, f"backend_tolerances.{backend}", "output")
     accuracy = raw.get("accuracy") or {}
@@ -240,4 +245,11 @@ def reference_errors(raw: dict[str, Any], backend_names: Iterable[str]) -> list[
         check([accuracy["profile"]], profiles, "accuracy.profile", "profile")
     dims = {"batch"} | {d for p in profiles.values() for d in p.get("dims", {})}
     check(raw.get("throughput", {}).get("items_per_call", ()), dims, "throughput.items_per_call", "dim")
+    default_batches = raw.get("batch_sizes", [1])
+    for device, per_profile in (raw.get("throughput", {}).get("floors") or {}).items():
+        where = f"throughput.floors.{device}"
+        check(per_profile, profiles, where, "profile")
+        for pname, per_batch in per_profile.items():
+            batches = (profiles.get(pname) or {}).get("batch_sizes", default_batches)
+            check(per_batch, batches, f"{where}.{pname}", "batch size (not one of the profile's)")
     return problems

@@ -25,7 +25,7 @@ MINIMAL = {
         "deploy": {"dims": {"height": 256}, "batch_sizes": [8], "slow": True, "exclude_backends": ["aoti"]},
     },
     "accuracy": {"metric": "AP", "target": 0.677, "tolerance": 0.002, "higher_is_better": True},
-    "throughput": {"unit": "fps", "items_per_call": ["batch"], "floors": {"310P3": {1: 7.72}}},
+    "throughput": {"unit": "fps", "items_per_call": ["batch"], "floors": {"310P3": {"smoke": {1: 7.72}}}},
 }
 
 
@@ -51,7 +51,49 @@ def test_accuracy_direction_and_throughput_units():
     lower = parse_model_spec({**MINIMAL, "accuracy": {**MINIMAL["accuracy"], "higher_is_better": False, "target": 46.6, "tolerance": 0.1}}, "toy.yaml")
     assert lower.accuracy.passes(46.7) and not lower.accuracy.passes(46.8)
     assert spec.throughput.items({"height": 16}, 4) == 4
-    assert spec.throughput.floors == {"310P3": {1: 7.72}}
+    assert spec.throughput.floor("310P3", "smoke", 1) == 7.72
+
+
+def test_floors_apply_only_at_the_shape_the_guide_measured():
+    """A floor is the guide's figure at one shape: another profile at the same batch is not gated."""
+    spec = parse_model_spec(MINIMAL, "toy.yaml")
+    assert spec.throughput.floor("310P3", "deploy", 1) is None  # same batch, other shape
+    assert spec.throughput.floor("310P3", "smoke", 4) is None
+    assert spec.throughput.floor("T4", "smoke", 1) is None
+    vp3d = load_model_spec("videopose3d")
+    assert vp3d.throughput.floor("310P3", "deploy", 2) == 280257
+    assert vp3d.throughput.floor("310P3", "smoke", 2) is None  # 400 frames: the guide measured 6115
+    assert not load_model_spec("dekr").throughput.floors  # a dataset-wide mean over five buckets
+
+
+@pytest.mark.parametrize(("floors", "message"), [
+    ({"310P3": {1: 7.72}}, r"throughput\.floors\.310P3"),  # a batch where the shape belongs
+    ({"310P3": {"bucket": {1: 7.72}}}, r"throughput\.floors\.310P3: unknown profile 'bucket'"),
+    ({"310P3": {"deploy": {2: 7.72}}}, r"throughput\.floors\.310P3\.deploy: unknown batch size .* 2 \(known: 8\)"),
+])
+def test_malformed_floors_are_named(floors, message):
+    raw = {**MINIMAL, "throughput": {**MINIMAL["throughput"], "floors": floors}}
+    with pytest.raises(ModelSpecError, match=message):
+        parse_model_spec(raw, "toy.yaml")
+
+
+def test_backend_tolerances_resolve_by_setting_then_backend_then_network():
+    decoded = {"points": {"atol": 0.5, "rtol": 0.0}}
+    raw = {**MINIMAL, "networks": {"net": {**MINIMAL["networks"]["net"], "decoded": decoded}},
+           "backend_tolerances": {"om": {"heat": {"atol": 1e-2, "rtol": 0}},
+                                  "om@force_fp16": {"heat": {"atol": 5e-2, "rtol": 0}, "points": {"atol": 2, "rtol": 0}}}}
+    spec = parse_model_spec(raw, "toy.yaml")
+    assert spec.tolerance("net", "heat", "om@force_fp16").atol == 5e-2
+    assert spec.tolerance("net", "heat", "om@force_fp32").atol == 1e-2  # no entry for that mode: om's
+    assert spec.tolerance("net", "heat", "onnxruntime").atol == 1e-4
+    assert spec.decoded_tolerance("net", "points", "om@force_fp16").atol == 2
+    assert spec.decoded_tolerance("net", "points", "om@force_fp32").atol == 0.5
+    raw["backend_tolerances"]["om@force_fp16"]["heatmap"] = {"atol": 1, "rtol": 0}
+    with pytest.raises(ModelSpecError, match=r"backend_tolerances\.om@force_fp16: unknown output 'heatmap'"):
+        parse_model_spec(raw, "toy.yaml")
+    raw["backend_tolerances"] = {"ov@f32": {"heat": {"atol": 1, "rtol": 0}}}
+    with pytest.raises(ModelSpecError, match=r"backend_tolerances: unknown backend 'ov'"):
+        parse_model_spec(raw, "toy.yaml")
 
 
 @pytest.mark.parametrize(
@@ -99,7 +141,8 @@ def test_unknown_model_lists_known_ones():
         (lambda raw: raw["networks"]["net"]["variants"]["fancy"].update(backend=["om"]),
          r"unknown key networks\.net\.variants\.fancy\.backend "),
         (lambda raw: raw["networks"]["net"]["outputs"]["heat"].update(atoll=1.0), r"unknown key networks\.net\.outputs\.heat\.atoll"),
-        (lambda raw: raw["throughput"]["floors"]["310P3"].update(b4=1.0), r"throughput\.floors\.310P3: key 'b4' is not allowed"),
+        (lambda raw: raw["throughput"]["floors"]["310P3"]["smoke"].update(b4=1.0),
+         r"throughput\.floors\.310P3\.smoke: key 'b4' is not allowed"),
     ],
 )
 def test_unknown_or_mistyped_key_names_file_and_key_path(mutate, message):
