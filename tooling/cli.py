@@ -1,4 +1,4 @@
-"""Command line: ``python -m tooling verify-golden``, ``stage --check`` and ``triage``."""
+"""Command line: ``python -m tooling verify-golden``, ``stage --check``, ``triage`` and ``doctor``."""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +9,7 @@ from pathlib import Path
 
 from tooling.arrays import ArrayFileError, read_arrays
 from tooling.compare import compare_outputs
+from tooling.doctor import doctor as host_doctor
 from tooling.locations import Roots, staged_inventory
 from tooling.model_spec import ModelSpecError, load_model_spec, model_names
 from tooling.triage import TriageUnsupported, triage_case
@@ -143,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     triage_cmd.add_argument("--cache-dir", help="artifact cache (default: ZOO_CACHE_DIR or .zoo-cache)")
     triage_cmd.add_argument("--json", help="also write the report as JSON to this file")
     triage_cmd.set_defaults(run=triage)
+
+    check_host = sub.add_parser("doctor", help="check this NPU host: atc, ais_bench, aclruntime, npu-smi, the [npu] extra")
+    check_host.set_defaults(run=lambda _args: host_doctor())
 
     args = parser.parse_args(argv)
     try:

@@ -740,3 +740,56 @@ def test_fp16_om_agrees_within_the_yaml_om_tolerances_not_the_fp32_ones(npu_host
     assert_outputs_match(decoded_om, decoded_torch, om_tolerances, f"{case.id}: decoded om vs torch")
     with pytest.raises(AssertionError, match="out of tolerance"):
         assert_outputs_match(decoded_om, decoded_torch, net.decoded, "decoded at fp32 tolerances")
+
+
+# -- python -m tooling doctor -----------------------------------------------------------------------
+@pytest.mark.parametrize(("generation", "reported"), [("ait", "ait benchmark (summary()"), ("tools", "Ascend/tools (sumary()")])
+def test_doctor_passes_a_complete_host_and_names_the_ais_bench_generation(
+        toolkit_bin, fake_ais_bench, monkeypatch, capsys, generation, reported):
+    from tooling.cli import main
+
+    (toolkit_bin.parent / "version.info").write_text("Version=6.0.RC1\n")  # as CANN ships it beside bin/
+    monkeypatch.setattr(fake_ais_bench, "InferSession", fake_ais_bench.GENERATIONS[generation])
+    monkeypatch.setitem(sys.modules, "aclruntime", types.ModuleType("aclruntime"))
+    assert main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    assert "(CANN 6.0.RC1)" in out
+    assert reported in out
+    assert "2 chip(s), soc Ascend310P3: device 0: NPU 0 chip 0 310P3 OK 0000:82:00.0; device 1:" in out
+    assert "onnxsim" in out and "ready for the OM gates" in out
+
+
+def test_doctor_names_every_missing_piece(tmp_path, monkeypatch, capsys):
+    from tooling import doctor
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    for module in ("ais_bench", "aclruntime"):
+        monkeypatch.setitem(sys.modules, module, None)
+    pyproject = tmp_path / "pyproject.toml"
+    pyproject.write_text('[project.optional-dependencies]\nnpu = ["onnxsim==0.8.1", "not-a-zoo-package==1.0"]\n')
+    monkeypatch.setattr(doctor, "npu_extra", functools.partial(doctor.npu_extra, pyproject))
+    assert doctor.doctor() == 1
+    out = capsys.readouterr().out
+    for expected in ("MISSING atc          not on PATH (source /usr/local/Ascend/ascend-toolkit/set_env.sh)",
+                     "MISSING ais_bench", "MISSING aclruntime", "MISSING npu-smi      npu-smi not on PATH",
+                     "MISSING not-a-zoo-package not installed",
+                     "not ready: atc, ais_bench, aclruntime, npu-smi, not-a-zoo-package"):
+        assert expected in out
+
+
+def test_doctor_refuses_an_ais_bench_without_per_call_times(fake_ais_bench, monkeypatch):
+    from tooling.doctor import check_ais_bench
+
+    monkeypatch.setattr(fake_ais_bench, "InferSession", type("InferSession", (), {}))
+    check = check_ais_bench()
+    assert not check.ok and "neither summary() nor sumary()" in check.detail
+
+
+def test_doctor_reports_unhealthy_chips(toolkit_bin):
+    from tooling.doctor import check_npus
+
+    sick = toolkit_bin.parent / "npu_smi_sick.txt"
+    sick.write_text(GUIDE_NPU_SMI.replace("| 1       310P3     | OK    ", "| 1       310P3     | Alarm ", 1))
+    _script(toolkit_bin / "npu-smi", f"exec {shutil.which('cat', path='/bin:/usr/bin')} {shlex.quote(str(sick))}")
+    check = check_npus()
+    assert not check.ok and "devices [1] are not healthy" in check.detail

@@ -374,7 +374,7 @@ def apply_onnx_rewrites(source: Path, names: tuple[str, ...], target: Path) -> P
 
 
 # -- running ATC ------------------------------------------------------------------------------------
-def _toolkit_version(atc: str) -> str:
+def toolkit_version(atc: str) -> str:
     """What identifies the CANN build that ``atc`` belongs to (part of the cache key)."""
     real = Path(atc).resolve()
     for directory in list(real.parents)[:4]:
@@ -500,7 +500,7 @@ class OmBackend(Backend):
 
     def versions(self) -> dict[str, str]:
         atc = shutil.which("atc")
-        return {"soc_version": self.chip().soc_version, "cann": _toolkit_version(atc) if atc else "none"}
+        return {"soc_version": self.chip().soc_version, "cann": toolkit_version(atc) if atc else "none"}
 
     @classmethod
     def serves(cls, spec: ModelSpec, case) -> bool:

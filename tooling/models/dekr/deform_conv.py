@@ -17,8 +17,10 @@ The variant is part of an exported artifact's identity, because each one yields 
   [nine x offsets, nine y offsets, nine ones as a DCNv2 mask]. Only Ascend ATC, with the CANN
   ``DeformableConv2D`` operator, can consume it; nothing here runs it. We emit it in the custom
   domain ``ascend`` so the file passes ``onnx.checker``. The seed exported it without a domain
-  (TorchScript of torch 1.8, checker off), and ATC maps ONNX nodes by domain, version and type, so
-  moving the node to the default domain may be needed before ATC. That has not been checked here.
+  (TorchScript of torch 1.8, checker off), and ATC's ONNX parser takes it from the default domain
+  only (CANN registers DeformableConv2D under ai.onnx, opsets 9..16; two imported domains make it
+  refuse default-domain nodes, E16005): the OM boundary moves it there with the
+  ``custom_ops_to_default_domain`` rewrite that baselines/dekr.yaml's om: section names.
 
 All three compute the same values in torch eager; the custom ops run the ``grid_sample`` body.
 """
