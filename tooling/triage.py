@@ -334,7 +334,8 @@ def triage_case(handle, case, backend_name: str, feeds: Mapping[str, np.ndarray]
     feeds = dict(feeds if feeds is not None else handle.feeds(case))
     model = onnx.load(str(handle.onnx(case, dynamic_dims=backend.dynamic_input_dims(handle.compile_request(case)))))
     request = handle.compile_request(case)
-    tolerances = {o: handle.spec.tolerance(case.network, o, backend_name) for o in net.output_names}
+    key = backend.tolerance_key(handle.spec, case.network)  # the gate's tolerances (om@<precision mode>)
+    tolerances = {o: handle.spec.tolerance(case.network, o, key) for o in net.output_names}
     reference_backend = ws.backend("onnx")
 
     def reference(path: Path):

@@ -54,3 +54,15 @@ def test_absolute_bound_can_scale_with_the_output_range():
     actual = expected + np.array([0.5, -0.5, 0.5])
     assert not compare_array("y", actual, expected, Tolerance(1e-3, 1e-6)).passed
     assert compare_array("y", actual, expected, Tolerance(1e-3, 1e-6, atol_of_max=2e-5)).passed
+
+
+def test_max_fraction_out_allows_that_many_elements_past_the_bound_but_never_a_non_finite_one():
+    expected = np.full(20, 100.0, np.float32)
+    actual = expected.copy()
+    actual[:2] = 140.0  # two argmax flips out of twenty coordinates
+    assert not compare_array("p", actual, expected, Tolerance(4.0, 0.0)).passed
+    assert compare_array("p", actual, expected, Tolerance(4.0, 0.0, max_fraction_out=0.1)).passed
+    assert not compare_array("p", actual, expected, Tolerance(4.0, 0.0, max_fraction_out=0.05)).passed
+    actual[0] = np.inf
+    with np.errstate(invalid="ignore"):  # the cosine of an infinite vector is nan
+        assert not compare_array("p", actual, expected, Tolerance(4.0, 0.0, max_fraction_out=0.5)).passed
