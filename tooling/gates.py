@@ -132,7 +132,8 @@ def _params_accuracy(ctx: GateContext) -> Params:
     if spec.accuracy is None:
         return "accuracy_backend", []
     profile_cases = [c for c in spec.cases() if c.profile == spec.accuracy.profile]
-    runnable = [b for b in ctx.deployed if any(spec.case_runs_on(c, b) for c in profile_cases)]
+    # The pass picks each sample's shape (DEKR: its ATC bucket), not the profile's dims.
+    runnable = [b for b in ctx.deployed if any(spec.case_runs_on(c, b, at_profile_shape=False) for c in profile_cases)]
     chosen = ctx.accuracy_backend
     if chosen is None:
         return "accuracy_backend", [pytest.param(b, id=b, marks=backend_marks(b)) for b in runnable]

@@ -291,15 +291,17 @@ class ModelSpec:
                     )
         return sorted(result, key=lambda c: c.slow)
 
-    def case_runs_on(self, case: Case, backend: str) -> bool:
+    def case_runs_on(self, case: Case, backend: str, *, at_profile_shape: bool = True) -> bool:
         """Whether ``backend`` serves ``case``: its export variant runs there, its profile keeps it,
-        and the backend's artifact can take the case's shape (an OM's --dynamic_dims gears)."""
+        and the backend's artifact can take the case's shape (an OM's --dynamic_dims gears).
+        ``at_profile_shape=False`` leaves the shape out, for passes whose shapes come from the data
+        (the accuracy pass picks DEKR's bucket per image)."""
         from tooling.backends import BACKENDS  # the registry imports this module
 
         return (
             self.networks[case.network].variant(case.variant).runs_on(backend)
             and self.profiles[case.profile].runs_on(backend)
-            and (backend not in BACKENDS or BACKENDS[backend].serves(self, case))
+            and (not at_profile_shape or backend not in BACKENDS or BACKENDS[backend].serves(self, case))
         )
 
     def dims(self, case: Case) -> dict[str, int]:
