@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from tooling.backends.npu import probe_npus
-from tooling.backends.om import OmSettings, toolkit_version
+from tooling.backends.om import OmSettings, declares_om, toolkit_version
 from tooling.model_spec import PROJECT_ROOT, ModelSpecError, load_model_spec, model_names
 
 SET_ENV = "source /usr/local/Ascend/ascend-toolkit/set_env.sh"
@@ -109,8 +109,8 @@ def check_om_sections() -> Check:
     try:
         for model in model_names():
             spec = load_model_spec(model)
-            for network, net in spec.networks.items():
-                if spec.om or net.om:
+            for network in spec.networks:
+                if declares_om(spec, network):
                     modes.append(f"{model}/{network} {OmSettings.of(spec, network).precision_mode}")
     except ModelSpecError as exc:
         return Check("baselines", False, str(exc))

@@ -183,6 +183,13 @@ class OmSettings:
         }
 
 
+def declares_om(spec: ModelSpec, network: str) -> bool:
+    """Whether ``network`` is meant to become an OM: it has its own om: section, or the model-level
+    one names the output (a model-level section of shared flags alone does not make every network
+    an OM; FOMM's host-side networks have none)."""
+    return bool(spec.networks[network].om) or "output" in (spec.om or {})
+
+
 def gear_dim_order(net: NetworkSpec, dynamic: DynamicDims) -> tuple[str, ...]:
     """The dynamic dims in the order their -1s appear in ``--input_shape`` (inputs in order, then
     axes): ATC reads each --dynamic_dims gear in that order, whatever order the yaml lists them."""
@@ -504,14 +511,14 @@ class OmBackend(Backend):
 
     @classmethod
     def serves(cls, spec: ModelSpec, case) -> bool:
-        if not (spec.om or spec.networks[case.network].om):
+        if not declares_om(spec, case.network):
             return True  # no om: section: compile says so, with the yaml's path
         dynamic = OmSettings.of(spec, case.network).dynamic_dims
         return dynamic is None or dynamic.serves(spec.dims(case))
 
     @classmethod
     def tolerance_key(cls, spec: ModelSpec, network: str) -> str:
-        if not (spec.om or spec.networks[network].om):
+        if not declares_om(spec, network):
             return cls.name
         return f"{cls.name}@{OmSettings.of(spec, network).precision_mode}"
 
