@@ -173,3 +173,10 @@ def test_zero_flow_scores_the_mean_flow_magnitude(warped_set):
 
 def test_every_scene_has_a_distinct_motion():
     assert len(SCENES) == 3 and sum(len(v) - 1 for v in SCENES.values()) == 5
+
+
+def test_a_truncated_frame_is_named(tmp_path):
+    data = (FIXTURES / "frames" / "frame_0047.png").read_bytes()
+    (tmp_path / "frame_0001.png").write_bytes(data[: len(data) * 9 // 10])
+    with pytest.raises(SintelLayoutError, match=r"frame_0001.png: truncated image"):
+        read_frame(tmp_path / "frame_0001.png")

@@ -13,6 +13,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from tooling.coco.dataset import ImageReadError, read_image
+
 PASSES = ("clean", "final")
 DATA = {"clean": "sintel/training/clean", "final": "sintel/training/final", "flow": "sintel/training/flow"}
 
@@ -56,10 +58,14 @@ def sintel_pairs(pass_dir: Path, flow_dir: Path) -> list[SintelPair]:
 
 
 def read_frame(path: Path) -> np.ndarray:
-    """(3, H, W) float32 RGB 0..255, as the network takes it (no scaling, no mean/std)."""
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:
-        raise SintelLayoutError(f"{path}: not a readable image")
+    """(3, H, W) float32 RGB 0..255, as the network takes it (no scaling, no mean/std).
+
+    Through the suite's image reader, which also catches a truncated PNG that OpenCV would
+    decode partly without a word."""
+    try:
+        image = read_image(path)
+    except (ImageReadError, FileNotFoundError) as exc:
+        raise SintelLayoutError(str(exc)) from exc
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB).transpose(2, 0, 1).astype(np.float32)
 
 
