@@ -204,12 +204,21 @@ class AccuracySpec:
     # the known-answer set: the network-in-the-loop agreement gate.
     agreement: dict[str, float] = field(default_factory=dict)
     agreement_samples: int = 4
+    # Per extra target, its own (higher_is_better, tolerance) where the yaml gives them; otherwise
+    # the main metric's direction and tolerance apply.
+    extra_rules: dict[str, tuple[bool, float]] = field(default_factory=dict)
 
     def passes(self, value: float, target: float | None = None) -> bool:
         goal = self.target if target is None else target
         if self.higher_is_better:
             return value >= goal - self.tolerance
         return value <= goal + self.tolerance
+
+    def passes_extra(self, name: str, value: float) -> bool:
+        """Whether metric ``name`` meets its extra target, in its own direction and tolerance."""
+        higher, tolerance = self.extra_rules.get(name, (self.higher_is_better, self.tolerance))
+        goal = self.extra_targets[name]
+        return value >= goal - tolerance if higher else value <= goal + tolerance
 
 
 @dataclass(frozen=True)
@@ -451,7 +460,12 @@ def parse_model_spec(raw: dict[str, Any], where: str) -> ModelSpec:
             reference=float(acc["upstream_reference"]) if "upstream_reference" in acc else None,
             data=tuple(acc.get("data", ())),
             profile=acc.get("profile", next(iter(profiles))),
-            extra_targets={k: float(v) for k, v in acc.get("extra_targets", {}).items()},
+            extra_targets={k: float(v["target"] if isinstance(v, dict) else v)
+                           for k, v in acc.get("extra_targets", {}).items()},
+            extra_rules={
+                k: (bool(v.get("higher_is_better", acc["higher_is_better"])), float(v.get("tolerance", acc.get("tolerance", 0.0))))
+                for k, v in acc.get("extra_targets", {}).items() if isinstance(v, dict)
+            },
             agreement={k: float(v) for k, v in acc.get("agreement", {}).items()},
             agreement_samples=int(acc.get("agreement_samples", 4)),
         )

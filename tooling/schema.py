@@ -119,7 +119,9 @@ ACCURACY = fields(
         "upstream_reference": NUMBER,
         "profile": NAME,
         "data": list_of(NAME),
-        "extra_targets": mapping(NUMBER),
+        # metric -> target (the main metric's direction and tolerance), or a mapping with its own
+        "extra_targets": mapping({"anyOf": [NUMBER, fields(
+            {"target": NUMBER, "higher_is_better": BOOLEAN, "tolerance": NUMBER}, required=("target",))]}),
         # The network-in-the-loop agreement gate: metric -> largest |deployed - torch eager| on the
         # first `agreement_samples` samples of the known-answer set, seeded weights.
         "agreement": mapping({"type": "number", "minimum": 0}),

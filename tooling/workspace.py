@@ -168,7 +168,11 @@ class ModelHandle:
             for template, actual in zip(spec_in.shape, shape):
                 if isinstance(template, str):
                     dims[template] = int(actual)
-        variant = next((v.name for v in net.variants if v.runs_on(backend)), net.variants[0].name)
+        # Eager torch, the reference, runs the network's default variant (the deployed semantics),
+        # not a variant that names torch for a golden of its own.
+        deployed = BACKENDS[backend].deployed if backend in BACKENDS else True
+        variant = next((v.name for v in net.variants if v.runs_on(backend)), net.variants[0].name) if deployed \
+            else net.default_variant
         profile = "dims:" + ",".join(f"{k}={v}" for k, v in sorted(dims.items()) if k != "batch")
         exporter = (self.ws.options.exporters or (net.default_exporter,))[0]
         return Case(self.spec.name, network, profile, dims.get("batch", 1), exporter, variant, False)

@@ -91,3 +91,13 @@ def test_verify_golden_picks_the_golden_variant(network, golden, backend, tmp_pa
     assert main(["verify-golden", "fomm", network, str(path), "--backend", backend, "--cache-dir", str(tmp_path)]) == 0
     assert main(["verify-golden", "fomm", "generator", str(FIXTURES_DIR / "fomm" / "golden" / "generator_public.npz"),
                  "--variant", "nonexistent"]) == 2
+
+
+def test_extra_targets_keep_their_own_direction_and_tolerance():
+    raw = _edited(lambda r: r["accuracy"].update(extra_targets={
+        "MKR": {"target": 0.036, "tolerance": 0.0005}, "PCK": {"target": 0.9, "higher_is_better": True}, "L1": 0.07}))
+    validate_baseline(raw, "fomm.yaml")
+    accuracy = parse_model_spec(raw, "fomm.yaml").accuracy
+    assert accuracy.passes_extra("MKR", 0.0364) and not accuracy.passes_extra("MKR", 0.0366)
+    assert accuracy.passes_extra("PCK", 0.95) and not accuracy.passes_extra("PCK", 0.85)  # higher is better
+    assert accuracy.passes_extra("L1", 0.074) and not accuracy.passes_extra("L1", 0.076)  # AKD's rule: lower, 0.005
