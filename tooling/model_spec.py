@@ -344,8 +344,8 @@ class ModelSpec:
         return all(self.chain_member(chain_case, n, backend) for n in self.chains[chain_case.chain].networks)
 
     def chain_tolerance(self, chain: str, output: str, backend: str | None = None) -> Tolerance:
-        per_backend = self.backend_tolerances.get(backend or "", {})
-        return per_backend.get(output, self.chains[chain].outputs[output])
+        """A chain output's tolerance; ``backend`` is a backend's tolerance key, as for ``tolerance``."""
+        return self._backend_tolerance(backend, output) or self.chains[chain].outputs[output]
 
     def load_slice(self):
         module = importlib.import_module(self.slice_module)

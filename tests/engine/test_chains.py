@@ -32,7 +32,7 @@ def test_chain_cases_follow_profiles_and_backends():
     assert spec.chain_member(smoke, "generator", "om").variant == "gather"
     assert spec.chain_runs_on(smoke, "openvino")
     assert not spec.chain_runs_on(smoke, "aoti")  # the smoke profile excludes it
-    assert spec.chain_tolerance("reconstruction", "prediction", "om").atol == 1e-2  # backend override
+    assert spec.chain_tolerance("reconstruction", "prediction", "om@force_fp16").atol == 1e-2  # backend override
     assert spec.chain_tolerance("reconstruction", "prediction").atol == 1e-4
 
 
