@@ -166,6 +166,21 @@ def hold_lock(lock_path: Path, what: str, timeout_s: float | None = None,
         lock.release()
 
 
+@contextlib.contextmanager
+def build_lock(target: Path, what: str, not_writable: Callable[[str], Exception]) -> Iterator[None]:
+    """Hold the lock that guards building ``target``; where the cache may not be written, raise
+    ``not_writable(reason)`` (the caller names the cache and what it could not build)."""
+    with contextlib.ExitStack() as held:
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            held.enter_context(hold_lock(Path(str(target) + ".lock"), what))
+        except OSError as exc:
+            if not denied(exc):
+                raise
+            raise not_writable(exc.strerror) from None
+        yield
+
+
 def remove_stale_staging(target: Path) -> list[Path]:
     """Delete the staging folders of ``target`` that killed builds left (call with its lock held)."""
     stale = sorted(target.parent.glob(f"{target.name}{STAGING_MARK}*"))
@@ -228,17 +243,11 @@ class ArtifactCache:
         problem = self._problem(key, target)
         if problem is None:
             return self._reused(key, target)
-        with contextlib.ExitStack() as held:
-            try:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                held.enter_context(hold_lock(Path(str(target) + ".lock"), f"build {key.kind} artifact {target.name}"))
-            except OSError as exc:
-                if not denied(exc):
-                    raise
-                raise CacheNotWritable(
-                    f"cache dir {self.root} is not writable: cannot build {key.kind} artifact {target.name} "
-                    f"({problem}; {exc.strerror}); use a writable --cache-dir"
-                ) from None
+        def not_writable(why: str) -> CacheNotWritable:
+            return CacheNotWritable(f"cache dir {self.root} is not writable: cannot build {key.kind} artifact "
+                                    f"{target.name} ({problem}; {why}); use a writable --cache-dir")
+
+        with build_lock(target, f"build {key.kind} artifact {target.name}", not_writable):
             problem = self._problem(key, target)  # a sibling may have built it while we waited
             if problem is None:
                 return self._reused(key, target)

@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 import pytest
 
 from tooling.backends import BACKENDS
-from tooling.model_spec import Case, ChainCase, ModelSpec
+from tooling.model_spec import Case, ModelSpec
 
 ATTRIBUTE = "zoo_gate"
 

@@ -11,7 +11,6 @@ is importable, to adjust the imported upstream package in memory.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib
 import importlib.metadata
@@ -32,7 +31,7 @@ from typing import Mapping
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from tooling.cache import check_tree, denied, hold_lock, remove_stale_staging, tree_files
+from tooling.cache import build_lock, check_tree, remove_stale_staging, tree_files
 from tooling.model_spec import PROJECT_ROOT
 from tooling.tools import ToolTimeout, run_tool
 
@@ -281,17 +280,11 @@ class UpstreamSource:
             return rebuild and (run_id is None or self._recorded(target).get("run") != run_id)
 
         if forced() or self._problem(target, digest) is not None:
-            with contextlib.ExitStack() as held:
-                try:
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    held.enter_context(hold_lock(Path(str(target) + ".lock"), f"check out upstream {self.model}"))
-                except OSError as exc:
-                    if not denied(exc):
-                        raise
-                    raise UpstreamError(
-                        f"cache dir {cache_dir} is not writable: cannot check out upstream {self.model} "
-                        f"({exc.strerror}); use a writable --cache-dir"
-                    ) from None
+            def not_writable(why: str) -> UpstreamError:
+                return UpstreamError(f"cache dir {cache_dir} is not writable: cannot check out upstream "
+                                     f"{self.model} ({why}); use a writable --cache-dir")
+
+            with build_lock(target, f"check out upstream {self.model}", not_writable):
                 problem = "forced rebuild (--rebuild)" if forced() else self._problem(target, digest)
                 if problem is not None:
                     origin = self.origin(upstream_root)
