@@ -186,3 +186,33 @@ def test_full_size_golden_on_the_gather_sampler(seeded_gma):
     with np.load(GOLDEN / "gma_full_public.npz") as data:
         feeds = SLICE.golden_inputs(None, "gma", GOLDEN / "gma_full_public.npz", data)
         np.testing.assert_allclose(run(seeded_gma("gather"), feeds), data["out1"], atol=2e-3, rtol=0)
+
+
+# --- upstream builder ---------------------------------------------------------------------------------
+
+def test_upstream_builder_answers_as_the_export(tmp_path):
+    """On a stand-in laid out as upstream is (core/network.py importing its siblings by plain
+    name): the guide's namespace goes in, and the call returns test_mode's upsampled flow at 6
+    iterations, with upstream's state_dict keys untouched."""
+    from tooling.sources import UpstreamCheckout
+
+    (tmp_path / "core").mkdir()
+    (tmp_path / "core" / "gma.py").write_text("SCALE = 3.0\n")
+    (tmp_path / "core" / "network.py").write_text(
+        "import torch\n"
+        "from gma import SCALE\n\n\n"
+        "class RAFTGMA(torch.nn.Module):\n"
+        "    def __init__(self, args):\n"
+        "        super().__init__()\n"
+        "        assert (args.num_heads, args.position_only, args.position_and_content, args.mixed_precision) == "
+        "(1, False, False, False)\n"
+        "        assert 'dropout' not in args\n"
+        "        self.fnet = torch.nn.Conv2d(3, 2, 1)\n\n"
+        "    def forward(self, image1, image2, iters=12, flow_init=None, upsample=True, test_mode=False):\n"
+        "        up = image1[:, :2] * iters * SCALE + image2[:, :2]\n"
+        "        return (up[..., ::8, ::8], up) if test_mode else [up] * iters\n"
+    )
+    model = SLICE.build_upstream_network("gma", UpstreamCheckout(tmp_path, "0" * 40))
+    assert list(model.state_dict()) == ["fnet.weight", "fnet.bias"]
+    image1, image2 = torch.rand(1, 3, 16, 16), torch.rand(1, 3, 16, 16)
+    torch.testing.assert_close(model(image1, image2), image1[:, :2] * 18.0 + image2[:, :2])

@@ -1,6 +1,7 @@
 """GMA as the engine sees it: export variants, flow decoding, Sintel accuracy, known answer."""
 from __future__ import annotations
 
+import argparse
 import hashlib
 from pathlib import Path
 from typing import Mapping
@@ -12,13 +13,16 @@ from tooling.model_spec import FIXTURES_DIR
 from tooling.models.gma.flo import read_flo
 from tooling.models.gma.known_answer import write_warped_sintel
 from tooling.models.gma.metric import FlowErrorTotals, endpoint_error
-from tooling.models.gma.network import INPUT_NAMES, OUTPUT_NAME, build_gma
+from tooling.models.gma.network import DEFAULT_ITERS, INPUT_NAMES, OUTPUT_NAME, build_gma
 from tooling.models.gma.padding import InputPadder
 from tooling.models.gma.sintel import DATA, PASSES, SintelPair, read_frame, sintel_pairs
 from tooling.seeded import apply_seeded_weights
 from tooling.slice import AccuracyContext, KnownAnswer, ModelSlice
 
 CHECKPOINT = "gma-sintel.pth"
+# The namespace the guide's export script builds the model from (spec §1); everything else is
+# upstream's default (dropout absent -> 0, corr levels 4 and radius 4 set by the model).
+UPSTREAM_ARGS = {"num_heads": 1, "position_only": False, "position_and_content": False, "mixed_precision": False}
 # How the correlation lookup reaches each backend (yaml variants): F.grid_sample (ONNX
 # GridSample, opset 16+) or the guide's gather-based sampler (opset 12, for ATC).
 VARIANT_SAMPLERS = {"grid_sample": "grid_sample", "gather": "gather"}
@@ -34,6 +38,21 @@ class GmaSlice(ModelSlice):
         if variant not in VARIANT_SAMPLERS:
             raise KeyError(f"gma has no export variant {variant!r}; known: {sorted(VARIANT_SAMPLERS)}")
         return build_gma(VARIANT_SAMPLERS[variant])
+
+    def build_upstream_network(self, network: str, checkout) -> torch.nn.Module:
+        """Upstream's ``RAFTGMA`` (core/network.py, unpatched: grid_sample and einsums) with the
+        guide's arguments, answering as the export does: the final upsampled flow after 6
+        iterations (upstream's test_mode returns the low-resolution flow too)."""
+        if network != "gma":
+            raise KeyError(f"no upstream builder for gma network {network!r}")
+        model = checkout.import_module("network", subdir="core").RAFTGMA(argparse.Namespace(**UPSTREAM_ARGS)).eval()
+        upstream_forward = model.forward
+
+        def final_flow(image1: torch.Tensor, image2: torch.Tensor) -> torch.Tensor:
+            return upstream_forward(image1, image2, iters=DEFAULT_ITERS, test_mode=True)[1]
+
+        model.forward = final_flow  # an attribute, not a wrapper module: the state_dict keys stay upstream's
+        return model
 
     def example_inputs(self, spec, network: str, dims: dict[str, int], seed: int = 0) -> dict[str, np.ndarray]:
         """Two related frames in 0..255: the second a shifted, noisier copy of the first, so the
