@@ -218,13 +218,13 @@ class ConformanceSuite:
 
     @pytest.mark.accuracy
     @gate("accuracy-known-answer")
-    def test_accuracy_pipeline_known_answer(self, zoo: Workspace, tmp_path, request):
+    def test_accuracy_pipeline_known_answer(self, zoo: Workspace, known_answers, tmp_path, request):
         """The accuracy path (reader, preprocessing, postprocessing, metric) on generated data whose
         correct score is known in advance. Where the slice's answer replaces a network by an oracle
         (ideal heatmaps, say), no export or deployed run of that network happens, and the row is
         labelled ``accuracy-oracle``; otherwise the network runs exported, on ONNX Runtime."""
         require_backend(zoo, "onnxruntime")
-        answer = zoo.model(self.model).slice.make_known_answer(tmp_path)
+        answer = known_answers(self.model)
         if answer.oracles:
             relabel(request, gate="accuracy-oracle", backend="oracle:" + "+".join(sorted(answer.oracles)))
         staged = zoo.with_roots(data_root=answer.data_root, weights_root=answer.weights_root)
@@ -238,7 +238,7 @@ class ConformanceSuite:
 
     @pytest.mark.accuracy
     @gate("accuracy-agreement")
-    def test_accuracy_agrees_with_torch(self, zoo: Workspace, deployed_backend: str, tmp_path, request):
+    def test_accuracy_agrees_with_torch(self, zoo: Workspace, deployed_backend: str, known_answers, tmp_path, request):
         """Network in the loop: the accuracy pipeline on the known-answer dataset, with seeded
         weights and no oracle, on a deployed backend. Every network call's raw outputs (backend
         tolerances) and decoded outputs (``decoded`` tolerances) agree with torch eager on the same
@@ -249,7 +249,7 @@ class ConformanceSuite:
         assert spec.accuracy and spec.accuracy.agreement, (
             f"baselines/{self.model}.yaml: accuracy.agreement names no metric bound for the deployed backends"
         )
-        answer = zoo.model(self.model).slice.make_known_answer(tmp_path / "dataset")
+        answer = known_answers(self.model)
         handle = zoo.with_roots(data_root=answer.data_root, weights_root=None).model(self.model)
         if not any(handle.spec.case_runs_on(c, deployed_backend) for c in handle.spec.cases()
                    if c.profile == answer.profile):

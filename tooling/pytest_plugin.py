@@ -7,6 +7,7 @@ import re
 import sys
 import uuid
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from tooling.locations import Roots
 from tooling.model_spec import EXPORTERS, Case, ChainCase, load_model_spec
 from tooling.progress import set_live_sink
 from tooling.report import ConformanceMatrix, MatrixRow, flat_properties
+from tooling.slice import KnownAnswer
 from tooling.workspace import Options, Workspace
 
 MODEL_MARKERS = ("videopose3d", "transpose", "dekr", "gma", "fomm")
@@ -193,6 +195,20 @@ def zoo(pytestconfig) -> Workspace:
     workspace = _workspace(pytestconfig)
     pytestconfig.stash[_workspace_key] = workspace
     return workspace
+
+
+@pytest.fixture(scope="session")
+def known_answers(zoo, tmp_path_factory) -> Callable[[str], KnownAnswer]:
+    """Each model's generated known-answer set, written once per process and read by every gate
+    that scores it (the known answer, and the agreement gate on each backend)."""
+    made: dict[str, KnownAnswer] = {}
+
+    def known_answer(model: str) -> KnownAnswer:
+        if model not in made:
+            made[model] = zoo.model(model).slice.make_known_answer(tmp_path_factory.mktemp(f"{model}-known-answer"))
+        return made[model]
+
+    return known_answer
 
 
 @pytest.hookimpl(hookwrapper=True)
