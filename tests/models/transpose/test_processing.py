@@ -257,7 +257,8 @@ def test_missing_image_is_named(tmp_path: Path) -> None:
 
 def test_corrupt_image_is_named(tmp_path: Path) -> None:
     path = tmp_path / "000000000785.jpg"
-    path.write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
+    # Whole (start and end markers present), yet no image inside: the decoder is what refuses it.
+    path.write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg \xff\xd9")
     with pytest.raises(ImageReadError, match=r"000000000785\.jpg: OpenCV could not decode"):
         read_image(path)
 
