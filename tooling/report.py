@@ -138,7 +138,7 @@ def _reason_class(detail: str) -> str:
     return detail.split(":", 1)[0].strip()[:100] if detail else "no reason given"
 
 
-LEGEND = ("cells: parity = worst |difference|; accuracy = metric; throughput = rate; cpu-speedup = "
+LEGEND = ("cells: parity = worst |difference|; accuracy = metric; accuracy-agreement = Δ largest metric move vs torch eager; throughput = rate; cpu-speedup = "
           "x torch eager (% of host GEMM peak); (x) = measured, not gated; * = upstream stand-in, see below; "
           "skip = see reasons; FAIL = see below; . = not a case")
 BACKEND_ORDER = ("torch", "onnx", "best-cpu")  # references first, then deployed backends as met
@@ -202,6 +202,9 @@ def _short_figure(results: list[dict]) -> str:
     for result in results:
         if "throughput" in result:
             return f"{result['throughput']['rate']:.4g}"
+        if result.get("metric_deltas"):  # agreement: how far the backend moved any gated metric
+            worst = max(result["metric_deltas"].values())
+            return "Δ0" if worst == 0 else "Δ" + f"{worst:.0e}".replace("e-0", "e-").replace("e+0", "e+")
         if "metrics" in result and result["metrics"]:
             name = next((k for k in result["metrics"] if "/" not in k), next(iter(result["metrics"])))
             return f"{result['metrics'][name]:.4g}"

@@ -54,6 +54,14 @@ def test_grid_has_one_row_per_gate_and_case_and_one_column_per_backend():
     assert "total: 5 passed, 1 failed, 0 skipped" in text
 
 
+def test_agreement_cells_show_how_far_the_backend_moved_a_metric_not_the_metric():
+    lines = matrix(
+        row("accuracy-agreement", "onnxruntime", "-", metrics={"EPE": 33.25}, metric_deltas={"EPE": 2e-6, "1px": 0.0}),
+        row("accuracy-agreement", "openvino", "-", metrics={"EPE": 33.25}, metric_deltas={"EPE": 0.0}),
+    ).render()
+    assert lines[2].split() == ["accuracy-agreement", "-", "Δ2e-6", "Δ0"]
+
+
 def test_backends_unavailable_here_fold_into_one_line_per_reason():
     lines = matrix(
         row("deployed-vs-onnx", "onnxruntime", "net-b1", worst_max_abs=1e-6),
