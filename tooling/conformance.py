@@ -266,11 +266,11 @@ class ConformanceSuite:
             expected = handle.session("torch", torch_case, weights).run(feeds)
             where = f"call {calls} ({network}, {torch_case.profile}, b{torch_case.batch})"
             calls += 1
-            checks = [
-                ({o: handle.spec.tolerance(network, o, deployed_backend) for o in expected}, outputs, expected, "raw"),
-            ]
+            key = zoo.backend(deployed_backend).tolerance_key(handle.spec, network)  # om@<precision>, say
+            checks = [({o: handle.spec.tolerance(network, o, key) for o in expected}, outputs, expected, "raw")]
             if net.decoded:
-                checks.append((net.decoded, handle.slice.decode(network, feeds, outputs),
+                decoded = {n: handle.spec.decoded_tolerance(network, n, key) for n in net.decoded}
+                checks.append((decoded, handle.slice.decode(network, feeds, outputs),
                                handle.slice.decode(network, feeds, expected), "decoded"))
             for tolerances, actual, reference, kind in checks:
                 try:
