@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 from tooling.arrays import ArrayFileError, read_arrays
 from tooling.compare import compare_outputs
 from tooling.doctor import doctor as host_doctor
+from tooling.jsonio import write_json
 from tooling.locations import Roots, staged_inventory
 from tooling.model_spec import ModelSpecError, load_model_spec, model_names
 from tooling.triage import TriageUnsupported, triage_case
@@ -103,7 +103,7 @@ def triage(args: argparse.Namespace) -> int:
         return 2
     print(report.summary())
     if args.json:
-        Path(args.json).write_text(json.dumps(report.as_dict(), indent=1))
+        write_json(args.json, report.as_dict())
     return 0 if report.first is None else 1
 
 

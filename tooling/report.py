@@ -1,13 +1,12 @@
 """The conformance matrix (model x gate x backend x case) and the throughput table of a run."""
 from __future__ import annotations
 
-import json
-import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tooling import jsonio
 from tooling.roofline import roofline
 
 
@@ -120,7 +119,6 @@ class ConformanceMatrix:
         return lines
 
     def write_json(self, path: Path, throughput: list[dict] | None = None) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         payload = {
             "counts": dict(self.counts()),
             "skips_by_reason": dict(self.skip_reasons()),
@@ -128,9 +126,7 @@ class ConformanceMatrix:
             "throughput": throughput or [],
             "builds": self.builds,
         }
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(payload, indent=1, default=str))
-        os.replace(tmp, path)
+        jsonio.write_json(path, payload, default=str)
 
 
 def _reason_class(detail: str) -> str:

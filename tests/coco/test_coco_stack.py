@@ -174,6 +174,9 @@ def test_results_json_is_replaced_atomically(tmp_path: Path) -> None:
     with pytest.raises(TypeError):
         write_results_json([{"image_id": object()}], path)
     assert json.loads(path.read_text()) == [{"image_id": 2, "score": 0.25}]
+    with pytest.raises(ValueError, match=r"results\.json: 1 non-finite.*detection 1 field score \(nan\)"):
+        write_results_json([{"image_id": 1, "score": 0.5}, {"image_id": 3, "score": float("nan")}], path)
+    assert json.loads(path.read_text()) == [{"image_id": 2, "score": 0.25}]
     assert sorted(p.name for p in path.parent.iterdir()) == ["results.json"]
 
 

@@ -2,7 +2,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import numpy as np
+import pytest
+
+from tooling.jsonio import strict_json, to_json, write_json
 from tooling.report import ConformanceMatrix, MatrixRow, flat_properties
 
 OM_REASON = "atc not on PATH (source set_env.sh)"
@@ -102,3 +107,30 @@ def test_json_report_keeps_every_row_in_full(tmp_path):
     payload = json.loads((tmp_path / "r.json").read_text())
     assert payload["rows"][0]["results"] == speedup_row().results
     assert payload["rows"][1]["detail"] == f"om unavailable: {OM_REASON}"
+
+
+def _strict_loads(text: str):
+    """Parse as a strict reader (JavaScript, jq) would: a bare NaN or Infinity token is an error."""
+    def refuse(token):
+        raise ValueError(f"non-standard JSON token {token}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_json_report_is_strict_json_with_non_finite_figures_flagged(tmp_path):
+    m = matrix(row("accuracy", "onnxruntime", "-", "failed", "AP is NaN",
+                   metrics={"AP": float("nan"), "AR": float("inf"), "AP50": np.float32(0.5)}))
+    m.write_json(tmp_path / "r.json")
+    payload = _strict_loads((tmp_path / "r.json").read_text())
+    assert payload["rows"][0]["results"][0]["metrics"] == {"AP": None, "AR": None, "AP50": 0.5}
+    assert payload["nonfinite"] == {"rows.0.results.0.metrics.AP": "nan", "rows.0.results.0.metrics.AR": "inf"}
+
+
+def test_strict_json_converts_numpy_and_refuses_unknown_types_without_a_default(tmp_path):
+    cleaned, replaced = strict_json({"a": np.arange(3), "b": [np.float64(-np.inf), True], "c": None})
+    assert cleaned == {"a": [0, 1, 2], "b": [None, True], "c": None} and replaced == {"b.0": "-inf"}
+    assert to_json([1.0, float("nan")]) == "[1.0, null]"  # a list cannot carry the flag: strict_json says where
+    with pytest.raises(TypeError, match=r"x\.0: a object"):
+        to_json({"x": [object()]})
+    assert _strict_loads(to_json({"p": Path("/a")}, default=str)) == {"p": "/a"}
+    write_json(tmp_path / "w.json", {"v": float("nan")})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.json"]  # no temporary left behind

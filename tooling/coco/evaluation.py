@@ -4,14 +4,14 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+
+from tooling.jsonio import strict_json, write_json
 
 # Names of COCOeval.stats for iouType "keypoints", in its order.
 KEYPOINT_STAT_NAMES: tuple[str, ...] = (
@@ -20,21 +20,14 @@ KEYPOINT_STAT_NAMES: tuple[str, ...] = (
 
 
 def write_results_json(results: Sequence[dict[str, Any]], path: str | Path) -> Path:
-    """Write results atomically: a reader (or a killed run) never sees a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.",
-                                         suffix=".tmp", delete=False, encoding="utf-8")
-    try:
-        with handle:
-            json.dump(list(results), handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
-    return path
+    """Write results atomically: a reader (or a killed run) never sees a half-written file.
+    A non-finite value is refused: COCOeval would silently drop or mis-rank that detection."""
+    cleaned, replaced = strict_json(list(results))
+    if replaced:
+        where = ", ".join(f"detection {p.split('.', 1)[0]} field {p.split('.', 1)[-1]} ({v})"
+                          for p, v in list(replaced.items())[:5])
+        raise ValueError(f"{path}: {len(replaced)} non-finite value(s) in the detections: {where}")
+    return write_json(path, cleaned, indent=None)
 
 
 def first_image_ids(coco: COCO, limit: int | None) -> list[int]:
