@@ -2,7 +2,9 @@
 
 An artifact lives in ``<cache>/<kind>/<model>/<name>-<key>/`` next to ``manifest.json``. The key is
 a hash of everything that determines the artifact's bytes (see ``ArtifactKey``). One process builds
-while the others wait on a file lock (saying who holds it, up to a timeout); the build writes into a
+while the others wait on a file lock and a lease (saying who holds it, up to a timeout); the lease
+holds across hosts sharing the cache and is taken over from a dead host (``tooling.lease``), so an
+artifact is built once per fleet, not once per host; the build writes into a
 private staging directory that is renamed into place, and the manifest (with each file's size and
 sha256) is written last. On reuse the manifest is checked against the files, and a manifest that is
 missing, damaged or disagrees with the files triggers a rebuild rather than trust. Staging folders
@@ -18,7 +20,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import sys
 import time
 import uuid
@@ -27,6 +28,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from filelock import FileLock, Timeout
+
+from tooling.lease import Lease
 
 MANIFEST = "manifest.json"
 STAGING_MARK = ".tmp-"
@@ -122,63 +125,79 @@ def lock_timeout_s() -> float:
     return value
 
 
-def _holder_file(lock_path: Path) -> Path:
-    return lock_path.with_name(lock_path.name + ".holder")
+def lease_of(lock_path: Path) -> Path:
+    """The base name of the fleet-wide lease that goes with the file lock ``lock_path``."""
+    return lock_path.with_suffix(".lease")
 
 
 def lock_holder(lock_path: Path) -> str:
-    """Who holds ``lock_path``, as recorded by ``hold_lock`` (or why that is not known)."""
-    try:
-        info = json.loads(_holder_file(lock_path).read_text())
-        since = time.strftime("%H:%M:%S", time.localtime(info["since"]))
-        return f"pid {info['pid']} on {info['host']} since {since} ({info['what']})"
-    except (OSError, ValueError, KeyError, TypeError):
-        return "a process that has not said who it is"
+    """Who holds ``lock_path``, as its lease records it (or why that is not known)."""
+    owner = Lease(lease_of(lock_path), "").holder()
+    return owner.describe() if owner else "a process that has not said who it is"
+
+
+@dataclass
+class HeldLock:
+    """What holding a build lock involved: the lease takeovers it needed (empty: none)."""
+
+    takeovers: list[str] = field(default_factory=list)
 
 
 @contextlib.contextmanager
 def hold_lock(lock_path: Path, what: str, timeout_s: float | None = None,
-              notice_s: float = LOCK_NOTICE_S) -> Iterator[None]:
-    """Hold the file lock ``lock_path``; while waiting, say every ``notice_s`` who holds it, and give
-    up with ``LockTimeout`` after ``timeout_s`` (default ``ZOO_LOCK_TIMEOUT`` or three hours)."""
+              notice_s: float = LOCK_NOTICE_S) -> Iterator[HeldLock]:
+    """Hold the file lock ``lock_path`` and its fleet-wide lease; while waiting, say every
+    ``notice_s`` who holds them, and give up with ``LockTimeout`` after ``timeout_s`` (default
+    ``ZOO_LOCK_TIMEOUT`` or three hours). The file lock serialises the processes of one host
+    cheaply; the lease (``tooling.lease``) those of hosts that share the cache, and is taken over
+    from a holder whose heartbeat stopped (its host died), which the yielded ``HeldLock`` lists."""
     timeout_s = lock_timeout_s() if timeout_s is None else timeout_s
-    lock = FileLock(str(lock_path))
     deadline = time.monotonic() + timeout_s
+    lease = Lease(lease_of(lock_path), what)
+
+    def wait_notice(holder: str) -> None:
+        if time.monotonic() >= deadline:
+            raise LockTimeout(
+                f"{lock_path}: still held by {holder} after {timeout_s:.0f} s waiting to {what}; "
+                f"stop that process or raise {LOCK_TIMEOUT_ENV}"
+            ) from None
+        print(f"zoo: waiting to {what}: {lock_path} is held by {holder}", file=sys.stderr, flush=True)
+
+    lock = FileLock(str(lock_path))
     while True:
         try:
             lock.acquire(timeout=max(0.0, min(notice_s, deadline - time.monotonic())), poll_interval=0.05)
             break
         except Timeout:
-            holder = lock_holder(lock_path)
-            if time.monotonic() >= deadline:
-                raise LockTimeout(
-                    f"{lock_path}: still held by {holder} after {timeout_s:.0f} s waiting to {what}; "
-                    f"stop that process or raise {LOCK_TIMEOUT_ENV}"
-                ) from None
-            print(f"zoo: waiting to {what}: {lock_path} is held by {holder}", file=sys.stderr, flush=True)
-    holder_file = _holder_file(lock_path)
+            wait_notice(lock_holder(lock_path))
     try:
-        holder_file.write_text(json.dumps(
-            {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(), "what": what}))
-        yield
+        noticed = time.monotonic()
+        while not lease.try_acquire():
+            if time.monotonic() - noticed >= notice_s or time.monotonic() >= deadline:
+                wait_notice(lease.waiting_for())
+                noticed = time.monotonic()
+            time.sleep(min(0.2, notice_s))
+        try:
+            yield HeldLock(list(lease.takeovers))
+        finally:
+            lease.release()
     finally:
-        holder_file.unlink(missing_ok=True)
         lock.release()
 
 
 @contextlib.contextmanager
-def build_lock(target: Path, what: str, not_writable: Callable[[str], Exception]) -> Iterator[None]:
+def build_lock(target: Path, what: str, not_writable: Callable[[str], Exception]) -> Iterator[HeldLock]:
     """Hold the lock that guards building ``target``; where the cache may not be written, raise
     ``not_writable(reason)`` (the caller names the cache and what it could not build)."""
-    with contextlib.ExitStack() as held:
+    with contextlib.ExitStack() as stack:
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            held.enter_context(hold_lock(Path(str(target) + ".lock"), what))
+            held = stack.enter_context(hold_lock(Path(str(target) + ".lock"), what))
         except OSError as exc:
             if not denied(exc):
                 raise
             raise not_writable(exc.strerror) from None
-        yield
+        yield held
 
 
 def remove_stale_staging(target: Path) -> list[Path]:
@@ -201,6 +220,9 @@ def sweep_stale_staging(directory: Path) -> list[Path]:
             lock.acquire(timeout=0)
         except (Timeout, OSError):
             continue  # a build is running (or the folder is read-only): leave it alone
+        if Lease(lease_of(Path(str(target) + ".lock")), "").holder() is not None:
+            lock.release()
+            continue  # another host builds it (or died doing so: the lease's taker cleans up)
         try:
             removed += remove_stale_staging(target)
         finally:
@@ -247,7 +269,7 @@ class ArtifactCache:
             return CacheNotWritable(f"cache dir {self.root} is not writable: cannot build {key.kind} artifact "
                                     f"{target.name} ({problem}; {why}); use a writable --cache-dir")
 
-        with build_lock(target, f"build {key.kind} artifact {target.name}", not_writable):
+        with build_lock(target, f"build {key.kind} artifact {target.name}", not_writable) as held:
             problem = self._problem(key, target)  # a sibling may have built it while we waited
             if problem is None:
                 return self._reused(key, target)
@@ -255,7 +277,8 @@ class ArtifactCache:
             start = time.perf_counter()
             self._build(key, target, build)
             self._verified.add(target)
-            self.log.append(BuildLog(key, target, True, time.perf_counter() - start, problem))
+            reason = "; ".join([problem, *held.takeovers])
+            self.log.append(BuildLog(key, target, True, time.perf_counter() - start, reason))
         sweep_stale_staging(target.parent)  # leftovers of other artifacts' killed builds
         return target
 
