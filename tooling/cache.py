@@ -29,7 +29,7 @@ from typing import Callable, Iterator
 
 from filelock import FileLock, Timeout
 
-from tooling.lease import Lease
+from tooling.lease import Lease, seconds_from_env
 
 MANIFEST = "manifest.json"
 STAGING_MARK = ".tmp-"
@@ -113,16 +113,10 @@ def denied(exc: OSError) -> bool:
 
 
 def lock_timeout_s() -> float:
-    raw = os.environ.get(LOCK_TIMEOUT_ENV)
-    if not raw:
-        return DEFAULT_LOCK_TIMEOUT_S
     try:
-        value = float(raw)
-    except ValueError:
-        raise CacheError(f"{LOCK_TIMEOUT_ENV}={raw!r}: not a number of seconds") from None
-    if value <= 0:
-        raise CacheError(f"{LOCK_TIMEOUT_ENV}={raw!r}: must be positive")
-    return value
+        return seconds_from_env(LOCK_TIMEOUT_ENV, DEFAULT_LOCK_TIMEOUT_S)
+    except ValueError as exc:
+        raise CacheError(str(exc)) from None
 
 
 def lease_of(lock_path: Path) -> Path:

@@ -35,17 +35,22 @@ def host_name() -> str:
     return os.environ.get(HOST_ENV) or socket.gethostname()
 
 
-def lease_timeout_s() -> float:
-    raw = os.environ.get(LEASE_TIMEOUT_ENV)
+def seconds_from_env(name: str, default: float) -> float:
+    """A positive number of seconds from the environment variable ``name`` (``default`` if unset)."""
+    raw = os.environ.get(name)
     if not raw:
-        return DEFAULT_LEASE_TIMEOUT_S
+        return default
     try:
         value = float(raw)
     except ValueError:
-        raise ValueError(f"{LEASE_TIMEOUT_ENV}={raw!r}: not a number of seconds") from None
+        raise ValueError(f"{name}={raw!r}: not a number of seconds") from None
     if value <= 0:
-        raise ValueError(f"{LEASE_TIMEOUT_ENV}={raw!r}: must be positive")
+        raise ValueError(f"{name}={raw!r}: must be positive")
     return value
+
+
+def lease_timeout_s() -> float:
+    return seconds_from_env(LEASE_TIMEOUT_ENV, DEFAULT_LEASE_TIMEOUT_S)
 
 
 def _pid_alive(pid: int) -> bool:
