@@ -2,12 +2,15 @@
 synthetic dataset, and known-answer runs of the whole top-down pipeline."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from pycocotools.coco import COCO
 
 from tooling.coco.dataset import CocoKeypointDataset, load_coco
 from tooling.coco.evaluation import (
@@ -120,12 +123,16 @@ def test_sample_list_keeps_only_evaluable_people(tmp_path: Path) -> None:
         {**person, "id": 6, "image_id": 7, "bbox": [500, 0, 10, 10]},
         {**person, "id": 8, "image_id": 3, "bbox": [2, 2, 10, 10]},
     ]
-    path = tmp_path / "tiny.json"
-    path.write_text(json.dumps({
+    # Indexed without load_coco: several of these people would be refused by its checks, and the
+    # sample builder must still skip them as upstream's loader does, whatever index it is given.
+    coco = COCO()
+    coco.dataset = {
         "images": [{"id": 7, "file_name": "7.jpg", "width": 40, "height": 30},
                    {"id": 3, "file_name": "3.jpg", "width": 40, "height": 30}],
-        "annotations": annotations, "categories": [{"id": 1, "name": "person"}]}))
-    samples = build_topdown_samples(load_coco(path), CONFIG)
+        "annotations": annotations, "categories": [{"id": 1, "name": "person"}]}
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    samples = build_topdown_samples(coco, CONFIG)
     assert [(s.image_id, s.annotation_id) for s in samples] == [(7, 1), (3, 8)]
     assert all(s.box_score == 1.0 for s in samples)
 

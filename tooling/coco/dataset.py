@@ -9,14 +9,17 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
+import PIL.Image
 from pycocotools.coco import COCO
+
+from tooling.coco.keypoints import NUM_KEYPOINTS
+from tooling.validation import Problems, is_finite_number, is_integer, tolerated
 
 DEFAULT_SPLIT = "val2017"
 _IMAGE_FIELDS = ("id", "file_name", "width", "height")
@@ -46,10 +49,6 @@ def _check_complete(data: bytes, path: Path) -> None:
             raise ImageReadError(f"{path}: truncated image (no {what} at the end of its {len(data)} bytes)")
 
 
-def _finite_numbers(values: Any) -> bool:
-    return all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
-
-
 def _require_list(dataset: dict[str, Any], key: str, path: Path) -> list[Any]:
     value = dataset.get(key)
     if not isinstance(value, list):
@@ -58,30 +57,92 @@ def _require_list(dataset: dict[str, Any], key: str, path: Path) -> list[Any]:
     return value
 
 
-def _require_fields(entry: Any, fields: tuple[str, ...], what: str, path: Path) -> None:
+def _has_fields(entry: Any, fields: tuple[str, ...], what: str, problems: Problems) -> bool:
     if not isinstance(entry, dict):
-        raise CocoFormatError(f"{path}: {what} is a {type(entry).__name__}, expected an object")
+        problems.add(what, f"is a {type(entry).__name__}, expected an object")
+        return False
     missing = [field for field in fields if field not in entry]
     if missing:
-        raise CocoFormatError(f"{path}: {what} lacks field(s) {', '.join(missing)}")
+        problems.add(what, f"lacks field(s) {', '.join(missing)}")
+    return not missing
 
 
-def _validate_annotation(annotation: dict[str, Any], what: str, image_ids: set[Any],
-                         path: Path) -> None:
-    if annotation["image_id"] not in image_ids:
-        raise CocoFormatError(f"{path}: {what} refers to image_id {annotation['image_id']!r}, "
-                              "which is not in 'images'")
-    bbox = annotation["bbox"]
-    if not (isinstance(bbox, list) and len(bbox) == 4 and _finite_numbers(bbox)):
-        raise CocoFormatError(f"{path}: {what} has bbox {bbox!r}, expected [x, y, w, h] finite numbers")
+def _person_category(categories: list[Any], problems: Problems) -> Any:
+    """The person category's id; COCOeval scores per category, so without it every AP is -1."""
+    person = [c for c in categories if isinstance(c, dict) and c.get("name") == "person"]
+    if not person:
+        problems.add("categories", "hold no 'person' category: COCOeval would score no person (AP -1)")
+        return None
+    declared = person[0].get("keypoints")
+    if isinstance(declared, list) and len(declared) != NUM_KEYPOINTS:
+        problems.add("categories (person)", f"declare {len(declared)} keypoint names, expected {NUM_KEYPOINTS}")
+    return person[0].get("id")
+
+
+def _checked_images(images: list[Any], problems: Problems) -> dict[int, dict[str, Any]]:
+    by_id: dict[int, dict[str, Any]] = {}
+    position: dict[int, int] = {}
+    for index, image in enumerate(images):
+        what = f"images[{index}]"
+        if not _has_fields(image, _IMAGE_FIELDS, what, problems):
+            continue
+        image_id = image["id"]
+        record = f"{what} (id {image_id!r})"
+        if not is_integer(image_id):
+            problems.add(record, "has a non-integer id: results refer to images by integer id")
+            continue
+        if image_id in by_id:
+            problems.add(record, f"repeats the id of images[{position[image_id]}]: pycocotools keeps only one of them")
+            continue
+        for side in ("width", "height"):
+            if not (is_integer(image[side]) and image[side] > 0):
+                problems.add(record, f"has {side} {image[side]!r}, expected a positive integer")
+        if not (isinstance(image["file_name"], str) and image["file_name"]):
+            problems.add(record, f"has file_name {image['file_name']!r}, expected a file name")
+        by_id[image_id] = image
+        position[image_id] = index
+    return by_id
+
+
+def _check_keypoints(annotation: dict[str, Any], record: str, problems: Problems) -> None:
     keypoints = annotation["keypoints"]
-    if not (isinstance(keypoints, list) and len(keypoints) % 3 == 0):
-        raise CocoFormatError(f"{path}: {what} has a keypoints list whose length is not a "
-                              "multiple of 3 (x, y, v triplets)")
-    if not _finite_numbers(keypoints):
-        raise CocoFormatError(f"{path}: {what} has keypoints that are not finite numbers (NaN, Inf or text)")
-    if not _finite_numbers([annotation["area"]]):
-        raise CocoFormatError(f"{path}: {what} has area {annotation['area']!r}, expected a finite number")
+    if not (isinstance(keypoints, list) and len(keypoints) == 3 * NUM_KEYPOINTS):
+        size = len(keypoints) if isinstance(keypoints, list) else type(keypoints).__name__
+        problems.add(record, f"has keypoints of length {size}, expected {NUM_KEYPOINTS} (x, y, v) triplets "
+                     f"= {3 * NUM_KEYPOINTS} numbers")
+        return
+    if not all(is_finite_number(v) for v in keypoints):
+        problems.add(record, "has keypoints that are not finite numbers (NaN, Inf or text)")
+        return
+    visibility = keypoints[2::3]
+    odd = sorted({v for v in visibility if v not in (0, 1, 2)})
+    if odd:
+        problems.add(record, f"has keypoint visibility {odd}, expected 0 (not labelled), 1 or 2")
+    labelled = sum(1 for v in visibility if v > 0)
+    if annotation["num_keypoints"] != labelled:
+        problems.add(record, f"has num_keypoints {annotation['num_keypoints']!r} but {labelled} labelled keypoints: "
+                     "COCOeval ignores a person whose num_keypoints is 0 and trusts the field")
+
+
+def _check_box(annotation: dict[str, Any], image: dict[str, Any] | None, record: str,
+               problems: Problems) -> bool:
+    """False if the box is not a positive-size box; True otherwise. Overhang is noted by the caller."""
+    bbox = annotation["bbox"]
+    if not (isinstance(bbox, list) and len(bbox) == 4 and all(is_finite_number(v) for v in bbox)):
+        problems.add(record, f"has bbox {bbox!r}, expected [x, y, w, h] finite numbers")
+        return False
+    if bbox[2] <= 0 or bbox[3] <= 0:
+        problems.add(record, f"has bbox {bbox!r} of size {bbox[2]} x {bbox[3]}, expected a positive width and height")
+        return False
+    area = annotation["area"]
+    if not is_finite_number(area) or area <= 0:
+        problems.add(record, f"has area {area!r}, expected a positive number (OKS divides by it)")
+    return True
+
+
+def _outside(bbox: list[float], image: dict[str, Any]) -> bool:
+    x, y, w, h = bbox
+    return x < 0 or y < 0 or x + w > image["width"] + 1 or y + h > image["height"] + 1
 
 
 def _validate_keypoint_dataset(dataset: Any, path: Path) -> None:
@@ -90,14 +151,42 @@ def _validate_keypoint_dataset(dataset: Any, path: Path) -> None:
                               "object with 'images', 'annotations' and 'categories'")
     images = _require_list(dataset, "images", path)
     annotations = _require_list(dataset, "annotations", path)
-    _require_list(dataset, "categories", path)
-    for index, image in enumerate(images):
-        _require_fields(image, _IMAGE_FIELDS, f"images[{index}]", path)
-    image_ids = {image["id"] for image in images}
+    categories = _require_list(dataset, "categories", path)
+    problems = Problems(path)
+    person_id = _person_category(categories, problems)
+    by_id = _checked_images(images, problems)
+    seen: dict[Any, int] = {}
+    non_person = outside = 0
     for index, annotation in enumerate(annotations):
         what = f"annotations[{index}]"
-        _require_fields(annotation, _ANNOTATION_FIELDS, what, path)
-        _validate_annotation(annotation, f"{what} (id {annotation['id']})", image_ids, path)
+        if not _has_fields(annotation, _ANNOTATION_FIELDS, what, problems):
+            continue
+        record = f"{what} (id {annotation['id']!r})"
+        if not is_integer(annotation["id"]):
+            problems.add(record, "has a non-integer id")
+        elif annotation["id"] in seen:
+            problems.add(record, f"repeats the id of annotations[{seen[annotation['id']]}]: "
+                         "pycocotools keeps only one of them")
+        else:
+            seen[annotation["id"]] = index
+        image = by_id.get(annotation["image_id"]) if is_integer(annotation["image_id"]) else None
+        if image is None:
+            problems.add(record, f"refers to image_id {annotation['image_id']!r}, which is not in 'images'")
+        if person_id is not None and annotation["category_id"] != person_id:
+            non_person += 1
+            continue
+        if annotation["iscrowd"] not in (0, 1):
+            problems.add(record, f"has iscrowd {annotation['iscrowd']!r}, expected 0 or 1")
+        _check_keypoints(annotation, record, problems)
+        if _check_box(annotation, image, record, problems) and image is not None:
+            outside += _outside(annotation["bbox"], image)
+    problems.raise_as(CocoFormatError)
+    if non_person:
+        tolerated(f"{path}: {non_person} annotation(s) of another category than person: not used as "
+                  "people, as upstream's keypoint loader skips them")
+    if outside:
+        tolerated(f"{path}: {outside} person box(es) reach outside their image: clipped to it (and "
+                  "dropped if nothing is left), as upstream's keypoint loader does")
 
 
 def load_coco(annotation_path: str | Path) -> COCO:
@@ -117,6 +206,38 @@ def load_coco(annotation_path: str | Path) -> COCO:
     with contextlib.redirect_stdout(io.StringIO()):
         coco.createIndex()
     return coco
+
+
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def check_images_on_disk(coco: COCO, annotation_path: Path, image_dir: Path) -> None:
+    """Every image the annotations list is in ``image_dir`` at the declared size (read from the
+    file's header, not decoded): boxes and keypoints of a resized image would be scored in the
+    wrong place. Images on disk that the annotations do not list are tolerated, as upstream does."""
+    problems = Problems(image_dir)
+    listed = set()
+    for image_id, image in coco.imgs.items():
+        listed.add(image["file_name"])
+        path = image_dir / image["file_name"]
+        record = f"{image['file_name']} (image id {image_id} of {annotation_path.name})"
+        if not path.is_file():
+            problems.add(record, "is missing: the annotations list it")
+            continue
+        try:
+            with PIL.Image.open(path) as opened:
+                size = opened.size
+        except (OSError, PIL.UnidentifiedImageError) as exc:
+            problems.add(record, f"is not a readable image ({exc})")
+            continue
+        if size != (image["width"], image["height"]):
+            problems.add(record, f"is {size[0]} x {size[1]} pixels, but the annotations declare "
+                         f"{image['width']} x {image['height']}: its people would be scored in the wrong place")
+    problems.raise_as(CocoFormatError)
+    extra = sum(1 for p in image_dir.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES and p.name not in listed)
+    if extra:
+        tolerated(f"{image_dir}: {extra} image file(s) not listed in {annotation_path.name}: not scored, "
+                  "as upstream evaluates only the images its annotations list")
 
 
 def read_image(image_path: str | Path) -> np.ndarray:
@@ -152,7 +273,9 @@ class CocoKeypointDataset:
         image_dir = Path(image_dir)
         if not image_dir.is_dir():
             raise FileNotFoundError(f"{image_dir}: image folder not found")
-        return cls(Path(annotation_path), image_dir, load_coco(annotation_path))
+        coco = load_coco(annotation_path)
+        check_images_on_disk(coco, Path(annotation_path), image_dir)
+        return cls(Path(annotation_path), image_dir, coco)
 
     @classmethod
     def from_root(cls, root: str | Path, split: str = DEFAULT_SPLIT) -> "CocoKeypointDataset":

@@ -221,20 +221,23 @@ def test_malformed_json_is_reported_with_the_file_name(tmp_path: Path) -> None:
         load_coco(path)
 
 
+PERSON = [{"id": 1, "name": "person"}]
+
+
 @pytest.mark.parametrize(("dataset", "problem"), [
     ([], "top level is a list"),
-    ({"images": [], "categories": []}, "top-level 'annotations' must be a list, found missing"),
-    ({"images": [{"id": 1, "file_name": "a.jpg", "width": 4}], "annotations": [], "categories": []},
+    ({"images": [], "categories": PERSON}, "top-level 'annotations' must be a list, found missing"),
+    ({"images": [{"id": 1, "file_name": "a.jpg", "width": 4}], "annotations": [], "categories": PERSON},
      r"images\[0\] lacks field\(s\) height"),
     ({"images": [{"id": 1, "file_name": "a.jpg", "width": 4, "height": 4}],
       "annotations": [{"id": 7, "image_id": 1, "category_id": 1, "bbox": [0, 0, 2, 2], "area": 4,
                        "iscrowd": 0, "num_keypoints": 0}],
-      "categories": []},
+      "categories": PERSON},
      r"annotations\[0\] lacks field\(s\) keypoints"),
     ({"images": [{"id": 1, "file_name": "a.jpg", "width": 4, "height": 4}],
       "annotations": [{"id": 7, "image_id": 2, "category_id": 1, "bbox": [0, 0, 2, 2], "area": 4,
-                       "iscrowd": 0, "num_keypoints": 0, "keypoints": []}],
-      "categories": []},
+                       "iscrowd": 0, "num_keypoints": 0, "keypoints": [0] * 51}],
+      "categories": PERSON},
      r"annotations\[0\] \(id 7\) refers to image_id 2"),
 ])
 def test_structurally_wrong_annotation_files_are_named(tmp_path: Path, dataset: object,

@@ -1,0 +1,143 @@
+"""Datasets that parse but lie: every claim a reader relies on is checked before anything is scored.
+
+``test_readers.py`` probes files that are broken (truncated, corrupt, wrong type); here every file
+is well-formed and one claim in it is false: a repeated id, a box of negative size, an image whose
+size is not the declared one, a frame count that is not the flow count. Each probe edits a small
+valid dataset, opens it through the slice's own reader and expects one error that names the file,
+the record (image id, annotation id, scene/frame, clip, subject) and what is wrong. Where upstream's
+evaluation tolerates something (an extra image on disk, a non-person annotation), the probe
+expects the reader to accept it as upstream does and to say so with one ``UpstreamTolerance``.
+
+A new model's reader plugs in as the COCO one does: a writer of a tiny valid dataset, an opener,
+and a table of ``claim id -> (edit, regex of the error)``.
+"""
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import cv2
+import numpy as np
+import pytest
+
+from tooling.coco.dataset import CocoFormatError, CocoKeypointDataset
+from tooling.coco.synthetic import write_synthetic_coco
+from tooling.validation import UpstreamTolerance
+
+
+def _expect_named_error(error: type[Exception], open_dataset: Callable[[], object], named: Path,
+                        pattern: str) -> str:
+    with pytest.raises(error) as info:
+        open_dataset()
+    message = str(info.value)
+    assert named.name in message, f"the error does not name {named.name}: {message}"
+    assert re.search(pattern, message), f"{message!r} does not match {pattern!r}"
+    return message
+
+
+def _quietly(open_dataset: Callable[[], object]) -> tuple[object, list[str]]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opened = open_dataset()
+    return opened, [str(w.message) for w in caught if issubclass(w.category, UpstreamTolerance)]
+
+
+# -- COCO person keypoints --------------------------------------------------------------------------
+def _coco(tmp_path: Path) -> tuple[Path, Path, dict]:
+    dataset = write_synthetic_coco(tmp_path, seed=3, num_images=4, image_size=(96, 64))
+    return dataset.annotation_path, dataset.image_dir, json.loads(dataset.annotation_path.read_text())
+
+
+def _first_person(data: dict) -> dict:
+    """The first annotation with labelled keypoints (the crowd and keypoint-free ones come later)."""
+    return next(a for a in data["annotations"] if a["num_keypoints"] > 0 and not a["iscrowd"])
+
+
+def _set(key: str, value) -> Callable[[dict], None]:
+    return lambda data: _first_person(data).__setitem__(key, value)
+
+
+def _repeat_annotation_id(data: dict) -> None:
+    data["annotations"][1]["id"] = data["annotations"][0]["id"]
+
+
+def _repeat_image_id(data: dict) -> None:
+    data["images"][1]["id"] = data["images"][0]["id"]
+
+
+def _visibility(value) -> Callable[[dict], None]:
+    def edit(data: dict) -> None:
+        _first_person(data)["keypoints"][2] = value
+    return edit
+
+
+def _unlabel_but_keep_count(data: dict) -> None:
+    person = _first_person(data)
+    visible = [i for i in range(2, 51, 3) if person["keypoints"][i] > 0]
+    person["keypoints"][visible[0]] = 0  # num_keypoints now claims one joint too many
+
+
+COCO_CLAIMS: dict[str, tuple[Callable[[dict], None], str]] = {
+    "repeated-annotation-id": (_repeat_annotation_id, r"annotations\[1\] \(id \d+\) repeats the id of annotations\[0\]"),
+    "repeated-image-id": (_repeat_image_id, r"images\[1\] \(id \d+\) repeats the id of images\[0\]"),
+    "string-image-id": (lambda d: [d["images"][0].__setitem__("id", "7")], r"images\[0\] \(id '7'\) has a non-integer id"),
+    "float-annotation-id": (_set("id", 2.5), r"\(id 2\.5\) has a non-integer id"),
+    "18-keypoints": (lambda d: _first_person(d)["keypoints"].extend([1, 1, 2]), r"keypoints of length 54, expected 17"),
+    "visibility-3": (_visibility(3), r"keypoint visibility \[3\], expected 0"),
+    "num-keypoints-too-high": (_unlabel_but_keep_count, r"num_keypoints \d+ but \d+ labelled"),
+    "negative-box": (_set("bbox", [10.0, 10.0, -5.0, 20.0]), r"bbox .* size -5\.0 x 20\.0, expected a positive"),
+    "zero-area": (_set("area", 0), r"area 0, expected a positive number"),
+    "no-person-category": (lambda d: d.__setitem__("categories", [{"id": 2, "name": "dog"}]), r"no 'person' category"),
+    "annotation-of-absent-image": (_set("image_id", 99), r"refers to image_id 99, which is not in 'images'"),
+    "crowd-flag-7": (_set("iscrowd", 7), r"iscrowd 7, expected 0 or 1"),
+}
+
+
+@pytest.mark.parametrize("claim", COCO_CLAIMS)
+def test_coco_claim_that_lies_is_named(claim: str, tmp_path: Path):
+    annotations, images, data = _coco(tmp_path)
+    edit, pattern = COCO_CLAIMS[claim]
+    edit(data)
+    annotations.write_text(json.dumps(data))
+    _expect_named_error(CocoFormatError, lambda: CocoKeypointDataset.open(annotations, images), annotations, pattern)
+
+
+def test_coco_every_problem_is_listed_in_one_error(tmp_path: Path):
+    annotations, images, data = _coco(tmp_path)
+    for edit, _ in (COCO_CLAIMS["negative-box"], COCO_CLAIMS["repeated-annotation-id"], COCO_CLAIMS["crowd-flag-7"]):
+        edit(data)
+    annotations.write_text(json.dumps(data))
+    message = _expect_named_error(CocoFormatError, lambda: CocoKeypointDataset.open(annotations, images),
+                                  annotations, r"3 problems")
+    assert len(message.splitlines()) == 4, message
+
+
+def test_coco_image_whose_size_is_not_the_declared_one_is_named(tmp_path: Path):
+    annotations, images, data = _coco(tmp_path)
+    first = data["images"][0]
+    cv2.imwrite(str(images / first["file_name"]), np.zeros((32, 48, 3), np.uint8))
+    _expect_named_error(CocoFormatError, lambda: CocoKeypointDataset.open(annotations, images), images,
+                        rf"{first['file_name']} \(image id {first['id']} of .*\) is 48 x 32 pixels, but the "
+                        r"annotations declare 96 x 64")
+
+
+def test_coco_listed_image_missing_on_disk_is_named(tmp_path: Path):
+    annotations, images, data = _coco(tmp_path)
+    (images / data["images"][2]["file_name"]).unlink()
+    _expect_named_error(CocoFormatError, lambda: CocoKeypointDataset.open(annotations, images), images,
+                        rf"{data['images'][2]['file_name']} \(image id {data['images'][2]['id']}.* is missing")
+
+
+def test_coco_extra_image_and_non_person_annotation_are_tolerated_as_upstream_and_said(tmp_path: Path):
+    annotations, images, data = _coco(tmp_path)
+    data["annotations"].append({**_first_person(data), "id": 10_000, "category_id": 2})
+    data["categories"].append({"id": 2, "name": "dog"})
+    annotations.write_text(json.dumps(data))
+    cv2.imwrite(str(images / "000000999999.jpg"), np.zeros((8, 8, 3), np.uint8))
+    dataset, said = _quietly(lambda: CocoKeypointDataset.open(annotations, images))
+    assert len(dataset.coco.getImgIds()) == 4
+    assert any("1 annotation(s) of another category than person" in s for s in said), said
+    assert any("1 image file(s) not listed" in s for s in said), said
