@@ -141,3 +141,44 @@ def test_coco_extra_image_and_non_person_annotation_are_tolerated_as_upstream_an
     assert len(dataset.coco.getImgIds()) == 4
     assert any("1 annotation(s) of another category than person" in s for s in said), said
     assert any("1 image file(s) not listed" in s for s in said), said
+
+
+# -- Human3.6M metadata ---------------------------------------------------------------------------
+def _h36m(tmp_path: Path, metadata: dict | None) -> tuple[Path, Path]:
+    rng = np.random.default_rng(0)
+    entries = {"S9": {"Walking": 6}, "S11": {"Walking": 5}}
+    p3 = {s: {e: rng.uniform(-1, 1, (t, 32, 3)).astype(np.float32) for e, t in es.items()} for s, es in entries.items()}
+    p2 = {s: {e: [rng.uniform(0, 900, (t, 17, 2)).astype(np.float32) for _ in range(4)] for e, t in es.items()}
+          for s, es in entries.items()}
+    files = tmp_path / "data_3d_h36m.npz", tmp_path / "data_2d_h36m_cpn_ft_h36m_dbb.npz"
+    np.savez(files[0], positions_3d=p3)
+    np.savez(files[1], positions_2d=p2, **({} if metadata is None else {"metadata": metadata}))
+    return files
+
+
+H36M_SYMMETRY = [[4, 5, 6, 11, 12, 13], [1, 2, 3, 14, 15, 16]]
+H36M_CLAIMS = {
+    "num-joints-16": ({"num_joints": 16, "keypoints_symmetry": H36M_SYMMETRY}, r"metadata declares num_joints 16.*refused"),
+    "symmetry-swapped": ({"num_joints": 17, "keypoints_symmetry": H36M_SYMMETRY[::-1]},
+                         r"metadata declares keypoints_symmetry \[\[1, 2, 3.*refused"),
+}
+
+
+@pytest.mark.parametrize("claim", H36M_CLAIMS)
+def test_h36m_metadata_that_disagrees_is_refused(claim: str, tmp_path: Path):
+    from tooling.models.videopose3d.human36m import DatasetError, load_test_sequences
+
+    metadata, pattern = H36M_CLAIMS[claim]
+    positions, detections = _h36m(tmp_path, metadata)
+    _expect_named_error(DatasetError, lambda: load_test_sequences(positions, detections), detections, pattern)
+
+
+def test_h36m_metadata_that_agrees_is_used_and_absent_metadata_is_said(tmp_path: Path):
+    from tooling.models.videopose3d.human36m import load_test_sequences
+
+    agreeing = _h36m(tmp_path, {"layout_name": "h36m", "num_joints": 17, "keypoints_symmetry": H36M_SYMMETRY})
+    sequences, said = _quietly(lambda: load_test_sequences(*agreeing))
+    assert len(sequences) == 8 and not said
+    (tmp_path / "bare").mkdir()
+    sequences, said = _quietly(lambda: load_test_sequences(*_h36m(tmp_path / "bare", None)))
+    assert len(sequences) == 8 and len(said) == 1 and "no 'metadata'" in said[0]

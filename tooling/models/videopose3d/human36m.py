@@ -17,8 +17,10 @@ import numpy as np
 import torch
 
 from tooling.models.videopose3d.network import ONE_SIDED_PAD
+from tooling.validation import Problems, tolerated
 
 TEST_SUBJECTS = ("S9", "S11")
+NUM_JOINTS = 17
 CAMERAS_FILE = Path(__file__).with_name("h36m_cameras.json")
 # 2-D entries with no 3-D counterpart by design: the 3-D converter drops this recording as corrupted.
 # Any other 2-D entry missing from the 3-D file is an error, never a sequence silently not scored.
@@ -135,6 +137,7 @@ def load_test_sequences(
     positions = _load_npz_dict(positions_3d_file, "positions_3d")
     detections = _load_npz_dict(keypoints_2d_file, "positions_2d")
     cameras, skeleton = camera_constants()
+    check_metadata(keypoints_2d_file, skeleton)
     groups: dict[str, list[tuple[str, str]]] = {}
     for subject in subjects:
         if subject not in positions:
@@ -162,6 +165,39 @@ def load_test_sequences(
                 stem = f"{len(sequences) + 1:03d}_{action}"
                 sequences.append(Sequence(stem, action, subject, entry, cam_index, kps, pos))
     return sequences
+
+
+def check_metadata(keypoints_2d_file: Path, skeleton: Skeleton) -> None:
+    """The 2-D file's ``metadata`` (joint count, left/right symmetry) agrees with the layout the
+    network and the flip test are built for, or the file is refused. Upstream mirrors the 2-D input
+    with the file's symmetry; a file declaring another one would be flipped differently there."""
+    with np.load(keypoints_2d_file, allow_pickle=True) as data:
+        metadata = data["metadata"].item() if "metadata" in data.files else None
+    if metadata is None:
+        tolerated(f"{keypoints_2d_file}: no 'metadata': the Human3.6M 17-joint layout and its left/right "
+                  "symmetry are assumed")
+        return
+    if not isinstance(metadata, dict):
+        raise DatasetError(f"{keypoints_2d_file}: 'metadata' holds {type(metadata).__name__}, expected a dict")
+    problems = Problems(keypoints_2d_file)
+    joints = metadata.get("num_joints", NUM_JOINTS)
+    if joints != NUM_JOINTS:
+        problems.add("metadata", f"declares num_joints {joints!r}, but the network and the 2-D arrays have "
+                     f"{NUM_JOINTS}: refused")
+    symmetry = metadata.get("keypoints_symmetry")
+    expected = [list(skeleton.left), list(skeleton.right)]
+    if symmetry is not None and _as_lists(symmetry) != expected:
+        problems.add("metadata", f"declares keypoints_symmetry {_as_lists(symmetry)}, not the Human3.6M "
+                     f"layout's {expected} that the flip test mirrors with: refused rather than flipped "
+                     "differently from upstream")
+    problems.raise_as(DatasetError)
+
+
+def _as_lists(value) -> object:
+    try:
+        return [[int(j) for j in side] for side in value]
+    except (TypeError, ValueError):
+        return value
 
 
 def _entries(detections: dict, subject: str, keypoints_2d_file: Path) -> list[str]:
