@@ -34,6 +34,20 @@ class KnownAnswer:
     oracles: dict[str, Callable[[Mapping[str, np.ndarray]], Arrays]] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class PassSample:
+    """One unit of an accuracy pass: scored in one go and kept as one resumable record.
+
+    ``id`` keys the record (unique in the pass, stable across runs and shards); ``item`` is what
+    ``score_sample`` needs (a frame pair, a clip, a batch of crops); ``units`` is how much of the
+    slice's ``accuracy_unit`` it holds (a clip's frames), for progress and for balancing shards.
+    """
+
+    id: str
+    item: Any = None
+    units: int = 1
+
+
 @dataclass
 class AccuracyContext:
     """What a slice's ``evaluate`` gets from the engine.
@@ -56,6 +70,13 @@ class AccuracyContext:
     scratch: Path | None = None
     dims: dict[str, int] = field(default_factory=dict)  # the profile's dims (e.g. padded sequence length)
     run_host: Callable[[str, Mapping[str, np.ndarray]], Arrays] | None = None
+    state: dict[str, Any] = field(default_factory=dict)  # what a slice opens once per pass (a dataset)
+
+    def once(self, name: str, make: Callable[[], Any]) -> Any:
+        """``make()`` the first time ``name`` is asked for in this pass, the same object after."""
+        if name not in self.state:
+            self.state[name] = make()
+        return self.state[name]
 
 
 class ModelSlice:
@@ -111,9 +132,57 @@ class ModelSlice:
         raise NotImplementedError(f"{type(self).__name__} cannot build {network!r} from upstream code")
 
     # -- accuracy -------------------------------------------------------------------------------
-    def evaluate(self, ctx: AccuracyContext) -> dict[str, float]:
+    # A dataset pass is a list of samples, each scored into a record on its own, and a merge of
+    # the records, in sample order, into the figures. The engine can then resume a pass sample
+    # by sample and split it into shards that different devices or hosts score at once: merging
+    # every shard's records gives the unsharded figures bit for bit, because the merge sees the
+    # same records in the same order.
+    accuracy_unit = "samples"  # what PassSample.units count, in progress lines
+
+    def accuracy_samples(self, ctx: AccuracyContext) -> list[PassSample]:
+        """The pass's samples in merge order (the first ``ctx.limit`` where the slice limits)."""
+        raise NotImplementedError(f"{type(self).__name__} does not split its pass into samples")
+
+    def score_sample(self, ctx: AccuracyContext, sample: PassSample,
+                     advance: Callable[[int], None]) -> Arrays:
+        """One sample's record (arrays only: it is stored as npz). ``advance(k)`` may report
+        that ``k`` of the sample's units are done, for long samples (a clip's frames)."""
         raise NotImplementedError
+
+    def merge_records(self, ctx: AccuracyContext, samples: list[PassSample], records: list[Arrays]) -> dict[str, float]:
+        """The pass's figures from every sample's record, both in ``accuracy_samples`` order."""
+        raise NotImplementedError
+
+    def evaluate(self, ctx: AccuracyContext) -> dict[str, float]:
+        """The whole pass in this process: every sample scored (or resumed from its record), then
+        merged. A slice may instead override this alone; its pass then cannot be sharded."""
+        samples = self.accuracy_samples(ctx)
+        return self.merge_records(ctx, samples, score_samples(self, ctx, samples))
 
     def make_known_answer(self, root: Path) -> KnownAnswer:
         """Write a small synthetic dataset and checkpoints under ``root`` with a computable answer."""
         raise NotImplementedError
+
+
+def splits_its_pass(model_slice: ModelSlice) -> bool:
+    """Whether the slice lists samples and merges records (so its pass can be sharded)."""
+    return type(model_slice).accuracy_samples is not ModelSlice.accuracy_samples
+
+
+def score_samples(model_slice: ModelSlice, ctx: AccuracyContext, samples: list[PassSample],
+                  total: int | None = None, offset: int = 0) -> list[Arrays]:
+    """Each sample's record, from ``ctx.results`` where already kept, else scored and kept; progress
+    is reported in the slice's unit, counted from ``offset`` of ``total`` (default: these samples)."""
+    unit = model_slice.accuracy_unit
+    total = sum(s.units for s in samples) if total is None else total
+    done = offset
+    records = []
+    for sample in samples:
+        def advance(k: int, before: int = done) -> None:
+            ctx.progress(min(before + k, total), total, unit)
+
+        records.append(ctx.results.cached(
+            sample.id, lambda sample=sample, advance=advance: model_slice.score_sample(ctx, sample, advance)))
+        done += sample.units
+        ctx.progress(min(done, total), total, unit)
+    return records

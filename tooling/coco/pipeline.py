@@ -71,7 +71,7 @@ class TopDownEvaluation:
     elapsed_s: float
 
 
-class _ImageCache:
+class ImageCache:
     """Keeps the last decoded image: samples of one image are consecutive."""
 
     def __init__(self, dataset: CocoKeypointDataset) -> None:
@@ -113,6 +113,54 @@ def _images_completed(samples: Sequence[TopDownSample], done: int, image_positio
     return image_position[samples[done].image_id]
 
 
+def topdown_batches(samples: Sequence[TopDownSample], batch_size: int) -> list[tuple[str, slice]]:
+    """The pass's batches: each one's record key and its slice of ``samples``. Keyed by the batch's
+    first and last annotation, so a resumed pass only reuses a batch that covers exactly the same
+    samples, and a sharded pass batches exactly as an unsharded one (same figures, bit for bit)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    return [(f"batch-{samples[b.start].annotation_id}-{samples[b.stop - 1].annotation_id}-{b.stop - b.start}", b)
+            for b in _batches(len(samples), batch_size)]
+
+
+def decode_batch(
+    dataset: CocoKeypointDataset,
+    chunk: Sequence[TopDownSample],
+    run_batch: RunBatch,
+    config: TopDownConfig,
+    *,
+    batch_size: int,
+    flip_test: bool = True,
+    pad_batches: bool = True,
+    images: ImageCache | None = None,
+) -> dict[str, np.ndarray]:
+    """One batch's decoded keypoints (``preds``) and scores (``maxvals``): the record a pass keeps."""
+    map_shape = (config.num_joints, config.heatmap_size[1], config.heatmap_size[0])
+    images = images or ImageCache(dataset)
+    inputs = np.stack([preprocess_sample(images.rgb(s.image_id), s, config) for s in chunk])
+    heatmaps = _run_padded(run_batch, inputs, batch_size, pad_batches, map_shape)
+    if flip_test:
+        flipped = _run_padded(run_batch, flip_width(inputs), batch_size, pad_batches, map_shape)
+        heatmaps = fuse_flip(heatmaps, flipped, config.flip_pairs)
+    decoded = decode_heatmaps(heatmaps, np.stack([s.center for s in chunk]), np.stack([s.scale for s in chunk]), config)
+    return {"preds": decoded.preds, "maxvals": decoded.maxvals}
+
+
+def merge_batches(samples: Sequence[TopDownSample], records: Sequence[dict[str, np.ndarray]],
+                  config: TopDownConfig) -> PersonPredictions:
+    """The per-person predictions of a pass from its batch records, in ``topdown_batches`` order."""
+    preds = np.zeros((len(samples), config.num_joints, 2), dtype=np.float32)
+    maxvals = np.zeros((len(samples), config.num_joints, 1), dtype=np.float32)
+    start = 0
+    for record in records:
+        stop = start + len(record["preds"])
+        preds[start:stop], maxvals[start:stop] = record["preds"], record["maxvals"]
+        start = stop
+    if start != len(samples):
+        raise ValueError(f"batch records cover {start} persons, the pass has {len(samples)}")
+    return PersonPredictions.from_samples(samples, preds, maxvals)
+
+
 def predict_topdown(
     dataset: CocoKeypointDataset,
     samples: Sequence[TopDownSample],
@@ -127,38 +175,44 @@ def predict_topdown(
     store: BatchStore | None = None,
 ) -> PersonPredictions:
     """Decoded poses of ``samples`` (which must come from ``image_ids``, in that order)."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    map_shape = (config.num_joints, config.heatmap_size[1], config.heatmap_size[0])
+    batches = topdown_batches(samples, batch_size)
     image_position = {image_id: position for position, image_id in enumerate(image_ids)}
-    images = _ImageCache(dataset)
-    preds = np.zeros((len(samples), config.num_joints, 2), dtype=np.float32)
-    maxvals = np.zeros((len(samples), config.num_joints, 1), dtype=np.float32)
+    images = ImageCache(dataset)
     started = time.perf_counter()
-    for batch in _batches(len(samples), batch_size):
-        chunk = samples[batch]
+    records = []
+    for key, batch in batches:
+        def decode_chunk(chunk: Sequence[TopDownSample] = samples[batch]) -> dict[str, np.ndarray]:
+            return decode_batch(dataset, chunk, run_batch, config, batch_size=batch_size, flip_test=flip_test,
+                                pad_batches=pad_batches, images=images)
 
-        def decode_chunk(chunk: Sequence[TopDownSample] = chunk) -> dict[str, np.ndarray]:
-            inputs = np.stack([preprocess_sample(images.rgb(s.image_id), s, config) for s in chunk])
-            heatmaps = _run_padded(run_batch, inputs, batch_size, pad_batches, map_shape)
-            if flip_test:
-                flipped = _run_padded(run_batch, flip_width(inputs), batch_size, pad_batches, map_shape)
-                heatmaps = fuse_flip(heatmaps, flipped, config.flip_pairs)
-            decoded = decode_heatmaps(heatmaps, np.stack([s.center for s in chunk]),
-                                      np.stack([s.scale for s in chunk]), config)
-            return {"preds": decoded.preds, "maxvals": decoded.maxvals}
-
-        # Keyed by the batch's first and last annotation, so a resumed pass only reuses a batch
-        # that covers exactly the same samples.
-        key = f"batch-{chunk[0].annotation_id}-{chunk[-1].annotation_id}-{len(chunk)}"
-        record = store.cached(key, decode_chunk) if store is not None else decode_chunk()
-        preds[batch], maxvals[batch] = record["preds"], record["maxvals"]
+        records.append(store.cached(key, decode_chunk) if store is not None else decode_chunk())
         if progress is not None:
             progress(TopDownProgress(
                 images_done=_images_completed(samples, batch.stop, image_position, len(image_ids)),
                 images_total=len(image_ids), samples_done=batch.stop,
                 samples_total=len(samples), elapsed_s=time.perf_counter() - started))
-    return PersonPredictions.from_samples(samples, preds, maxvals)
+    return merge_batches(samples, records, config)
+
+
+def plan_topdown(dataset: CocoKeypointDataset, config: TopDownConfig,
+                 limit: int | None = None) -> tuple[list[int], list[TopDownSample]]:
+    """The images a pass scores (the first ``limit`` of the annotation file) and their GT-box samples."""
+    image_ids = first_image_ids(dataset.coco, limit)
+    samples = build_topdown_samples(dataset.coco, config, image_ids)
+    if not samples:
+        raise ValueError(f"{dataset.annotation_path}: no usable person annotations in the "
+                         f"{len(image_ids)} image(s) selected")
+    return image_ids, samples
+
+
+def score_topdown(dataset: CocoKeypointDataset, persons: PersonPredictions, config: TopDownConfig,
+                  image_ids: Sequence[int], results_path: str | Path | None = None) -> tuple[dict[str, float], list]:
+    """COCOeval stats of the pass's predictions (rescoring, OKS-NMS, one results json) and the results."""
+    results = keypoint_results(persons, config)
+    with tempfile.TemporaryDirectory(prefix="topdown-results-") as scratch:
+        path = Path(results_path) if results_path is not None else Path(scratch) / "results.json"
+        write_results_json(results, path)
+        return evaluate_keypoints(dataset.coco, path, image_ids), results
 
 
 def evaluate_topdown(
@@ -182,18 +236,10 @@ def evaluate_topdown(
     exports work; the padded rows are discarded.
     """
     started = time.perf_counter()
-    image_ids = first_image_ids(dataset.coco, limit)
-    samples = build_topdown_samples(dataset.coco, config, image_ids)
-    if not samples:
-        raise ValueError(f"{dataset.annotation_path}: no usable person annotations in the "
-                         f"{len(image_ids)} image(s) selected")
+    image_ids, samples = plan_topdown(dataset, config, limit)
     persons = predict_topdown(dataset, samples, run_batch, config, batch_size=batch_size,
                               image_ids=image_ids, flip_test=flip_test, pad_batches=pad_batches,
                               progress=progress, store=store)
-    results = keypoint_results(persons, config)
-    with tempfile.TemporaryDirectory(prefix="topdown-results-") as scratch:
-        path = Path(results_path) if results_path is not None else Path(scratch) / "results.json"
-        write_results_json(results, path)
-        stats = evaluate_keypoints(dataset.coco, path, image_ids)
+    stats, results = score_topdown(dataset, persons, config, image_ids, results_path)
     return TopDownEvaluation(stats=stats, results=results, image_ids=image_ids,
                              num_samples=len(samples), elapsed_s=time.perf_counter() - started)

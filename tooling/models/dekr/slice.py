@@ -26,7 +26,7 @@ from tooling.models.dekr.processing import (
 from tooling.models.dekr.rescore import RESCORE_FEATURES, build_rescore
 from tooling.seeded import apply_seeded_weights
 from tooling.sources import build_from_experiment
-from tooling.slice import AccuracyContext, KnownAnswer, ModelSlice
+from tooling.slice import AccuracyContext, KnownAnswer, ModelSlice, PassSample
 
 UPSTREAM_EXPERIMENT = "experiments/coco/w32/w32_4x_reg03_bs10_512_adam_lr1e-3_coco_x140.yaml"
 UPSTREAM_RESCORE_EXPERIMENT = "experiments/coco/rescore_coco.yaml"
@@ -77,21 +77,24 @@ class DekrSlice(ModelSlice):
             scores.append(decoded.scores.numpy())
         return {"poses_px": np.concatenate(poses), "pose_scores": np.concatenate(scores)}
 
-    def evaluate(self, ctx: AccuracyContext) -> dict[str, float]:
-        dataset = CocoKeypointDataset.open(ctx.data_paths[STAGED_ANNOTATIONS], ctx.data_paths[STAGED_IMAGES])
-        image_ids = first_image_ids(dataset.coco, ctx.limit)
-        rescore_net = ctx.host_network("rescore")
+    accuracy_unit = "images"
+
+    def accuracy_samples(self, ctx: AccuracyContext) -> list[PassSample]:
+        return [PassSample(f"image-{image_id}", image_id) for image_id in first_image_ids(_dataset(ctx).coco, ctx.limit)]
+
+    def score_sample(self, ctx: AccuracyContext, sample: PassSample, advance) -> dict[str, np.ndarray]:
+        return _detect(ctx, _dataset(ctx), sample.item, ctx.host_network("rescore"))
+
+    def merge_records(self, ctx: AccuracyContext, samples: list[PassSample], records) -> dict[str, float]:
+        """Every image's detections in one results file, then one COCOeval over the pass's images."""
+        image_ids = [sample.item for sample in samples]
         results = []
-        for done, image_id in enumerate(image_ids, start=1):
-            record = ctx.results.cached(
-                f"image-{image_id}", lambda image_id=image_id: _detect(ctx, dataset, image_id, rescore_net)
-            )
+        for image_id, record in zip(image_ids, records):
             results += coco_results(torch.from_numpy(record["poses"]), torch.from_numpy(record["scores"]), image_id)
-            ctx.progress(done, len(image_ids), "images")
         if results:
             path = (ctx.scratch or Path(".")) / "keypoint_results.json"
             write_results_json(results, path)
-            stats = evaluate_keypoints(dataset.coco, path, image_ids)
+            stats = evaluate_keypoints(_dataset(ctx).coco, path, image_ids)
         else:
             # Nobody detected (an untrained network, say): every person is missed, AP = AR = 0.
             stats = dict.fromkeys(KEYPOINT_STAT_NAMES, 0.0)
@@ -107,6 +110,11 @@ class DekrSlice(ModelSlice):
         }
         dataset = stage_synthetic_coco(root, self.name, states, seed=5, num_images=5)
         return perfect_score_answer(root, {"hrnet_dekr": IdealBottomUpOracle(dataset)})
+
+
+def _dataset(ctx: AccuracyContext) -> CocoKeypointDataset:
+    return ctx.once("dataset", lambda: CocoKeypointDataset.open(ctx.data_paths[STAGED_ANNOTATIONS],
+                                                                ctx.data_paths[STAGED_IMAGES]))
 
 
 def _detect(ctx: AccuracyContext, dataset: CocoKeypointDataset, image_id: int, rescore_net) -> dict[str, np.ndarray]:

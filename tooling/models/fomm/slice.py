@@ -21,7 +21,7 @@ from tooling.models.fomm.pose_estimator import build_pose_estimator
 from tooling.models.fomm.synthetic import write_test_set
 from tooling.models.fomm.video import clip_frame_count, frames_to_input, list_clips, read_clip, reconstruction_image, save_reconstruction
 from tooling.seeded import apply_seeded_weights
-from tooling.slice import AccuracyContext, KnownAnswer, ModelSlice
+from tooling.slice import AccuracyContext, KnownAnswer, ModelSlice, PassSample
 
 TEST_VIDEOS = "taichi/test"
 GENERATOR_CHECKPOINT = "taichi-cpk.pth.tar"
@@ -127,34 +127,35 @@ class FommSlice(ModelSlice):
         }
 
     # -- accuracy -------------------------------------------------------------------------------
-    def evaluate(self, ctx: AccuracyContext) -> dict[str, float]:
+    accuracy_unit = "frames"
+
+    def accuracy_samples(self, ctx: AccuracyContext) -> list[PassSample]:
         clips = list_clips(ctx.data_paths[TEST_VIDEOS])
         if ctx.limit is not None:
             clips = clips[: ctx.limit]
         if not clips:
             raise RuntimeError(f"{ctx.data_paths[TEST_VIDEOS]}: no clips (mp4 files or frame folders)")
+        return [PassSample(clip.name, clip, clip_frame_count(clip)) for clip in clips]
+
+    def score_sample(self, ctx: AccuracyContext, sample: PassSample, advance) -> dict[str, np.ndarray]:
         box = int(ctx.dims.get("pose_box", BOX_SIZE))
         png_dir = (ctx.scratch or Path(".")) / "reconstruction" / "png"
-        total = sum(clip_frame_count(c) for c in clips)
-        done = 0
-        gt_rows, gen_rows, l1 = [], [], []
-        for clip in clips:
-            def progress(t: int, offset=done) -> None:
-                ctx.progress(min(offset + t + 1, total), total, "frames")
+        return self._score_clip(ctx, sample.item, png_dir, box, lambda t: advance(t + 1))
 
-            record = ctx.results.cached(clip.name, lambda clip=clip, progress=progress: self._score_clip(
-                ctx, clip, png_dir, box, progress))
-            frames = len(record["l1"])
-            done += frames
-            ctx.progress(min(done, total), total, "frames")
+    def merge_records(self, ctx: AccuracyContext, samples: list[PassSample], records) -> dict[str, float]:
+        """The keypoint tables of every clip, paired as cmp_with_missing pairs them (sorted by file
+        name and frame), and L1 over every frame in clip order."""
+        gt_rows, gen_rows, l1 = [], [], []
+        for sample, record in zip(samples, records):
+            name = sample.item.name
             l1.append(record["l1"])
-            for t in range(frames):
-                gt_rows.append(FrameKeypoints(clip.name, t, record["gt_keypoints"][t]))
-                gen_rows.append(FrameKeypoints(f"{clip.name}.png", t, record["gen_keypoints"][t]))
+            for t in range(len(record["l1"])):
+                gt_rows.append(FrameKeypoints(name, t, record["gt_keypoints"][t]))
+                gen_rows.append(FrameKeypoints(f"{name}.png", t, record["gen_keypoints"][t]))
         scores = akd_mkr(gt_rows, gen_rows)
         l1_all = np.concatenate(l1)
         return {"AKD": scores["AKD"], "MKR": scores["MKR"], "L1": float(l1_all.mean()),
-                "frames": float(len(l1_all)), "clips": float(len(clips)),
+                "frames": float(len(l1_all)), "clips": float(len(samples)),
                 "akd_frames": scores["akd_frames"], "mkr_frames": scores["mkr_frames"]}
 
     @staticmethod

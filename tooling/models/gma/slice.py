@@ -17,7 +17,7 @@ from tooling.models.gma.network import DEFAULT_ITERS, INPUT_NAMES, OUTPUT_NAME, 
 from tooling.models.gma.padding import InputPadder
 from tooling.models.gma.sintel import DATA, PASSES, SintelPair, read_frame, sintel_pairs
 from tooling.seeded import apply_seeded_weights
-from tooling.slice import AccuracyContext, KnownAnswer, ModelSlice
+from tooling.slice import AccuracyContext, KnownAnswer, ModelSlice, PassSample
 
 CHECKPOINT = "gma-sintel.pth"
 # The namespace the guide's export script builds the model from (spec §1); everything else is
@@ -86,25 +86,31 @@ class GmaSlice(ModelSlice):
             feeds[name] = image
         return feeds
 
-    def evaluate(self, ctx: AccuracyContext) -> dict[str, float]:
-        """EPE and 1/3/5 px accuracy (percent of all pixels of all pairs) per pass; ``limit``
-        scores the first N pairs of each pass."""
+    accuracy_unit = "pairs"
+
+    def accuracy_samples(self, ctx: AccuracyContext) -> list[PassSample]:
+        """Every pair of each pass (clean, then final); ``limit`` keeps the first N of each."""
         flow_dir = ctx.data_paths[DATA["flow"]]
-        pairs = {p: sintel_pairs(ctx.data_paths[DATA[p]], flow_dir)[: ctx.limit] for p in PASSES}
-        total = sum(len(v) for v in pairs.values())
+        return [PassSample(f"{pass_name}-{pair.index:05d}", (pass_name, pair))
+                for pass_name in PASSES for pair in sintel_pairs(ctx.data_paths[DATA[pass_name]], flow_dir)[: ctx.limit]]
+
+    def score_sample(self, ctx: AccuracyContext, sample: PassSample, advance) -> dict[str, np.ndarray]:
+        return _score_pair(ctx, sample.item[1])
+
+    def merge_records(self, ctx: AccuracyContext, samples: list[PassSample], records) -> dict[str, float]:
+        """EPE and 1/3/5 px accuracy (percent of all pixels of all pairs) per pass: pixel totals
+        summed over the pass's pairs."""
         metrics: dict[str, float] = {}
-        done = 0
-        for pass_name, pass_pairs in pairs.items():
-            totals = FlowErrorTotals()
-            for pair in pass_pairs:
-                record = ctx.results.cached(f"{pass_name}-{pair.index:05d}", lambda pair=pair: _score_pair(ctx, pair))
-                totals.add(record)
-                done += 1
-                ctx.progress(done, total, "pairs")
+        for pass_name in PASSES:
+            totals, pairs = FlowErrorTotals(), 0
+            for sample, record in zip(samples, records):
+                if sample.item[0] == pass_name:
+                    totals.add(record)
+                    pairs += 1
             summary = totals.summary()
             metrics[f"{pass_name}_epe"] = summary["epe"]
             metrics.update({f"{pass_name}_{k}": PERCENT * v for k, v in summary.items() if k != "epe"})
-            metrics[f"{pass_name}_pairs"] = float(len(pass_pairs))
+            metrics[f"{pass_name}_pairs"] = float(pairs)
         return metrics
 
     def make_known_answer(self, root: Path) -> KnownAnswer:

@@ -17,10 +17,11 @@ from tooling.coco.synthetic import (
 )
 from tooling.coco.topdown import build_topdown_samples, decode_heatmaps
 from tooling.models.transpose.network import ONNX_INPUT_NAME, ONNX_OUTPUT_NAME, build_transpose_r
-from tooling.models.transpose.processing import TRANSPOSE_R_TOPDOWN, evaluate_transpose_r
+from tooling.coco.pipeline import ImageCache, decode_batch, merge_batches, plan_topdown, score_topdown, topdown_batches
+from tooling.models.transpose.processing import TRANSPOSE_R_TOPDOWN
 from tooling.seeded import apply_seeded_weights
 from tooling.sources import build_from_experiment
-from tooling.slice import AccuracyContext, KnownAnswer, ModelSlice
+from tooling.slice import AccuracyContext, KnownAnswer, ModelSlice, PassSample
 
 CHECKPOINT = "tp_r_256x192_enc3_d256_h1024_mh8.pth"
 UPSTREAM_EXPERIMENT = "experiments/coco/transpose_r/TP_R_256x192_d256_h1024_enc3_mh8.yaml"
@@ -49,18 +50,30 @@ class TransPoseSlice(ModelSlice):
         decoded = decode_heatmaps(heatmaps, centers, scales.astype(np.float32), TRANSPOSE_R_TOPDOWN)
         return {"keypoints_px": decoded.preds, "scores": decoded.maxvals}
 
-    def evaluate(self, ctx: AccuracyContext) -> dict[str, float]:
-        dataset = CocoKeypointDataset.open(ctx.data_paths[STAGED_ANNOTATIONS], ctx.data_paths[STAGED_IMAGES])
-        evaluation = evaluate_transpose_r(
-            dataset,
-            lambda crops: ctx.run("transpose_r", {ONNX_INPUT_NAME: crops})[ONNX_OUTPUT_NAME],
-            batch_size=ctx.dims["batch"],
-            limit=ctx.limit,
-            results_path=ctx.scratch / "keypoint_results.json" if ctx.scratch else None,
-            progress=lambda p: ctx.progress(p.images_done, p.images_total, "images"),
-            store=ctx.results,
+    accuracy_unit = "persons"
+
+    def accuracy_samples(self, ctx: AccuracyContext) -> list[PassSample]:
+        """The GT-box crops of the first ``limit`` images, in batches of the profile's size (the
+        batch is the record: a backend's figures may depend on what shares its batch)."""
+        _, samples = _plan(ctx)
+        return [PassSample(key, samples[batch], batch.stop - batch.start)
+                for key, batch in topdown_batches(samples, ctx.dims["batch"])]
+
+    def score_sample(self, ctx: AccuracyContext, sample: PassSample, advance) -> dict[str, np.ndarray]:
+        dataset = _dataset(ctx)
+        return decode_batch(
+            dataset, sample.item, lambda crops: ctx.run("transpose_r", {ONNX_INPUT_NAME: crops})[ONNX_OUTPUT_NAME],
+            TRANSPOSE_R_TOPDOWN, batch_size=ctx.dims["batch"], flip_test=True, pad_batches=True,
+            images=ctx.once("images", lambda: ImageCache(dataset)),
         )
-        return {**evaluation.stats, "images": float(len(evaluation.image_ids)), "persons": float(evaluation.num_samples)}
+
+    def merge_records(self, ctx: AccuracyContext, samples: list[PassSample], records) -> dict[str, float]:
+        """Every batch's keypoints into one results file (rescoring, OKS-NMS), then one COCOeval."""
+        image_ids, persons = _plan(ctx)
+        predictions = merge_batches([p for sample in samples for p in sample.item], records, TRANSPOSE_R_TOPDOWN)
+        stats, _ = score_topdown(_dataset(ctx), predictions, TRANSPOSE_R_TOPDOWN, image_ids,
+                                 ctx.scratch / "keypoint_results.json" if ctx.scratch else None)
+        return {**stats, "images": float(len(image_ids)), "persons": float(len(persons))}
 
     def make_known_answer(self, root: Path) -> KnownAnswer:
         """A synthetic COCO set scored through an oracle that answers each crop with its ground
@@ -72,6 +85,15 @@ class TransPoseSlice(ModelSlice):
         return perfect_score_answer(
             root, {"transpose_r": lambda feeds: {ONNX_OUTPUT_NAME: oracle(feeds[ONNX_INPUT_NAME])}}
         )
+
+
+def _dataset(ctx: AccuracyContext) -> CocoKeypointDataset:
+    return ctx.once("dataset", lambda: CocoKeypointDataset.open(ctx.data_paths[STAGED_ANNOTATIONS],
+                                                                ctx.data_paths[STAGED_IMAGES]))
+
+
+def _plan(ctx: AccuracyContext):
+    return ctx.once("plan", lambda: plan_topdown(_dataset(ctx), TRANSPOSE_R_TOPDOWN, ctx.limit))
 
 
 SLICE = TransPoseSlice()

@@ -23,7 +23,7 @@ from tooling.models.videopose3d.metric import (
     sequence_mpjpe,
 )
 from tooling.models.videopose3d.network import build_vp3d
-from tooling.slice import AccuracyContext, KnownAnswer, ModelSlice
+from tooling.slice import AccuracyContext, KnownAnswer, ModelSlice, PassSample
 
 POSITIONS_3D = "human36m/data_3d_h36m.npz"
 DETECTIONS_2D = "human36m/data_2d_h36m_cpn_ft_h36m_dbb.npz"
@@ -67,18 +67,23 @@ class VideoPose3DSlice(ModelSlice):
         fused = [fuse_flip_pair(pred[i : i + 2], 0) for i in range(0, pred.shape[0], 2)]
         return {"joints_mm": np.stack(fused) * 1000.0}
 
-    def evaluate(self, ctx: AccuracyContext) -> dict[str, float]:
-        length = ctx.dims["frames"]
+    accuracy_unit = "sequences"
+
+    def accuracy_samples(self, ctx: AccuracyContext) -> list[PassSample]:
         sequences = load_test_sequences(ctx.data_paths[POSITIONS_3D], ctx.data_paths[DETECTIONS_2D])
         if ctx.limit is not None:
             sequences = sequences[: ctx.limit]
         if not sequences:  # a mean over nothing is NaN, not a score
             raise DatasetError(f"{ctx.data_paths[POSITIONS_3D]}: no test sequences to score")
-        errors = []
-        for done, seq in enumerate(sequences, start=1):
-            record = ctx.results.cached(seq.stem, lambda seq=seq: self._score_sequence(ctx, seq, length))
-            errors.append(SequenceError(seq.action, int(record["frames"]), float(record["mpjpe_m"]), float(record["p_mpjpe_m"])))
-            ctx.progress(done, len(sequences), "sequences")
+        return [PassSample(seq.stem, seq) for seq in sequences]
+
+    def score_sample(self, ctx: AccuracyContext, sample: PassSample, advance) -> dict[str, np.ndarray]:
+        return self._score_sequence(ctx, sample.item, ctx.dims["frames"])
+
+    def merge_records(self, ctx: AccuracyContext, samples: list[PassSample], records) -> dict[str, float]:
+        """Frame-weighted sums per action, then the mean over actions (P1 and P2)."""
+        errors = [SequenceError(s.item.action, int(r["frames"]), float(r["mpjpe_m"]), float(r["p_mpjpe_m"]))
+                  for s, r in zip(samples, records)]
         per_action, p1 = action_wise(errors, "mpjpe_m")
         _, p2 = action_wise(errors, "p_mpjpe_m")
         metrics = {"mpjpe_p1_mm": p1, "mpjpe_p2_mm": p2, "sequences": float(len(errors))}
