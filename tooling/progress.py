@@ -1,21 +1,57 @@
 """Progress reporting and resumable per-sample results for long accuracy passes."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import shutil
+import socket
 import sys
 import time
 import uuid
 import zipfile
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import Callable, Iterator, TextIO
 
 import numpy as np
 
+from tooling.cache import LockTimeout, hold_lock, lock_holder
+
 FINGERPRINT = "fingerprint.json"
+
+
+@contextlib.contextmanager
+def owned_run(run_dir: Path, what: str) -> Iterator[Path]:
+    """Own an accuracy run folder for the duration of a pass; yields the folder to score into.
+
+    One process at a time writes a run folder: it holds ``<run_dir>.lock`` (the cache's lock
+    discipline, ``tooling.cache.hold_lock``: the holder named in its lease). A process that finds
+    the folder owned by another live one does not wait for it (a quick ``--accuracy-limit`` look
+    would wait for the whole nightly pass) and never touches its records: it scores into a private
+    folder next to it, ``<run_dir>.<host>-<pid>``, under its own lock, says so on stderr, and
+    deletes that folder when the pass ends. Create the ``ResultStore`` only inside this context:
+    its start-up clean-up (stale fingerprint, ``restart``, half-written records) is safe only
+    while the folder is owned.
+    """
+    run_dir = Path(run_dir)
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(hold_lock(_run_lock(run_dir), what, timeout_s=0))
+            folder = run_dir
+        except LockTimeout:
+            holder = lock_holder(_run_lock(run_dir))
+            folder = run_dir.with_name(f"{run_dir.name}.{socket.gethostname()}-{os.getpid()}")
+            stack.enter_context(hold_lock(_run_lock(folder), what))
+            stack.callback(shutil.rmtree, folder, True)  # runs before the lock above is released
+            print(f"zoo: {run_dir} is being scored by {holder}; this pass ({what}) scores into "
+                  f"{folder.name} and resumes nothing", file=sys.stderr, flush=True)
+        yield folder
+
+
+def _run_lock(run_dir: Path) -> Path:
+    return run_dir.with_name(f"{run_dir.name}.lock")
 
 
 class ResultStore:
@@ -24,6 +60,7 @@ class ResultStore:
     Each record is written to a private temporary file and renamed into place, so a record either
     exists whole or not at all. The store is tied to a fingerprint (artifact, backend, dataset
     files); a different fingerprint, or ``restart=True``, wipes it rather than mixing results.
+    Its folder must be owned (``owned_run``) while the store is created and used.
     """
 
     def __init__(self, directory: Path, fingerprint: dict, restart: bool = False):

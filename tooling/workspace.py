@@ -5,6 +5,7 @@ weights) into ready-to-run sessions through the artifact cache, memoising what a
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections import OrderedDict
@@ -23,7 +24,8 @@ from tooling.export import export_onnx
 from tooling.fingerprint import content_digest, source_digest
 from tooling.locations import Roots, data_paths, find_checkpoint, missing_accuracy_inputs
 from tooling.model_spec import Case, ChainCase, ModelSpec, load_model_spec
-from tooling.progress import ProgressReporter, ResultStore
+from tooling.jsonio import write_json
+from tooling.progress import ProgressReporter, ResultStore, owned_run
 from tooling.roofline import GraphFlops, graph_flops
 from tooling.slice import AccuracyContext, ModelSlice
 from tooling.sources import UpstreamCheckout, patches_digest, upstream_source
@@ -389,32 +391,34 @@ class ModelHandle:
         }
         run_id = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:16]
         run_dir = run_dir or self.ws.roots.cache_dir / "runs" / self.spec.name / run_id
-        try:
-            store = ResultStore(run_dir / "records", fingerprint, restart=self.ws.options.restart_accuracy)
-        except OSError as exc:
-            if not denied(exc):
-                raise
-            raise CacheNotWritable(
-                f"{run_dir}: cannot keep the resumable records of this accuracy pass ({exc.strerror}); "
-                "use a writable --cache-dir"
-            ) from None
-        reporter = ProgressReporter(label or f"{self.spec.name} accuracy on {backend_name}",
-                                    logfile=run_dir / "progress.txt", fresh=lambda: store.computed)
-        def run_host(network: str, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-            if network in oracles:
-                return oracles[network](feeds)
-            from tooling.backends.cpu import TorchSession
+        with contextlib.ExitStack() as owned:
+            try:
+                run_dir = owned.enter_context(owned_run(run_dir, label or f"score {self.spec.name} on {backend_name}"))
+                store = ResultStore(run_dir / "records", fingerprint, restart=self.ws.options.restart_accuracy)
+            except OSError as exc:
+                if not denied(exc):
+                    raise
+                raise CacheNotWritable(
+                    f"{run_dir}: cannot keep the resumable records of this accuracy pass ({exc.strerror}); "
+                    "use a writable --cache-dir"
+                ) from None
+            reporter = ProgressReporter(label or f"{self.spec.name} accuracy on {backend_name}",
+                                        logfile=run_dir / "progress.txt", fresh=lambda: store.computed)
+            def run_host(network: str, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+                if network in oracles:
+                    return oracles[network](feeds)
+                from tooling.backends.cpu import TorchSession
 
-            net = self.spec.networks[network]
-            return TorchSession(self.network(network, None, weights[network])[0], net.input_names, net.output_names).run(feeds)
+                net = self.spec.networks[network]
+                return TorchSession(self.network(network, None, weights[network])[0], net.input_names, net.output_names).run(feeds)
 
-        ctx = AccuracyContext(
-            spec=self.spec, data_paths=paths, run=run, progress=reporter, results=store,
-            host_network=lambda name: self.network(name, None, weights[name])[0],
-            limit=limit, scratch=run_dir, dims=dims, run_host=run_host,
-        )
-        metrics = self.slice.evaluate(ctx)
-        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+            ctx = AccuracyContext(
+                spec=self.spec, data_paths=paths, run=run, progress=reporter, results=store,
+                host_network=lambda name: self.network(name, None, weights[name])[0],
+                limit=limit, scratch=run_dir, dims=dims, run_host=run_host,
+            )
+            metrics = self.slice.evaluate(ctx)
+            write_json(run_dir / "metrics.json", metrics)
         return metrics
 
 
