@@ -1,4 +1,5 @@
-"""Command line: ``python -m tooling verify-golden``, ``stage --check``, ``triage`` and ``doctor``."""
+"""Command line: ``python -m tooling verify-golden``, ``stage --check``, ``triage``, ``doctor``, ``history merge``
+and ``report``."""
 from __future__ import annotations
 
 import argparse
@@ -107,6 +108,22 @@ def triage(args: argparse.Namespace) -> int:
     return 0 if report.first is None else 1
 
 
+def history_merge(args: argparse.Namespace) -> int:
+    from tooling.history.store import History, HistoryError
+
+    try:
+        with History(args.into) as target:
+            for source in args.sources:
+                with History(source, create=False) as other:
+                    added, present = target.merge_from(other)
+                print(f"{source}: {added} run(s) added, {present} already in {args.into}")
+            print(f"{args.into}: {target.count_runs()} run(s)")
+    except HistoryError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tooling", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -147,6 +164,13 @@ def main(argv: list[str] | None = None) -> int:
 
     check_host = sub.add_parser("doctor", help="check this NPU host: atc, ais_bench, aclruntime, npu-smi, the [npu] extra")
     check_host.set_defaults(run=lambda _args: host_doctor())
+
+    history = sub.add_parser("history", help="the run history (SQLite) the plugin appends every run to")
+    history_sub = history.add_subparsers(dest="action", required=True)
+    merge = history_sub.add_parser("merge", help="copy the runs of other hosts' histories into one, each run once")
+    merge.add_argument("into", help="the history to merge into (created when absent)")
+    merge.add_argument("sources", nargs="+", help="histories to read runs from (left unchanged)")
+    merge.set_defaults(run=history_merge)
 
     args = parser.parse_args(argv)
     try:

@@ -63,6 +63,12 @@ def record(request: pytest.FixtureRequest, **result) -> None:
     request.node.user_properties.append(("zoo_result", result))
 
 
+def output_figures(stats) -> dict[str, dict[str, float]]:
+    """Per output: the error quantiles a comparison measured and the absolute bound it applied
+    (the history's drift check and the report's plots read them)."""
+    return {s.name: {"max_abs": s.max_abs, "p99_abs": s.p99_abs, "mean_abs": s.mean_abs, "atol": s.atol} for s in stats}
+
+
 def triaged(failure: ComparisonError, request, handle, case: Case, backend: str, feeds) -> ComparisonError:
     """The parity failure with its first diverging graph node appended, recorded for the JSON report
     too; a triage that cannot run says why instead of hiding the original failure."""
@@ -112,7 +118,7 @@ class ConformanceSuite:
             stats = assert_outputs_match(onnx_out, handle.reference(case), net.outputs, f"{case.id}: ONNX vs torch")
         except ComparisonError as failure:
             raise triaged(failure, request, handle, case, "onnx", handle.feeds(case)) from None
-        record(request, worst_max_abs=max(s.max_abs for s in stats))
+        record(request, worst_max_abs=max(s.max_abs for s in stats), outputs=output_figures(stats))
 
     @pytest.mark.parity
     @gate("deployed-vs-onnx")
@@ -131,7 +137,7 @@ class ConformanceSuite:
             stats = assert_outputs_match(actual, expected, tolerances, f"{case.id}: {deployed_backend} vs {reference}")
         except ComparisonError as failure:
             raise triaged(failure, request, handle, case, deployed_backend, feeds) from None
-        record(request, worst_max_abs=max(s.max_abs for s in stats))
+        record(request, worst_max_abs=max(s.max_abs for s in stats), outputs=output_figures(stats))
 
     @pytest.mark.parity
     @gate("decoded-vs-torch")
@@ -159,7 +165,7 @@ class ConformanceSuite:
         key = zoo.backend(deployed_backend).tolerance_key(handle.spec, handle.spec.chains[chain_case.chain].networks[-1])
         tolerances = {o: handle.spec.chain_tolerance(chain_case.chain, o, key) for o in expected}
         stats = assert_outputs_match(actual, expected, tolerances, f"{chain_case.id}: {deployed_backend} vs torch")
-        record(request, worst_max_abs=max(s.max_abs for s in stats))
+        record(request, worst_max_abs=max(s.max_abs for s in stats), outputs=output_figures(stats))
 
     @pytest.mark.parity
     @pytest.mark.upstream
@@ -188,7 +194,7 @@ class ConformanceSuite:
         expected = TorchSession(upstream, net.input_names, net.output_names).run(feeds)
         what = f"{case.id}: port vs upstream" + "".join(f" [{line}]" for line in stand_ins)
         stats = assert_outputs_match(actual, expected, net.outputs, what)
-        record(request, worst_max_abs=max(s.max_abs for s in stats), upstream_stand_ins=stand_ins)
+        record(request, worst_max_abs=max(s.max_abs for s in stats), outputs=output_figures(stats), upstream_stand_ins=stand_ins)
 
     @pytest.mark.accuracy
     @gate("accuracy")
@@ -382,7 +388,8 @@ class ConformanceSuite:
         best = max(ratios, key=ratios.get)
         attempts = [{n: round(b.median_ratio("torch", n), 3) for n in contenders} for b in blocks]
         record(request, speedups={n: round(r, 3) for n, r in ratios.items()}, best=best, floor=floor,
-               attempts=attempts, unavailable=unavailable)
+               attempts=attempts, unavailable=unavailable,
+               ratio_samples={n: [round(r, 4) for r in measured.ratios("torch", n)] for n in contenders})
         benchmark.extra_info.update(speedups=ratios, attempts=attempts, floor=floor)
         summary = ", ".join(f"{n} {r:.2f}x" for n, r in sorted(ratios.items(), key=lambda kv: -kv[1]))
         print(f"{self.model} {case.id}: median per-round speedup over torch eager: {summary}"

@@ -28,9 +28,9 @@ if [ -n "$devices" ]; then
 fi
 
 status=0
-.venv/bin/python -m pytest -n "$workers" tests/models -m "not benchmark" --nightly "${device_args[@]}" \
+.venv/bin/python -m pytest -n "$workers" tests/models -m "not benchmark" --nightly "${device_args[@]}" --fail-on-regression \
     --junitxml "$reports/parity.xml" --zoo-report "$reports/parity.json" "${args[@]}" || status=$?
-.venv/bin/python -m pytest -p no:xdist tests/models -m benchmark --nightly "${device_args[@]}" \
+.venv/bin/python -m pytest -p no:xdist tests/models -m benchmark --nightly "${device_args[@]}" --fail-on-regression \
     --junitxml "$reports/benchmark.xml" --zoo-report "$reports/benchmark.json" \
     --benchmark-json "$reports/benchmark-results.json" "${args[@]}" || status=$((status == 0 ? $? : status))
 

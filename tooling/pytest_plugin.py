@@ -5,6 +5,7 @@ import argparse
 import os
 import re
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Callable
@@ -16,6 +17,8 @@ from tooling.backends import BACKENDS, worker_device
 from tooling.cache import CacheError, check_cache_root
 from tooling.conformance import ConformanceSuite
 from tooling.gates import GateContext, gate_of
+from tooling.history.session import Recorded, history_path, inject, record_run
+from tooling.history.store import HistoryError
 from tooling.locations import Roots
 from tooling.model_spec import EXPORTERS, Case, ChainCase, load_model_spec
 from tooling.progress import set_live_sink
@@ -31,6 +34,8 @@ _workspace_key = pytest.StashKey[Workspace]()
 _run_id_key = pytest.StashKey[str]()
 _cache_note_key = pytest.StashKey[str]()
 _builds_reported_key = pytest.StashKey[int]()
+_started_key = pytest.StashKey[float]()
+_history_key = pytest.StashKey["Recorded | str"]()
 
 
 def _positive_int(raw: str) -> int:
@@ -93,6 +98,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--require-backends", default=os.environ.get("ZOO_REQUIRE_BACKENDS"),
                     help="comma-separated backends this host must have: a gate on one that is unavailable fails "
                     "instead of skipping, and the run fails if one ran no gate (env ZOO_REQUIRE_BACKENDS)")
+    group.addoption("--history", default=None,
+                    help="run history (SQLite) this run is appended to and compared with (env ZOO_HISTORY, "
+                    "default reports/history.sqlite; 'none' turns it off)")
+    group.addoption("--fail-on-regression", action="store_true",
+                    help="fail the run when it regressed against earlier runs of this host class and versions")
 
 
 def _env_flag(name: str) -> bool:
@@ -172,6 +182,7 @@ def pytest_configure(config: pytest.Config) -> None:
     _required_backends(config)  # a usage error before collection, not in the first test
     set_live_sink(_terminal_progress(config))
     config.stash[_matrix_key] = ConformanceMatrix()
+    config.stash[_started_key] = time.time()
     # xdist workers share the controller's run id: --rebuild then rebuilds once per run.
     config.stash[_run_id_key] = getattr(config, "workerinput", {}).get("testrunuid") or uuid.uuid4().hex
     cache_dir = Roots.resolve(cache_dir=config.getoption("--cache-dir")).cache_dir
@@ -299,7 +310,7 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     cell = dict(report.user_properties).get("zoo_cell")
     if cell is None:
         return
-    results = [v for k, v in report.user_properties if k == "zoo_result"]
+    results = inject(cell["backend"], [v for k, v in report.user_properties if k == "zoo_result"])
     _add_matrix_row(report, cell, results)
     others = [(k, v) for k, v in report.user_properties if k not in ("zoo_cell", "zoo_result")]
     report.user_properties = others + flat_properties(cell, report.outcome, results)
@@ -355,6 +366,36 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     config.stash[_idle_required_key] = idle
     if idle and session.exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    recorded = _record_history(config, matrix, int(session.exitstatus))
+    if isinstance(recorded, Recorded) and recorded.comparison.regressions and config.getoption("--fail-on-regression") \
+            and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def _record_history(config: pytest.Config, matrix: ConformanceMatrix, exit_status: int) -> "Recorded | str | None":
+    """Append the run to the history (controller only) and compare it with earlier runs; a history
+    that cannot be used is reported, and leaves the run's own verdicts alone."""
+    path = history_path(config.getoption("--history"), Path(config.rootpath))
+    if path is None or not matrix.rows:
+        return None
+    agreement = {}
+    for model in {r.model for r in matrix.rows}:
+        try:
+            accuracy = load_model_spec(model).accuracy
+        except Exception:  # noqa: BLE001 - a model the yaml cannot describe has no bounds to apply
+            accuracy = None
+        agreement[model] = dict(accuracy.agreement) if accuracy and accuracy.agreement else {}
+    try:
+        recorded = record_run(path, run_id=config.stash[_run_id_key], started=config.stash[_started_key],
+                              exit_status=exit_status, rootpath=Path(config.rootpath),
+                              threads=config.getoption("--threads"), rows=matrix.rows, builds=matrix.builds,
+                              agreement=agreement)
+    except HistoryError as exc:
+        recorded = f"history not written: {exc}"
+    config.stash[_history_key] = recorded
+    if isinstance(recorded, Recorded):
+        matrix.marks = recorded.comparison.marks()
+    return recorded
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -387,3 +428,22 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
         path = Path(config.rootpath) / path
     matrix.write_json(path, [t["throughput"] for t in throughput])
     terminalreporter.write_line(f"conformance report: {path}")
+    _history_summary(terminalreporter, config)
+
+
+def _history_summary(terminalreporter, config: pytest.Config) -> None:
+    recorded = config.stash.get(_history_key, None)
+    if isinstance(recorded, str):
+        terminalreporter.write_line(recorded, red=True, bold=True)
+        return
+    if recorded is None:
+        return
+    comparison = recorded.comparison
+    since = comparison.since.label if comparison.since else "(no earlier run of this host class and versions)"
+    terminalreporter.section(f"changes since {since}")
+    for line in comparison.render():
+        terminalreporter.write_line(line, red=line.lstrip().startswith("REGRESSION"))
+    if comparison.changes:
+        terminalreporter.write_line(comparison.LEGEND)
+    terminalreporter.write_line(f"history: {recorded.path} ({recorded.runs_stored} runs; this one {recorded.run_label}, "
+                                f"compared and written in {recorded.seconds:.2f} s)")

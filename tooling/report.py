@@ -59,6 +59,8 @@ class MatrixRow:
 class ConformanceMatrix:
     rows: list[MatrixRow] = field(default_factory=list)
     builds: list[dict] = field(default_factory=list)  # artifacts (re)built in this run, and why
+    # (model, gate, case, backend) -> symbols of what changed against earlier runs (tooling/history)
+    marks: dict[tuple[str, str, str, str], str] = field(default_factory=dict)
 
     def add(self, row: MatrixRow) -> None:
         self.rows.append(row)
@@ -97,7 +99,7 @@ class ConformanceMatrix:
         folded = {b: why for b, why in unavailable.items() if b not in usable}
         lines: list[str] = []
         for model in sorted({r.model for r in self.rows}):
-            lines.extend(_model_grid(model, [r for r in self.rows if r.model == model], set(folded)))
+            lines.extend(_model_grid(model, [r for r in self.rows if r.model == model], set(folded), self.marks))
         by_reason: dict[str, list[str]] = {}
         for backend, why in folded.items():
             by_reason.setdefault(why, []).append(backend)
@@ -145,7 +147,8 @@ def _unavailable_reason(row: MatrixRow) -> str:
     return row.detail.removeprefix(prefix) if row.outcome == "skipped" and row.detail.startswith(prefix) else ""
 
 
-def _model_grid(model: str, rows: list[MatrixRow], folded: set[str]) -> list[str]:
+def _model_grid(model: str, rows: list[MatrixRow], folded: set[str],
+                marks: dict[tuple[str, str, str, str], str] | None = None) -> list[str]:
     cells: dict[tuple[str, str], dict[str, str]] = {}
     columns: list[str] = []
     for r in rows:
@@ -153,7 +156,8 @@ def _model_grid(model: str, rows: list[MatrixRow], folded: set[str]) -> list[str
         for backend, text in per_backend.items():
             if backend in folded:
                 continue
-            cells.setdefault((r.gate, r.case), {})[backend] = text
+            mark = (marks or {}).get((r.model, r.gate, r.case, backend), "")
+            cells.setdefault((r.gate, r.case), {})[backend] = mark + text
             if backend not in columns:
                 columns.append(backend)
     met = list(columns)
@@ -169,6 +173,11 @@ def _model_grid(model: str, rows: list[MatrixRow], folded: set[str]) -> list[str
         lines.append((f"  {gate:<{gate_width}}  {case:<{case_width}}  "
                       + "  ".join(f"{row.get(b, '.'):>{widths[b]}}" for b in columns)).rstrip())
     return lines
+
+
+def cell_texts(row: MatrixRow) -> dict[str, str]:
+    """backend -> the grid cell of one matrix row, as the terminal shows it (the history keeps it)."""
+    return _cell_figures(row)
 
 
 def _cell_figures(row: MatrixRow) -> dict[str, str]:
