@@ -50,6 +50,36 @@ class LockTimeout(CacheError):
     pass
 
 
+class CacheFull(CacheError):
+    """The disk holding the cache ran out of space (or quota) while something was written to it:
+    an error of the build, not a verdict on the model."""
+
+
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full(exc: BaseException) -> OSError | None:
+    """The OSError saying the disk is full behind ``exc`` (itself, or a cause or context of it:
+    exporters and compilers re-raise it wrapped), else None."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _FULL_ERRNOS:
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def raise_if_full(exc: BaseException, place: Path, writing: str) -> None:
+    """Turn a full disk behind ``exc`` into a ``CacheFull`` naming ``place`` and what was written."""
+    full = disk_full(exc)
+    if full is not None:
+        written = f" ({full.filename})" if full.filename else ""
+        raise CacheFull(f"{place}: no space left on its disk while writing {writing}{written} "
+                        f"[{errno.errorcode.get(full.errno, full.errno)}]; free space there or use another "
+                        "--cache-dir") from exc
+
+
 @dataclass(frozen=True)
 class ArtifactKey:
     kind: str  # onnx, om, aoti, ...
@@ -312,8 +342,8 @@ class ArtifactCache:
 
     def _build(self, key: ArtifactKey, target: Path, build: Callable[[Path], None]) -> None:
         staging = target.with_name(f"{target.name}{STAGING_MARK}{uuid.uuid4().hex[:8]}")
-        staging.mkdir(parents=True)
         try:
+            staging.mkdir(parents=True)
             build(staging)
             files = tree_files(staging)
             if not files:
@@ -324,6 +354,9 @@ class ArtifactCache:
             ))
             shutil.rmtree(target, ignore_errors=True)
             os.replace(staging, target)
+        except Exception as exc:
+            raise_if_full(exc, self.root, f"{key.kind} artifact {target.name}")
+            raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 

@@ -17,7 +17,7 @@ from typing import Callable, Iterator, TextIO
 
 import numpy as np
 
-from tooling.cache import LockTimeout, hold_lock, lock_holder
+from tooling.cache import LockTimeout, hold_lock, lock_holder, raise_if_full
 
 FINGERPRINT = "fingerprint.json"
 
@@ -101,8 +101,13 @@ class ResultStore:
     def save(self, sample_id: str, arrays: dict[str, np.ndarray]) -> None:
         path = self._path(sample_id)
         tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp.npz")
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
+        try:
+            np.savez(tmp, **arrays)
+            os.replace(tmp, path)
+        except Exception as exc:
+            tmp.unlink(missing_ok=True)
+            raise_if_full(exc, self.directory, f"the accuracy record of sample {sample_id!r}")
+            raise
 
     def cached(self, sample_id: str, compute: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
         record = self.load(sample_id)

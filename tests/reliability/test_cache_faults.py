@@ -13,12 +13,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tooling.cache import (
     MANIFEST,
     ArtifactCache,
     ArtifactKey,
+    CacheFull,
     CacheNotWritable,
     LockTimeout,
     check_cache_root,
@@ -253,3 +255,41 @@ def test_killed_record_writes_are_removed_and_not_counted(tmp_path):
     (tmp_path / "run" / ".b.1234abcd.tmp.npz").write_bytes(b"half a record")
     again = ResultStore(tmp_path / "run", {"probe": 1})
     assert again.resumed == 1 and not list((tmp_path / "run").glob(".*.tmp.npz"))
+
+
+def _no_space(filename=None):
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["oserror", "wrapped-by-the-exporter"])
+def test_full_disk_during_a_build_names_the_cache_and_what_was_written(tmp_path, wrapped):
+    def build(staging: Path) -> None:
+        (staging / "model.onnx").write_bytes(b"half a graph")
+        if not wrapped:
+            raise _no_space(str(staging / "model.onnx"))
+        try:
+            raise _no_space()
+        except OSError as exc:
+            raise RuntimeError("export failed: could not write the external data") from exc
+
+    with pytest.raises(CacheFull) as info:
+        ArtifactCache(tmp_path).get(KEY, build)
+    message = str(info.value)
+    assert message.startswith(f"{tmp_path}: no space left on its disk while writing onnx artifact net-1x3-")
+    assert "ENOSPC" in message and ("model.onnx" in message) != wrapped
+    assert not [p for p in tmp_path.rglob("*") if p.is_dir() and ".tmp-" in p.name]  # the half build is gone
+
+
+def test_full_disk_while_saving_an_accuracy_record_names_the_run_folder(tmp_path, monkeypatch):
+    from tooling.progress import ResultStore
+
+    store = ResultStore(tmp_path / "run", {"v": 1})
+
+    def savez(path, **arrays):
+        Path(path).write_bytes(b"PK")  # a few bytes made it before the disk filled up
+        raise _no_space(str(path))
+
+    monkeypatch.setattr("tooling.progress.np.savez", savez)
+    with pytest.raises(CacheFull, match=rf"{tmp_path / 'run'}: no space left .* record of sample '001_Walking'"):
+        store.save("001_Walking", {"x": np.zeros(2)})
+    assert list((tmp_path / "run").iterdir()) == [tmp_path / "run" / "fingerprint.json"]

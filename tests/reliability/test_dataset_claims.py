@@ -182,3 +182,65 @@ def test_h36m_metadata_that_agrees_is_used_and_absent_metadata_is_said(tmp_path:
     (tmp_path / "bare").mkdir()
     sequences, said = _quietly(lambda: load_test_sequences(*_h36m(tmp_path / "bare", None)))
     assert len(sequences) == 8 and len(said) == 1 and "no 'metadata'" in said[0]
+
+
+# -- MPI-Sintel frames and .flo ground truth --------------------------------------------------------
+def _sintel(tmp_path: Path) -> tuple[Path, Path]:
+    from tooling.models.gma.flo import write_flo
+    from tooling.models.gma.sintel import frame_name, write_frame
+
+    rng = np.random.default_rng(5)
+    clean, flow = tmp_path / "training" / "clean", tmp_path / "training" / "flow"
+    for scene, frames in (("alley_1", 3), ("market_2", 4)):
+        (clean / scene).mkdir(parents=True)
+        (flow / scene).mkdir(parents=True)
+        for number in range(1, frames + 1):
+            write_frame(clean / scene / frame_name(number, ".png"), rng.integers(0, 255, (12, 16, 3), dtype=np.uint8))
+            if number < frames:
+                write_flo(flow / scene / frame_name(number, ".flo"), rng.standard_normal((12, 16, 2)).astype(np.float32))
+    return clean, flow
+
+
+def _extra_flow(clean: Path, flow: Path) -> None:
+    from tooling.models.gma.flo import write_flo
+
+    write_flo(flow / "alley_1" / "frame_0003.flo", np.zeros((12, 16, 2), np.float32))
+
+
+def _small_flow(clean: Path, flow: Path) -> None:
+    from tooling.models.gma.flo import write_flo
+
+    write_flo(flow / "market_2" / "frame_0002.flo", np.zeros((6, 8, 2), np.float32))
+
+
+def _mixed_frames(clean: Path, flow: Path) -> None:
+    from tooling.models.gma.sintel import write_frame
+
+    write_frame(clean / "market_2" / "frame_0004.png", np.zeros((24, 16, 3), np.uint8))
+
+
+SINTEL_CLAIMS = {
+    "more-flows-than-pairs": (_extra_flow, r"scene alley_1 has 3 frames but 3 flows in .*expected 2"),
+    "flow-size-not-frame-size": (_small_flow, r"scene market_2 / frame_0002\.flo is a 8 x 6 flow for 16 x 12 frames"),
+    "mixed-frame-sizes": (_mixed_frames, r"scene market_2 mixes frame sizes \(frame_0001\.png is 16 x 12, "
+                                         r"frame_0004\.png is 16 x 24\)"),
+}
+
+
+@pytest.mark.parametrize("claim", SINTEL_CLAIMS)
+def test_sintel_claim_that_lies_is_named(claim: str, tmp_path: Path):
+    from tooling.models.gma.sintel import SintelLayoutError, sintel_pairs
+
+    clean, flow = _sintel(tmp_path)
+    edit, pattern = SINTEL_CLAIMS[claim]
+    edit(clean, flow)
+    _expect_named_error(SintelLayoutError, lambda: sintel_pairs(clean, flow), clean, pattern)
+
+
+def test_sintel_flows_of_a_scene_without_frames_are_tolerated_and_said(tmp_path: Path):
+    from tooling.models.gma.sintel import sintel_pairs
+
+    clean, flow = _sintel(tmp_path)
+    (flow / "cave_4").mkdir()
+    pairs, said = _quietly(lambda: sintel_pairs(clean, flow))
+    assert len(pairs) == 5 and len(said) == 1 and "cave_4" in said[0]

@@ -225,9 +225,8 @@ def check_images_on_disk(coco: COCO, annotation_path: Path, image_dir: Path) -> 
             problems.add(record, "is missing: the annotations list it")
             continue
         try:
-            with PIL.Image.open(path) as opened:
-                size = opened.size
-        except (OSError, PIL.UnidentifiedImageError) as exc:
+            size = image_size(path)
+        except ImageReadError as exc:
             problems.add(record, f"is not a readable image ({exc})")
             continue
         if size != (image["width"], image["height"]):
@@ -238,6 +237,16 @@ def check_images_on_disk(coco: COCO, annotation_path: Path, image_dir: Path) -> 
     if extra:
         tolerated(f"{image_dir}: {extra} image file(s) not listed in {annotation_path.name}: not scored, "
                   "as upstream evaluates only the images its annotations list")
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the image file's header, without decoding it (EXIF orientation
+    ignored, as ``read_image`` ignores it)."""
+    try:
+        with PIL.Image.open(path) as opened:
+            return opened.size
+    except (OSError, PIL.UnidentifiedImageError) as exc:
+        raise ImageReadError(f"{path}: not a readable image ({exc})") from exc
 
 
 def read_image(image_path: str | Path) -> np.ndarray:

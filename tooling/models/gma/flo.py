@@ -20,8 +20,7 @@ class FloError(ValueError):
     """A .flo file is truncated, mislabelled or otherwise not what the format says."""
 
 
-def decode_flo(data: bytes, name: str | Path = "<bytes>") -> np.ndarray:
-    """The (height, width, 2) float32 flow held by ``data``; errors name ``name``."""
+def _header_size(data: bytes, name: str | Path) -> tuple[int, int]:
     if len(data) < HEADER_BYTES:
         raise FloError(f"{name}: {len(data)} bytes, too short for a .flo header ({HEADER_BYTES} bytes)")
     magic = np.frombuffer(data, "<f4", count=1)[0]
@@ -30,6 +29,21 @@ def decode_flo(data: bytes, name: str | Path = "<bytes>") -> np.ndarray:
     width, height = (int(v) for v in np.frombuffer(data, "<i4", count=2, offset=4))
     if width <= 0 or height <= 0:
         raise FloError(f"{name}: header declares a {width} x {height} flow field")
+    return width, height
+
+
+def flo_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) a .flo file declares, from its 12-byte header alone."""
+    try:
+        with open(path, "rb") as handle:
+            return _header_size(handle.read(HEADER_BYTES), path)
+    except OSError as exc:
+        raise FloError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+
+
+def decode_flo(data: bytes, name: str | Path = "<bytes>") -> np.ndarray:
+    """The (height, width, 2) float32 flow held by ``data``; errors name ``name``."""
+    width, height = _header_size(data, name)
     expected = HEADER_BYTES + width * height * 2 * 4
     if len(data) != expected:
         state = "truncated" if len(data) < expected else "has trailing bytes"

@@ -13,7 +13,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from tooling.coco.dataset import ImageReadError, read_image
+from tooling.coco.dataset import ImageReadError, image_size, read_image
+from tooling.models.gma.flo import FloError, flo_size
+from tooling.validation import Problems, tolerated
 
 PASSES = ("clean", "final")
 DATA = {"clean": "sintel/training/clean", "final": "sintel/training/final", "flow": "sintel/training/flow"}
@@ -54,7 +56,49 @@ def sintel_pairs(pass_dir: Path, flow_dir: Path) -> list[SintelPair]:
             pairs.append(pair)
     if not pairs:
         raise SintelLayoutError(f"{pass_dir}: no scene with two or more frame_%04d.png files")
+    check_sintel_claims(pairs, pass_dir, flow_dir)
     return pairs
+
+
+def check_sintel_claims(pairs: list[SintelPair], pass_dir: Path, flow_dir: Path) -> None:
+    """What the scoring assumes of each scene, from file headers only: as many flows as frame
+    pairs (upstream's loader lists frames and flows separately and zips them in order, so an extra
+    flow in one scene shifts every later scene's ground truth silently), every frame of a scene at
+    one size, and each flow at its frames' size."""
+    problems = Problems(pass_dir)
+    scenes: dict[str, list[SintelPair]] = {}
+    for pair in pairs:
+        scenes.setdefault(pair.scene, []).append(pair)
+    for scene, scene_pairs in scenes.items():
+        flows = len(list((flow_dir / scene).glob("*.flo")))
+        if flows != len(scene_pairs):
+            problems.add(f"scene {scene}", f"has {len(scene_pairs) + 1} frames but {flows} flows in "
+                         f"{flow_dir / scene}, expected {len(scene_pairs)} (one per consecutive pair)")
+        sizes: dict[tuple[int, int], str] = {}
+        for pair in scene_pairs:
+            for frame in (pair.frame1, pair.frame2):
+                try:
+                    sizes.setdefault(image_size(frame), frame.name)
+                except ImageReadError as exc:
+                    raise SintelLayoutError(str(exc)) from exc
+            if len(sizes) > 1:
+                listed = ", ".join(f"{name} is {w} x {h}" for (w, h), name in sizes.items())
+                problems.add(f"scene {scene}", f"mixes frame sizes ({listed})")
+                break
+            try:
+                flow_size = flo_size(pair.flow)
+            except FloError as exc:
+                problems.add(f"scene {scene} / {pair.flow.name}", f"is not a readable flow ({exc})")
+                continue
+            frame_size = next(iter(sizes))
+            if flow_size != frame_size:
+                problems.add(f"scene {scene} / {pair.flow.name}", f"is a {flow_size[0]} x {flow_size[1]} flow for "
+                             f"{frame_size[0]} x {frame_size[1]} frames")
+    problems.raise_as(SintelLayoutError)
+    unused = sorted({p.name for p in flow_dir.iterdir() if p.is_dir()} - set(scenes)) if flow_dir.is_dir() else []
+    if unused:
+        tolerated(f"{flow_dir}: flows of {len(unused)} scene(s) without frames in {pass_dir.name} "
+                  f"({', '.join(unused[:5])}): not scored, as upstream walks the frame folders")
 
 
 def read_frame(path: Path) -> np.ndarray:
