@@ -185,16 +185,22 @@ class ConformanceSuite:
             pytest.fail(str(exc), pytrace=False)
         from tooling.backends.cpu import TorchSession
 
-        stand_ins = sorted(set(handle.upstream_checkout().stand_ins.values()))
+        checkout = handle.upstream_checkout(case.network)
+        stand_ins = sorted(set(checkout.stand_ins.values()))
         for line in stand_ins:
             print(f"{case.id}: upstream stand-in: {line}")
+        if checkout.absent:  # data only: a mirror lacking code is refused when checked out
+            print(f"{case.id}: upstream {checkout.root.name} lacks {len(checkout.absent)} data file(s) its mirror "
+                  f"did not carry: {', '.join(checkout.absent)}")
         net = handle.spec.networks[case.network]
         feeds = handle.feeds(case)
         actual = TorchSession(handle.network(case.network, case.variant, seeded)[0], net.input_names, net.output_names).run(feeds)
         expected = TorchSession(upstream, net.input_names, net.output_names).run(feeds)
         what = f"{case.id}: port vs upstream" + "".join(f" [{line}]" for line in stand_ins)
         stats = assert_outputs_match(actual, expected, net.outputs, what)
-        record(request, worst_max_abs=max(s.max_abs for s in stats), outputs=output_figures(stats), upstream_stand_ins=stand_ins)
+        record(request, worst_max_abs=max(s.max_abs for s in stats), outputs=output_figures(stats),
+               upstream_stand_ins=stand_ins, upstream_checkout=checkout.root.name,
+               upstream_absent_files=list(checkout.absent))
 
     @pytest.mark.accuracy
     @gate("accuracy")

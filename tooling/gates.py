@@ -18,6 +18,7 @@ import pytest
 
 from tooling.backends import BACKENDS
 from tooling.model_spec import Case, ModelSpec
+from tooling.sources import upstream_source
 
 ATTRIBUTE = "zoo_gate"
 
@@ -114,15 +115,25 @@ def _params_chain(ctx: GateContext) -> Params:
 
 
 def _params_upstream(ctx: GateContext) -> Params:
+    """The first case of each network an upstream checkout builds."""
+    built = [name for name in ctx.spec.networks if upstream_source(ctx.spec, name) is not None]
     first_per_network: dict[str, Case] = {}
-    for case in ctx.cases if ctx.spec.upstream.get("commit") else ():
-        first_per_network.setdefault(case.network, case)
-    # Networks no profile deploys (DEKR's host-side rescoring net) are compared at batch 1.
-    for name, net in ctx.spec.networks.items() if ctx.spec.upstream.get("commit") else ():
-        first_per_network.setdefault(
-            name, Case(ctx.spec.name, name, "dims:", 1, net.default_exporter, net.default_variant, False)
-        )
+    for case in ctx.cases:
+        if case.network in built:
+            first_per_network.setdefault(case.network, case)
+    for name in built:
+        first_per_network.setdefault(name, _undeployed_case(ctx.spec, name))
     return "case", case_params(list(first_per_network.values()))
+
+
+def _undeployed_case(spec: ModelSpec, network: str) -> Case:
+    """A network no profile deploys (DEKR's host-side rescoring net, FOMM's pose net) at batch 1,
+    its other dims from the first profile that sets them all (the smoke one, as a rule)."""
+    net = spec.networks[network]
+    symbolic = sorted({d for i in net.inputs for d in i.shape if isinstance(d, str)} - {"batch"})
+    dims = next((p.dims for p in spec.profiles.values() if set(symbolic) <= set(p.dims)), {})
+    profile = "dims:" + ",".join(f"{d}={dims[d]}" for d in symbolic if d in dims)
+    return Case(spec.name, network, profile, 1, net.default_exporter, net.default_variant, False)
 
 
 def _params_accuracy(ctx: GateContext) -> Params:

@@ -4,7 +4,8 @@ Layout below each root (one layout for every model, so a nightly host stages thi
 
     <data-root>/<path from the yaml's accuracy.data>     e.g. coco/annotations/person_keypoints_val2017.json
     <weights-root>/<model>/<checkpoint file>               e.g. videopose3d/model_best.bin
-    <upstream-root>/<model>/  (a clone)  or  <upstream-root>/<model>.git  (a bare mirror)
+    <upstream-root>/<checkout>/  (a clone)  or  <upstream-root>/<checkout>.git  (a bare mirror), one per
+                             checkout the yaml's upstream names (the model's name, or <model>-<suffix>)
     <cache-dir>/               built artifacts, upstream checkouts, resumable accuracy passes
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tooling.model_spec import PROJECT_ROOT, ModelSpec
-from tooling.sources import dependency_status, install_command, upstream_source
+from tooling.sources import dependency_status, install_command, upstream_sources
 
 ENV = {
     "data_root": "ZOO_DATA_ROOT",
@@ -83,23 +84,23 @@ def staged_inventory(spec: ModelSpec, roots: Roots) -> list[StagedItem]:
         items.append(
             StagedItem("checkpoint", network, str(found or " or ".join(map(str, candidates))), found is not None)
         )
-    if spec.upstream.get("commit"):
-        base = roots.upstream_root or Path("<--upstream-root>")
-        clone, mirror = base / spec.name, base / f"{spec.name}.git"
+    for source in upstream_sources(spec).values():
+        clone, mirror = source.staged_paths(roots.upstream_root)
         found = roots.upstream_root is not None and (clone.is_dir() or mirror.is_dir())
+        serves = f" ({', '.join(source.networks)})" if source.networks else ""
         items.append(
             StagedItem(
                 "upstream",
-                f"{spec.upstream.get('repository', '')} @ {spec.upstream['commit'][:12]}",
+                f"{source.name}: {source.what()}{serves}",
                 str(clone if clone.is_dir() else mirror if mirror.is_dir() else f"{clone} (or {mirror.name})"),
                 found,
                 required=False,  # optional, but once staged its gate runs, so its packages must be there
             )
         )
-        for status in dependency_status(upstream_source(spec).requires):
+        for status in dependency_status(source.requires):
             items.append(
                 StagedItem(
-                    "python", f"{status.requirement} (upstream code)",
+                    "python", f"{status.requirement} (upstream {source.name} code)",
                     f"installed {status.installed}" if status.ok else install_command([status]), status.ok,
                     required=found,
                 )

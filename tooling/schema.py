@@ -141,17 +141,24 @@ THROUGHPUT = fields(
     },
 )
 
+UPSTREAM = fields(
+    {
+        "repository": STRING,
+        "commit": {"type": "string", "pattern": "^[0-9a-f]{40}$"},
+        "requires": list_of(NAME),  # packages upstream code imports, pinned in pyproject's [upstream] extra
+        "networks": list_of(NAME, 1),  # built from this checkout; default: every network no other one lists
+    },
+    required=["commit"],
+)
+
 SCHEMA = fields(
     {
         "model": NAME,
         "title": STRING,
         "guide": STRING,
         "slice": NAME,
-        "upstream": fields({
-            "repository": STRING,
-            "commit": {"type": "string", "pattern": "^[0-9a-f]{40}$"},
-            "requires": list_of(NAME),  # packages upstream code imports, pinned in pyproject's [upstream] extra
-        }),
+        # checkout name (the model's, or <model>-<suffix>) -> one upstream repository at a pinned commit
+        "upstream": mapping(UPSTREAM, keys={"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]*$"}),
         "networks": mapping(NETWORK),
         "chains": mapping(CHAIN),
         "profiles": mapping(PROFILE),
@@ -242,6 +249,23 @@ def reference_errors(raw: dict[str, Any], backend_names: Iterable[str]) -> list[
     check([k.split("@", 1)[0] for k in raw.get("backend_tolerances", {})], backends, "backend_tolerances", "backend")
     for backend, outputs in raw.get("backend_tolerances", {}).items():
         check(outputs, all_outputs, f"backend_tolerances.{backend}", "output")
+    upstreams: dict[str, Any] = raw.get("upstream") or {}
+    listed: dict[str, str] = {}
+    for up_name, up in upstreams.items():
+        where = f"upstream.{up_name}"
+        model = raw.get("model", "")
+        if up_name != model and not up_name.startswith(f"{model}-"):
+            problems.append(f"{where}: a checkout is named {model!r} or {model + '-<suffix>'!r} (its staging "
+                            "directory under the upstream root must not collide with another model's)")
+        check(up.get("networks", ()), networks, f"{where}.networks", "network")
+        for net_name in up.get("networks", ()):
+            if net_name in listed:
+                problems.append(f"{where}.networks: {net_name!r} is already built from upstream.{listed[net_name]}")
+            listed.setdefault(net_name, up_name)
+    catch_all = [n for n, up in upstreams.items() if not up.get("networks")]
+    if len(catch_all) > 1:
+        problems.append(f"upstream: {', '.join(catch_all)} all omit networks: at most one checkout serves "
+                        "the networks no other one lists")
     accuracy = raw.get("accuracy") or {}
     if "profile" in accuracy:
         check([accuracy["profile"]], profiles, "accuracy.profile", "profile")

@@ -1,13 +1,25 @@
 """Upstream sources: a checkout of the pinned commit with the project's patches applied.
 
-Where the commit comes from, in order: a staged clone ``<upstream-root>/<model>``, a bare mirror
-``<upstream-root>/<model>.git``, or the yaml's repository URL cloned into the cache. The patched
-tree is built once under ``<cache>/upstream/`` behind a lock, published with an atomic rename and
-marked complete by a manifest, so a build killed half-way is never reused.
+A model may need more than one upstream repository (FOMM: first-order-model for its networks, the
+pose network's repository for the one that scores them). The yaml's ``upstream`` maps each checkout's
+name to its repository, pinned commit, the packages its code imports and the networks built from it
+(default: every network no other checkout lists). The name is the model's, or starts with it and a
+dash, so checkouts of different models never share a name; it names everything about the checkout:
 
-Patches live in ``patches/<model>/``: ``*.patch`` files go through ``git apply`` in name order;
-``*.py`` files are hooks with ``on_import(root, import_module)`` that run once, after the checkout
-is importable, to adjust the imported upstream package in memory.
+    <upstream-root>/<name>/  a staged clone, or  <upstream-root>/<name>.git  a bare mirror
+    ZOO_UPSTREAM_URL_<NAME>  a reachable mirror instead (name upper-cased, dashes as underscores)
+    patches/<name>/          the project's patches for it
+    <cache>/upstream/<name>-<commit>-<patches digest>/   the patched tree
+
+The patched tree is built once behind a lock, published with an atomic rename and marked complete
+by a manifest, so a build killed half-way is never reused. A mirror that lacks some blobs (a
+snapshot or partial clone without its large files: GIFs, checkpoints) still serves the pinned
+commit when every absent file is data rather than code: the manifest lists them, and a missing
+source file is an error naming it.
+
+Patches: ``*.patch`` files go through ``git apply`` in name order; ``*.py`` files are hooks with
+``on_import(root, import_module)`` that run once, after the checkout is importable, to adjust the
+imported upstream package in memory.
 """
 from __future__ import annotations
 
@@ -32,7 +44,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from tooling.cache import build_lock, check_tree, remove_stale_staging, tree_files
-from tooling.model_spec import PROJECT_ROOT
+from tooling.model_spec import PATCHES_DIR, PROJECT_ROOT
 from tooling.tools import ToolTimeout, run_tool
 
 MANIFEST = ".zoo-source.json"
@@ -150,6 +162,7 @@ class UpstreamCheckout:
     root: Path
     commit: str
     hooks: list[Path] = field(default_factory=list)
+    absent: tuple[str, ...] = ()  # files of the commit the staged mirror did not carry (data, never code)
     # What serves an upstream import this host cannot satisfy (module name -> description),
     # recorded so a verdict says which parts of "upstream" were not upstream's own dependency.
     stand_ins: dict[str, str] = field(default_factory=dict)
@@ -250,22 +263,38 @@ class UpstreamSource:
     commit: str
     patches_dir: Path
     requires: tuple[str, ...] = ()  # packages the upstream code imports, pinned in the [upstream] extra
+    name: str = ""  # the checkout's name (staging directory, cache entry); default: the model's
+    networks: tuple[str, ...] | None = None  # the networks built from it; None: every one no other checkout lists
+
+    def __post_init__(self) -> None:
+        self.name = self.name or self.model
+
+    @property
+    def env_var(self) -> str:
+        return "ZOO_UPSTREAM_URL_" + self.name.upper().replace("-", "_").replace(".", "_")
+
+    def staged_paths(self, upstream_root: Path | None) -> tuple[Path, Path]:
+        """Where a clone and where a bare mirror of this checkout's repository are expected."""
+        base = upstream_root or Path("<--upstream-root>")
+        return base / self.name, base / f"{self.name}.git"
+
+    def what(self) -> str:
+        return f"{self.repository or self.name} @ {self.commit[:12]}"
 
     def origin(self, upstream_root: Path | None) -> str:
         """Where to take the pinned commit from; raises UpstreamNotStaged with what to stage."""
-        candidates = []
+        clone, mirror = self.staged_paths(upstream_root)
         if upstream_root is not None:
-            candidates = [upstream_root / self.model, upstream_root / f"{self.model}.git"]
-            for candidate in candidates:
+            for candidate in (clone, mirror):
                 if candidate.is_dir():
                     return str(candidate)
-        env_url = os.environ.get(f"ZOO_UPSTREAM_URL_{self.model.upper()}")
+        env_url = os.environ.get(self.env_var)
         if env_url:
             return env_url
-        where = " or ".join(str(c) for c in candidates) if candidates else "<--upstream-root>/" + self.model
+        serves = f" (for {', '.join(self.networks)})" if self.networks else ""
         raise UpstreamNotStaged(
-            f"upstream {self.model} not staged: clone {self.repository} (commit {self.commit[:12]}) to {where}, "
-            f"or set ZOO_UPSTREAM_URL_{self.model.upper()} to a reachable mirror"
+            f"upstream {self.name}{serves} not staged: clone {self.repository} (commit {self.commit[:12]}) "
+            f"to {clone} or a bare mirror to {mirror}, or set {self.env_var} to a reachable mirror"
         )
 
     def checkout(self, cache_dir: Path, upstream_root: Path | None, rebuild: bool = False,
@@ -273,7 +302,7 @@ class UpstreamSource:
         """The patched tree, built if missing or damaged; ``rebuild`` forces a fresh one once per
         ``run_id`` (xdist workers of one run share it: a sibling's fresh checkout is not torn down)."""
         digest = patches_digest(self.patches_dir)
-        target = cache_dir / "upstream" / f"{self.model}-{self.commit[:12]}-{digest}"
+        target = cache_dir / "upstream" / f"{self.name}-{self.commit[:12]}-{digest}"
         hooks = [p for p in patch_files(self.patches_dir) if p.suffix == ".py"]
         # An intact checkout needs no lock, so a read-only cache still serves it.
         def forced() -> bool:
@@ -282,9 +311,9 @@ class UpstreamSource:
         if forced() or self._problem(target, digest) is not None:
             def not_writable(why: str) -> UpstreamError:
                 return UpstreamError(f"cache dir {cache_dir} is not writable: cannot check out upstream "
-                                     f"{self.model} ({why}); use a writable --cache-dir")
+                                     f"{self.name} ({why}); use a writable --cache-dir")
 
-            with build_lock(target, f"check out upstream {self.model}", not_writable):
+            with build_lock(target, f"check out upstream {self.name}", not_writable):
                 problem = "forced rebuild (--rebuild)" if forced() else self._problem(target, digest)
                 if problem is not None:
                     origin = self.origin(upstream_root)
@@ -292,14 +321,14 @@ class UpstreamSource:
                     shutil.rmtree(target, ignore_errors=True)
                     self._build(origin, target, digest, run_id)
         self.check_dependencies()
-        return UpstreamCheckout(target, self.commit, hooks)
+        return UpstreamCheckout(target, self.commit, hooks, absent=tuple(self._recorded(target).get("absent", ())))
 
     def check_dependencies(self) -> None:
         """Raise UpstreamDependencyMissing naming each missing package and the command installing it."""
         missing = [s for s in dependency_status(self.requires) if not s.ok]
         if missing:
             raise UpstreamDependencyMissing(
-                f"upstream {self.model} is staged but its code needs {', '.join(s.problem() for s in missing)}: "
+                f"upstream {self.name} is staged but its code needs {', '.join(s.problem() for s in missing)}: "
                 f"install with `{install_command(missing)}` (all upstream dependencies: "
                 f"`pip install -e '.[{UPSTREAM_EXTRA}]'`)"
             )
@@ -331,32 +360,83 @@ class UpstreamSource:
         try:
             _git("clone", "--quiet", "--no-checkout", origin, str(staging))
             try:
-                _git("checkout", "--quiet", "--detach", self.commit, cwd=staging)
+                _git("cat-file", "-e", f"{self.commit}^{{commit}}", cwd=staging)
             except UpstreamError as exc:
                 raise UpstreamError(
-                    f"{origin} does not contain the pinned commit {self.commit} of {self.model}: {exc}"
+                    f"{origin} does not contain the pinned commit {self.commit} of {self.name}: {exc}"
                 ) from exc
+            absent = _absent_files(staging, self.commit)
+            code = [path for path in absent if Path(path).suffix.lower() in CODE_SUFFIXES]
+            if code:
+                raise UpstreamError(
+                    f"{origin} lacks the contents of {len(code)} source file(s) of {self.name}@{self.commit[:12]} "
+                    f"({', '.join(code[:5])}{', ...' if len(code) > 5 else ''}): stage a complete clone or mirror"
+                )
+            if absent:  # check out everything else: git then never asks for the missing blobs
+                patterns = ["/*", *(f"!/{_escape_pattern(path)}" for path in absent)]
+                info = Path(_git("rev-parse", "--git-path", "info", cwd=staging))
+                info = info if info.is_absolute() else staging / info
+                info.mkdir(parents=True, exist_ok=True)
+                (info / "sparse-checkout").write_text("\n".join(patterns) + "\n")
+                _git("config", "core.sparseCheckout", "true", cwd=staging)
+            _git("checkout", "--quiet", "--detach", self.commit, cwd=staging)
             for patch in patch_files(self.patches_dir):
                 if patch.suffix == ".patch":
                     try:
                         _git("apply", "--whitespace=nowarn", str(patch.resolve()), cwd=staging)
                     except UpstreamError as exc:
-                        raise UpstreamError(f"{patch}: does not apply to {self.model}@{self.commit[:12]}: {exc}") from exc
+                        raise UpstreamError(f"{patch}: does not apply to {self.name}@{self.commit[:12]}: {exc}") from exc
             shutil.rmtree(staging / ".git")
             (staging / MANIFEST).write_text(json.dumps({
-                "model": self.model, "origin": origin, "commit": self.commit, "patches": digest, "run": run_id,
-                "files": tree_files(staging, skip=(MANIFEST,)),
+                "model": self.model, "name": self.name, "origin": origin, "commit": self.commit, "patches": digest,
+                "run": run_id, "files": tree_files(staging, skip=(MANIFEST,)), "absent": absent,
             }))
             os.replace(staging, target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def upstream_source(spec) -> UpstreamSource:
-    up = spec.upstream
-    if not up.get("commit"):
-        raise UpstreamError(f"baselines/{spec.name}.yaml: upstream.commit is not set")
-    return UpstreamSource(spec.name, up.get("repository", ""), up["commit"], spec.patches, tuple(up.get("requires", ())))
+# Files a checkout cannot do without: code, and the configs code reads. Anything else (images,
+# videos, checkpoints) may be absent from a mirror that dropped large blobs.
+CODE_SUFFIXES = frozenset({".py", ".pyx", ".pxd", ".c", ".cc", ".cpp", ".cu", ".cuh", ".h", ".hpp",
+                           ".yaml", ".yml", ".json", ".cfg", ".ini", ".toml", ".sh"})
+
+
+def _absent_files(repo: Path, commit: str) -> list[str]:
+    """Paths in ``commit`` whose blob the repository does not hold (sorted)."""
+    present = {line.split(" ", 1)[0] for line in _git("cat-file", "--batch-all-objects", "--batch-check", cwd=repo).splitlines()}
+    absent = []
+    for entry in _git("ls-tree", "-r", "-z", "--full-tree", commit, cwd=repo).split("\0"):
+        if not entry:
+            continue
+        meta, path = entry.split("\t", 1)
+        _mode, kind, sha = meta.split()
+        if kind == "blob" and sha not in present:
+            absent.append(path)
+    return sorted(absent)
+
+
+def _escape_pattern(path: str) -> str:
+    """A path as a literal sparse-checkout (gitignore) pattern."""
+    escaped = "".join("\\" + c if c in "\\*?[" else c for c in path)
+    return escaped[:-1] + "\\ " if escaped.endswith(" ") else escaped
+
+
+def upstream_sources(spec) -> dict[str, UpstreamSource]:
+    """Every upstream checkout the yaml pins for ``spec``, by name (empty when none is pinned)."""
+    return {
+        name: UpstreamSource(spec.name, up.get("repository", ""), up["commit"], PATCHES_DIR / name,
+                             tuple(up.get("requires", ())), name,
+                             tuple(up["networks"]) if up.get("networks") else None)
+        for name, up in (spec.upstream or {}).items()
+    }
+
+
+def upstream_source(spec, network: str) -> UpstreamSource | None:
+    """The checkout ``network`` is built from: the one listing it, else the one listing no networks."""
+    sources = upstream_sources(spec).values()
+    return next((s for s in sources if s.networks and network in s.networks), None) or \
+        next((s for s in sources if not s.networks), None)
 
 
 def build_from_experiment(checkout: UpstreamCheckout, model_module: str, experiment: str, *args,

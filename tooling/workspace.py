@@ -28,7 +28,7 @@ from tooling.jsonio import write_json
 from tooling.progress import ProgressReporter, ResultStore, owned_run
 from tooling.roofline import GraphFlops, graph_flops
 from tooling.slice import AccuracyContext, ModelSlice
-from tooling.sources import UpstreamCheckout, patches_digest, upstream_source
+from tooling.sources import UpstreamCheckout, UpstreamError, patches_digest, upstream_source
 from tooling.weights import WeightsChoice, apply_weights
 
 ONNX_FILE = "model.onnx"
@@ -108,7 +108,7 @@ class ModelHandle:
         # few most recently used stay open; a closed one is reloaded from the artifact cache.
         self._sessions: OrderedDict[tuple, Session] = OrderedDict()
         self._references: dict[tuple, dict[str, np.ndarray]] = {}
-        self._upstream: UpstreamCheckout | None = None
+        self._upstream: dict[str, UpstreamCheckout] = {}  # by checkout name
         self._flops: dict[str, GraphFlops] = {}
 
     @cached_property
@@ -141,21 +141,29 @@ class ModelHandle:
             if source == "port":
                 module = self.slice.build_network(network, variant)
             else:
-                module = self.slice.build_upstream_network(network, self.upstream_checkout())
+                module = self.slice.build_upstream_network(network, self.upstream_checkout(network))
             state_keys = self.spec.networks[network].checkpoint_keys
             digest = apply_weights(module, weights, self.slice, network, state_keys)
             self._networks[key] = (module.eval(), digest)
         return self._networks[key]
 
-    def upstream_checkout(self) -> UpstreamCheckout:
-        """The patched upstream tree (one per handle, so its isolated module table is shared by
-        every network built from it); raises UpstreamNotStaged or UpstreamDependencyMissing."""
-        if self._upstream is None:
-            self._upstream = upstream_source(self.spec).checkout(
+    def upstream_checkout(self, network: str) -> UpstreamCheckout:
+        """The patched upstream tree ``network`` is built from (one per checkout and handle, so its
+        isolated module table is shared by every network built from it); raises UpstreamNotStaged
+        or UpstreamDependencyMissing."""
+        source = self._upstream_source(network)
+        if source.name not in self._upstream:
+            self._upstream[source.name] = source.checkout(
                 self.ws.roots.cache_dir, self.ws.roots.upstream_root, rebuild=self.ws.options.rebuild,
                 run_id=self.ws.cache.run_id,
             )
-        return self._upstream
+        return self._upstream[source.name]
+
+    def _upstream_source(self, network: str):
+        source = upstream_source(self.spec, network)
+        if source is None:
+            raise UpstreamError(f"baselines/{self.spec.name}.yaml: no upstream checkout builds {network!r}")
+        return source
 
     # -- cases ----------------------------------------------------------------------------------
     def feeds(self, case: Case, seed: int = 0) -> dict[str, np.ndarray]:
@@ -212,7 +220,8 @@ class ModelHandle:
         opset = net.variant(case.variant).opset.get(case.exporter) or net.opset.get(case.exporter)
         if opset is None:
             raise KeyError(f"baselines/{self.spec.name}.yaml: no opset for exporter {case.exporter}")
-        source_id = "port" if source == "port" else f"upstream:{self.spec.upstream['commit']}"
+        upstream = None if source == "port" else self._upstream_source(case.network)
+        source_id = "port" if upstream is None else f"upstream:{upstream.commit}"
         key = ArtifactKey(
             kind="onnx",
             model=self.spec.name,
@@ -221,7 +230,7 @@ class ModelHandle:
             fields={
                 "source": source_id,
                 "code": self.port_digest,
-                "patches": patches_digest(self.spec.patches) if source != "port" else None,
+                "patches": patches_digest(upstream.patches_dir) if upstream else None,
                 "weights": weights_digest,
                 "dims": dims,
                 "exporter": case.exporter,

@@ -56,10 +56,27 @@ def test_stage_check_names_a_missing_upstream_package_with_its_install_command(t
     (tmp_path / "up" / "transpose").mkdir(parents=True)
     main(["stage", "--check", "--upstream-root", str(tmp_path / "up"), "transpose"])
     out = capsys.readouterr().out
-    assert "MISSING python     yacs==0.0.1 (upstream code)" in out and "pip install 'yacs==0.0.1'" in out
+    assert "MISSING python     yacs==0.0.1 (upstream transpose code)" in out and "pip install 'yacs==0.0.1'" in out
     roots = Roots.resolve(upstream_root=tmp_path / "up")
     (dependency,) = [i for i in staged_inventory(load_model_spec("transpose"), roots) if i.kind == "python"]
     assert dependency.expected == "pip install 'yacs==0.0.1'" and not dependency.found
     assert dependency.required, "a staged upstream whose packages are missing must fail stage --check"
     (dependency,) = [i for i in staged_inventory(load_model_spec("transpose"), Roots.resolve()) if i.kind == "python"]
     assert not dependency.required, "nothing staged: the upstream gate skips, its packages are optional"
+
+
+def test_stage_check_names_each_upstream_checkout_a_model_expects(tmp_path, capsys):
+    """FOMM builds its networks from two repositories: each is listed with the networks it serves
+    and its own expected path; one staged (as a bare mirror) and one not, each says so."""
+    up = tmp_path / "up"
+    (up / "fomm-pose-estimation.git").mkdir(parents=True)
+    assert main(["stage", "--check", "--upstream-root", str(up), "fomm"]) == 1  # data and checkpoints missing
+    lines = [line for line in capsys.readouterr().out.splitlines() if " upstream " in line]
+    assert len(lines) == 2, lines
+    first_order, pose = lines
+    assert first_order.split()[:3] == ["MISSING", "upstream", "fomm:"]
+    assert "first-order-model.git @ 3d152de07e51 (kp_detector, generator)" in first_order
+    assert first_order.endswith(f"{up / 'fomm'} (or fomm.git)")
+    assert pose.split()[:3] == ["found", "upstream", "fomm-pose-estimation:"]
+    assert "pytorch_Realtime_Multi-Person_Pose_Estimation.git @ 257d8b4f2bd6 (pose_estimator)" in pose
+    assert pose.endswith(str(up / "fomm-pose-estimation.git"))

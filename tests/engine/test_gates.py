@@ -76,3 +76,21 @@ def test_deployed_rows_follow_cases_and_backends_and_carry_slow():
     ]
     assert [m.name for m in params[-1].marks] == ["slow"]
     assert GATES["deployed-vs-onnx"].backend_arg == "deployed_backend"
+
+
+def test_upstream_rows_cover_each_network_an_upstream_builds_at_its_first_case():
+    """A network no profile deploys is compared at batch 1 with the dims of the first profile that
+    sets them all; a network no checkout builds has no row; no upstream pinned, no rows."""
+    raw = copy.deepcopy(TOY)
+    raw["networks"]["scorer"] = {"inputs": {"crop": {"shape": ["batch", 3, "box", "box"]}},
+                                 "outputs": {"score": {"atol": 1e-5, "rtol": 1e-5}}, "opset": {"torchscript": 17}}
+    raw["networks"]["helper"] = copy.deepcopy(raw["networks"]["scorer"])
+    for profile in raw["profiles"].values():
+        profile["networks"] = ["net"]
+    raw["profiles"]["deploy"]["dims"]["box"] = 24
+    pin = "0" * 40
+    raw["upstream"] = {"toy": {"commit": pin, "networks": ["net"]}, "toy-scorer": {"commit": pin, "networks": ["scorer"]}}
+    _, params = GATES["port-vs-upstream"].parametrize(context(raw))
+    assert ids(params) == ["net-smoke-b1-torchscript", "scorer-dims:box=24-b1-torchscript"]
+    del raw["upstream"]
+    assert GATES["port-vs-upstream"].parametrize(context(raw))[1] == []

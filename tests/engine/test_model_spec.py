@@ -188,6 +188,41 @@ def test_dangling_cross_reference_is_named(mutate, message):
     assert re.search(message, str(info.value)), str(info.value)
 
 
+PIN = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.mark.parametrize(
+    "upstream, message",
+    [
+        ({"other": {"commit": PIN}}, r"upstream\.other: a checkout is named 'toy' or 'toy-<suffix>'"),
+        ({"toy": {"commit": PIN, "networks": ["nett"]}}, r"upstream\.toy\.networks: unknown network 'nett'"),
+        ({"toy": {"commit": PIN, "networks": ["net"]}, "toy-b": {"commit": PIN, "networks": ["net"]}},
+         r"upstream\.toy-b\.networks: 'net' is already built from upstream\.toy"),
+        ({"toy": {"commit": PIN}, "toy-b": {"commit": PIN}}, r"upstream: toy, toy-b all omit networks"),
+        ({"toy": {"repository": "x"}}, r"upstream\.toy: missing required field 'commit'"),
+        ({"toy": {"commit": "3d152de"}}, r"upstream\.toy\.commit"),
+    ],
+)
+def test_malformed_upstream_checkouts_are_named(upstream, message):
+    import copy
+
+    raw = copy.deepcopy(MINIMAL)
+    raw["upstream"] = upstream
+    with pytest.raises(ModelSpecError) as info:
+        parse_model_spec(raw, "baselines/toy.yaml")
+    assert re.search(message, str(info.value)), str(info.value)
+
+
+def test_a_model_may_pin_several_upstream_checkouts():
+    import copy
+
+    raw = copy.deepcopy(MINIMAL)
+    raw["networks"]["scorer"] = copy.deepcopy(raw["networks"]["net"])
+    raw["upstream"] = {"toy": {"commit": PIN, "requires": ["yacs"]},
+                       "toy-scorer": {"repository": "https://example.invalid/s.git", "commit": PIN, "networks": ["scorer"]}}
+    assert set(parse_model_spec(raw, "toy.yaml").upstream) == {"toy", "toy-scorer"}
+
+
 def test_every_problem_is_listed_at_once():
     import copy
 

@@ -21,6 +21,7 @@ from tooling.sources import (
     build_from_experiment,
     dependency_status,
     upstream_source,
+    upstream_sources,
 )
 
 
@@ -275,10 +276,9 @@ def test_every_baseline_upstream_requirement_is_pinned_in_the_extra_and_requirem
     requirements = {line.split("==")[0]: line.strip() for line in (PROJECT_ROOT / "requirements.txt").read_text().splitlines()
                     if "==" in line and not line.startswith("#")}
     for spec in map(load_model_spec, model_names()):
-        if not spec.upstream.get("commit"):
-            continue  # no upstream pinned yet: nothing it could require
-        for status in dependency_status(upstream_source(spec).requires):
-            assert requirements.get(status.requirement.name) == str(status.requirement), spec.name
+        for source in upstream_sources(spec).values():
+            for status in dependency_status(source.requires):
+                assert requirements.get(status.requirement.name) == str(status.requirement), source.name
 
 
 # -- the gate's verdicts on what is (not) staged -------------------------------------------------
@@ -289,7 +289,7 @@ def upstream_gate_outcome(tmp_path, monkeypatch, error: Exception) -> BaseExcept
     from tooling.model_spec import Case
     from tooling.workspace import ModelHandle, Workspace
 
-    def checkout(self):
+    def checkout(self, network):
         raise error
 
     monkeypatch.setattr(ModelHandle, "upstream_checkout", checkout)
@@ -311,3 +311,96 @@ def test_upstream_gate_fails_when_staged_but_a_package_is_missing(tmp_path, monk
     message = "upstream videopose3d is staged but its code needs yacs==0.1.8 (not installed): install with ..."
     outcome = upstream_gate_outcome(tmp_path, monkeypatch, UpstreamDependencyMissing(message))
     assert isinstance(outcome, pytest.fail.Exception) and str(outcome) == message
+
+
+# -- several checkouts per model ------------------------------------------------------------------
+
+def single_module_repo(parent: Path, name: str, text: str) -> tuple[Path, str]:
+    repo = parent / name
+    (repo / "net").mkdir(parents=True)
+    (repo / "net" / "__init__.py").write_text(text)
+    git(repo, "init", "-q")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "pinned")
+    return repo, git(repo, "rev-parse", "HEAD")
+
+
+def two_checkout_spec(root: Path) -> types.SimpleNamespace:
+    """A model whose main network comes from one repository and its scorer from another, both
+    shipping a top-level ``net`` package (as pose repositories and model repositories do)."""
+    _, main_pin = single_module_repo(root, "toy", "WHO = 'toy'\n")
+    _, scorer_pin = single_module_repo(root, "toy-scorer", "WHO = 'scorer'\n")
+    return types.SimpleNamespace(name="toy", upstream={
+        "toy": {"repository": "https://example.invalid/toy.git", "commit": main_pin},
+        "toy-scorer": {"repository": "https://example.invalid/scorer.git", "commit": scorer_pin, "networks": ["scorer"]},
+    })
+
+
+def test_each_network_is_built_from_its_own_checkout(tmp_path):
+    root = tmp_path / "upstream-root"
+    spec = two_checkout_spec(root)
+    assert set(upstream_sources(spec)) == {"toy", "toy-scorer"}
+    assert upstream_source(spec, "scorer").name == "toy-scorer"
+    assert upstream_source(spec, "detector").name == upstream_source(spec, "generator").name == "toy"
+    main, scorer = (upstream_source(spec, n).checkout(tmp_path / "cache", root) for n in ("detector", "scorer"))
+    assert main.root != scorer.root and scorer.root.name.startswith("toy-scorer-")
+    assert upstream_source(spec, "scorer").patches_dir.name == "toy-scorer"
+    assert (main.import_module("net").WHO, scorer.import_module("net").WHO) == ("toy", "scorer")
+    assert "net" not in sys.modules
+
+
+def test_only_listed_networks_come_from_a_checkout_that_lists_them():
+    spec = types.SimpleNamespace(name="toy", upstream={"toy-scorer": {"commit": "0" * 40, "networks": ["scorer"]}})
+    assert upstream_source(spec, "scorer").name == "toy-scorer" and upstream_source(spec, "detector") is None
+    assert upstream_sources(types.SimpleNamespace(name="toy", upstream={})) == {}
+
+
+def test_each_checkout_not_staged_names_its_own_path_and_networks(tmp_path, monkeypatch):
+    root = tmp_path / "upstream-root"
+    spec = two_checkout_spec(root)
+    empty = tmp_path / "empty-root"
+    with pytest.raises(UpstreamNotStaged) as raised:
+        upstream_source(spec, "scorer").checkout(tmp_path / "cache", empty)
+    message = str(raised.value)
+    assert message.startswith("upstream toy-scorer (for scorer) not staged: clone https://example.invalid/scorer.git")
+    assert f"to {empty / 'toy-scorer'} or a bare mirror to {empty / 'toy-scorer.git'}" in message
+    assert "ZOO_UPSTREAM_URL_TOY_SCORER" in message
+    # The variable names one checkout: the other is still not staged.
+    monkeypatch.setenv("ZOO_UPSTREAM_URL_TOY_SCORER", str(root / "toy-scorer"))
+    assert upstream_source(spec, "scorer").checkout(tmp_path / "cache", empty).import_module("net").WHO == "scorer"
+    with pytest.raises(UpstreamNotStaged, match=f"upstream toy not staged: .* to {empty / 'toy'} "):
+        upstream_source(spec, "detector").checkout(tmp_path / "cache", empty)
+
+
+# -- mirrors that lack some blobs (snapshots, partial clones without large files) ---------------------
+
+def repo_missing_blobs(tmp_path: Path, missing: list[str]) -> tuple[Path, str]:
+    repo = tmp_path / "upstream-root" / "toymodel"
+    files = {"toypkg/__init__.py": "", "toypkg/layers.py": "SCALE = 2\n", "docs/demo #1.gif": "GIF89a...",
+             "weights/big.pth": "not really a checkpoint"}
+    for rel, text in files.items():
+        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+        (repo / rel).write_text(text)
+    git(repo, "init", "-q")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "pinned")
+    for rel in missing:  # loose objects: delete the blob's file, as a snapshot without it would be
+        sha = git(repo, "rev-parse", f"HEAD:{rel}")
+        (repo / ".git" / "objects" / sha[:2] / sha[2:]).unlink()
+    return repo, git(repo, "rev-parse", "HEAD")
+
+
+def test_a_mirror_without_some_data_files_checks_out_the_rest_and_lists_them(tmp_path):
+    repo, pinned = repo_missing_blobs(tmp_path, ["docs/demo #1.gif", "weights/big.pth"])
+    checkout = UpstreamSource("toymodel", "", pinned, tmp_path / "none").checkout(tmp_path / "cache", repo.parent)
+    assert checkout.absent == ("docs/demo #1.gif", "weights/big.pth")
+    assert not (checkout.root / "docs" / "demo #1.gif").exists() and not (checkout.root / "weights" / "big.pth").exists()
+    assert checkout.import_module("toypkg.layers").SCALE == 2
+    again = UpstreamSource("toymodel", "", pinned, tmp_path / "none").checkout(tmp_path / "cache", repo.parent)
+    assert again.root == checkout.root and again.absent == checkout.absent  # intact, not rebuilt
+
+
+def test_a_mirror_without_a_source_file_is_refused_by_name(tmp_path):
+    repo, pinned = repo_missing_blobs(tmp_path, ["toypkg/layers.py", "weights/big.pth"])
+    with pytest.raises(UpstreamError, match=r"lacks the contents of 1 source file\(s\) of toymodel@\w{12} \(toypkg/layers.py\)"):
+        UpstreamSource("toymodel", "", pinned, tmp_path / "none").checkout(tmp_path / "cache", repo.parent)

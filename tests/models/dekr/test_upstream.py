@@ -182,7 +182,7 @@ def test_rescore_port_matches_upstream_builder(tmp_path, fake_checkout):
     """The rescoring net's port-vs-upstream comparison, as the gate runs it, on the upstream builder
     (``models.predictOKS.get_pose_net(cfg, 74)`` with the rescoring experiment)."""
     handle = Workspace(Roots(None, None, None, tmp_path / "cache")).model("dekr")
-    handle._upstream = fake_checkout  # what upstream_checkout() would build from a staged clone
+    handle._upstream["dekr"] = fake_checkout  # what upstream_checkout() would build from a staged clone
     seeded = WeightsChoice(None, "public")
     upstream, _ = handle.network("rescore", None, seeded, source="upstream")
     port, _ = handle.network("rescore", None, seeded)
