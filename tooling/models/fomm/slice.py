@@ -5,6 +5,13 @@ reconstructions on the host (it has a golden but no deployed profile). Generator
 ``grid_sample`` (ONNX GridSample, opset 16+; ORT, OpenVINO), ``gather`` (the guide's opset-11
 sampler, for ATC) and ``upstream_align_corners`` (unpatched upstream under modern torch, which
 warps with align_corners=False; torch only, for its golden and comparisons).
+
+Upstream (``port-vs-upstream``): the detector and generator from first-order-model's ``modules/``
+with the constructor arguments of ``config/taichi-256.yaml`` (common params merged with each
+network's, as upstream's run.py does), the generator patched to the guide's warps
+(``patches/fomm/``); the pose net from the pose repository's ``network/rtpose_vgg.get_model('vgg19')``.
+Each answers under the port's input and output names, set as its ``forward`` attribute so that the
+state_dict keys (and so the seeded weights) stay upstream's.
 """
 from __future__ import annotations
 
@@ -13,6 +20,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 import torch
+import yaml
 
 from tooling.models.fomm.metric import FrameKeypoints, akd_mkr, frame_l1
 from tooling.models.fomm.network import build_generator, build_kp_detector
@@ -32,6 +40,12 @@ GENERATOR_VARIANTS = {
     "upstream_align_corners": {"sampler": "grid_sample", "deform_align_corners": False},
 }
 KNOWN_ANSWER_PROFILE = "smoke"
+UPSTREAM_CONFIG = "config/taichi-256.yaml"  # first-order-model's taichi model_params
+UPSTREAM_NETWORKS = {  # network -> (module, class, model_params section)
+    "kp_detector": ("modules.keypoint_detector", "KPDetector", "kp_detector_params"),
+    "generator": ("modules.generator", "OcclusionAwareGenerator", "generator_params"),
+}
+UPSTREAM_POSE_TRUNK = "vgg19"  # what pose-evaluation's extract.py asks get_model for
 
 Run = Callable[[str, Mapping[str, np.ndarray]], Mapping[str, np.ndarray]]
 
@@ -74,6 +88,29 @@ class FommSlice(ModelSlice):
         if network == "pose_estimator":
             return build_pose_estimator()
         raise KeyError(f"fomm has no network {network!r}")
+
+    def build_upstream_network(self, network: str, checkout) -> torch.nn.Module:
+        if network == "pose_estimator":
+            return _upstream_pose_estimator(checkout)
+        if network not in UPSTREAM_NETWORKS:
+            raise KeyError(f"no upstream builder for fomm network {network!r}")
+        module, cls, section = UPSTREAM_NETWORKS[network]
+        config_path = checkout.root / UPSTREAM_CONFIG
+        try:
+            model_params = yaml.safe_load(config_path.read_text())["model_params"]
+            arguments = {**model_params["common_params"], **model_params[section]}
+        except (OSError, yaml.YAMLError, KeyError, TypeError) as exc:
+            raise RuntimeError(f"{config_path}: cannot read model_params.common_params and {section} ({exc})") from exc
+        model = getattr(checkout.import_module(module), cls)(**arguments).eval()
+        if network == "generator":
+            upstream_forward = model.forward
+
+            def flat_keypoints(source_imgs, kp_driving_value, kp_driving_jac, kp_source_value, kp_source_jac):
+                return upstream_forward(source_imgs, {"value": kp_driving_value, "jacobian": kp_driving_jac},
+                                        {"value": kp_source_value, "jacobian": kp_source_jac})
+
+            model.forward = flat_keypoints
+        return model
 
     def example_inputs(self, spec, network: str, dims: dict[str, int], seed: int = 0):
         """Image-like inputs in [0, 1]; for the generator, keypoints in [-1, 1] and jacobians near
@@ -197,6 +234,20 @@ class FommSlice(ModelSlice):
         torch.save(seeded(build_pose_estimator), weights / POSE_CHECKPOINT)
         return KnownAnswer(root / "data", root / "weights", expected, tolerance=1e-6,
                            profile=KNOWN_ANSWER_PROFILE, oracles=oracles.as_dict())
+
+
+def _upstream_pose_estimator(checkout) -> torch.nn.Module:
+    """rtpose's CPM answering stage 6 only (upstream returns it with every stage's maps for the
+    training loss), under the port's output names."""
+    model = checkout.import_module("network.rtpose_vgg").get_model(UPSTREAM_POSE_TRUNK).eval()
+    upstream_forward = model.forward
+
+    def stage_six(image):
+        (paf, heatmap), _every_stage = upstream_forward(image)
+        return {"paf": paf, "heatmap": heatmap}
+
+    model.forward = stage_six
+    return model
 
 
 SLICE = FommSlice()
