@@ -128,7 +128,7 @@ def test_patch_that_does_not_apply_is_named(tmp_path, upstream_repo, patches):
 
 # -- isolation of checkouts that ship the same top-level packages -----------------------------------
 
-def hrnet_family_repo(parent: Path, name: str, scale: float, offset: float) -> tuple[Path, str]:
+def hrnet_family_repo(commit_files, parent: Path, name: str, scale: float, offset: float) -> tuple[Path, str]:
     """A repository laid out as the HRNet family's are: ``lib/config`` (a yacs CfgNode),
     ``lib/models`` importing its networks by absolute name, ``lib/utils``, and an experiment yaml.
     Two of these share every package name and differ only in what their code computes."""
@@ -158,21 +158,15 @@ def hrnet_family_repo(parent: Path, name: str, scale: float, offset: float) -> t
         "lib/utils/helpers.py": f"OFFSET = {offset}\n",
         "experiments/net.yaml": f"MODEL:\n  SCALE: {scale}\n",
     }
-    for rel, text in files.items():
-        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
-        (repo / rel).write_text(text)
-    git(repo, "init", "-q")
-    git(repo, "add", "-A")
-    git(repo, "commit", "-qm", "pinned")
-    return repo, git(repo, "rev-parse", "HEAD")
+    return repo, commit_files(repo, files)
 
 
 @pytest.fixture
-def two_family_repos(tmp_path):
+def two_family_repos(tmp_path, commit_files):
     root = tmp_path / "upstream-root"
     return root, {
-        "alpha": hrnet_family_repo(root, "alpha", scale=2.0, offset=1.0),
-        "beta": hrnet_family_repo(root, "beta", scale=10.0, offset=-3.0),
+        "alpha": hrnet_family_repo(commit_files, root, "alpha", scale=2.0, offset=1.0),
+        "beta": hrnet_family_repo(commit_files, root, "beta", scale=10.0, offset=-3.0),
     }
 
 
@@ -208,20 +202,16 @@ def test_a_module_already_imported_under_a_shared_name_is_set_aside_and_restored
         del sys.modules["utils"]
 
 
-def test_stand_ins_serve_only_the_checkout_import(tmp_path):
+def test_stand_ins_serve_only_the_checkout_import(tmp_path, commit_files):
     repo = tmp_path / "upstream" / "needsvision"
-    (repo / "pkg").mkdir(parents=True)
-    (repo / "pkg" / "__init__.py").write_text("import fakevision.ops as ops\n\nLAYER = ops.Layer\n")
-    git(repo, "init", "-q")
-    git(repo, "add", "-A")
-    git(repo, "commit", "-qm", "pinned")
+    pinned = commit_files(repo, {"pkg/__init__.py": "import fakevision.ops as ops\n\nLAYER = ops.Layer\n"})
     ops = types.ModuleType("fakevision.ops")
     ops.Layer = "served"
     package = types.ModuleType("fakevision")
     package.__path__ = []
     package.ops = ops
     stand_ins = {"fakevision": (package, "fakevision by a test double"), "fakevision.ops": (ops, "fakevision by a test double")}
-    checkout = UpstreamSource("needsvision", "", git(repo, "rev-parse", "HEAD"), tmp_path / "none").checkout(
+    checkout = UpstreamSource("needsvision", "", pinned, tmp_path / "none").checkout(
         tmp_path / "cache", repo.parent
     )
     assert checkout.import_module("pkg", stand_ins=stand_ins).LAYER == "served"
@@ -315,30 +305,20 @@ def test_upstream_gate_fails_when_staged_but_a_package_is_missing(tmp_path, monk
 
 # -- several checkouts per model ------------------------------------------------------------------
 
-def single_module_repo(parent: Path, name: str, text: str) -> tuple[Path, str]:
-    repo = parent / name
-    (repo / "net").mkdir(parents=True)
-    (repo / "net" / "__init__.py").write_text(text)
-    git(repo, "init", "-q")
-    git(repo, "add", "-A")
-    git(repo, "commit", "-qm", "pinned")
-    return repo, git(repo, "rev-parse", "HEAD")
-
-
-def two_checkout_spec(root: Path) -> types.SimpleNamespace:
+def two_checkout_spec(root: Path, commit_files) -> types.SimpleNamespace:
     """A model whose main network comes from one repository and its scorer from another, both
     shipping a top-level ``net`` package (as pose repositories and model repositories do)."""
-    _, main_pin = single_module_repo(root, "toy", "WHO = 'toy'\n")
-    _, scorer_pin = single_module_repo(root, "toy-scorer", "WHO = 'scorer'\n")
+    main_pin = commit_files(root / "toy", {"net/__init__.py": "WHO = 'toy'\n"})
+    scorer_pin = commit_files(root / "toy-scorer", {"net/__init__.py": "WHO = 'scorer'\n"})
     return types.SimpleNamespace(name="toy", upstream={
         "toy": {"repository": "https://example.invalid/toy.git", "commit": main_pin},
         "toy-scorer": {"repository": "https://example.invalid/scorer.git", "commit": scorer_pin, "networks": ["scorer"]},
     })
 
 
-def test_each_network_is_built_from_its_own_checkout(tmp_path):
+def test_each_network_is_built_from_its_own_checkout(tmp_path, commit_files):
     root = tmp_path / "upstream-root"
-    spec = two_checkout_spec(root)
+    spec = two_checkout_spec(root, commit_files)
     assert set(upstream_sources(spec)) == {"toy", "toy-scorer"}
     assert upstream_source(spec, "scorer").name == "toy-scorer"
     assert upstream_source(spec, "detector").name == upstream_source(spec, "generator").name == "toy"
@@ -355,9 +335,9 @@ def test_only_listed_networks_come_from_a_checkout_that_lists_them():
     assert upstream_sources(types.SimpleNamespace(name="toy", upstream={})) == {}
 
 
-def test_each_checkout_not_staged_names_its_own_path_and_networks(tmp_path, monkeypatch):
+def test_each_checkout_not_staged_names_its_own_path_and_networks(tmp_path, monkeypatch, commit_files):
     root = tmp_path / "upstream-root"
-    spec = two_checkout_spec(root)
+    spec = two_checkout_spec(root, commit_files)
     empty = tmp_path / "empty-root"
     with pytest.raises(UpstreamNotStaged) as raised:
         upstream_source(spec, "scorer").checkout(tmp_path / "cache", empty)
@@ -374,24 +354,18 @@ def test_each_checkout_not_staged_names_its_own_path_and_networks(tmp_path, monk
 
 # -- mirrors that lack some blobs (snapshots, partial clones without large files) ---------------------
 
-def repo_missing_blobs(tmp_path: Path, missing: list[str]) -> tuple[Path, str]:
+def repo_missing_blobs(tmp_path: Path, commit_files, missing: list[str]) -> tuple[Path, str]:
     repo = tmp_path / "upstream-root" / "toymodel"
-    files = {"toypkg/__init__.py": "", "toypkg/layers.py": "SCALE = 2\n", "docs/demo #1.gif": "GIF89a...",
-             "weights/big.pth": "not really a checkpoint"}
-    for rel, text in files.items():
-        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
-        (repo / rel).write_text(text)
-    git(repo, "init", "-q")
-    git(repo, "add", "-A")
-    git(repo, "commit", "-qm", "pinned")
+    pinned = commit_files(repo, {"toypkg/__init__.py": "", "toypkg/layers.py": "SCALE = 2\n", "docs/demo #1.gif": "GIF89a...",
+                                 "weights/big.pth": "not really a checkpoint"})
     for rel in missing:  # loose objects: delete the blob's file, as a snapshot without it would be
         sha = git(repo, "rev-parse", f"HEAD:{rel}")
         (repo / ".git" / "objects" / sha[:2] / sha[2:]).unlink()
-    return repo, git(repo, "rev-parse", "HEAD")
+    return repo, pinned
 
 
-def test_a_mirror_without_some_data_files_checks_out_the_rest_and_lists_them(tmp_path):
-    repo, pinned = repo_missing_blobs(tmp_path, ["docs/demo #1.gif", "weights/big.pth"])
+def test_a_mirror_without_some_data_files_checks_out_the_rest_and_lists_them(tmp_path, commit_files):
+    repo, pinned = repo_missing_blobs(tmp_path, commit_files, ["docs/demo #1.gif", "weights/big.pth"])
     checkout = UpstreamSource("toymodel", "", pinned, tmp_path / "none").checkout(tmp_path / "cache", repo.parent)
     assert checkout.absent == ("docs/demo #1.gif", "weights/big.pth")
     assert not (checkout.root / "docs" / "demo #1.gif").exists() and not (checkout.root / "weights" / "big.pth").exists()
@@ -400,7 +374,7 @@ def test_a_mirror_without_some_data_files_checks_out_the_rest_and_lists_them(tmp
     assert again.root == checkout.root and again.absent == checkout.absent  # intact, not rebuilt
 
 
-def test_a_mirror_without_a_source_file_is_refused_by_name(tmp_path):
-    repo, pinned = repo_missing_blobs(tmp_path, ["toypkg/layers.py", "weights/big.pth"])
+def test_a_mirror_without_a_source_file_is_refused_by_name(tmp_path, commit_files):
+    repo, pinned = repo_missing_blobs(tmp_path, commit_files, ["toypkg/layers.py", "weights/big.pth"])
     with pytest.raises(UpstreamError, match=r"lacks the contents of 1 source file\(s\) of toymodel@\w{12} \(toypkg/layers.py\)"):
         UpstreamSource("toymodel", "", pinned, tmp_path / "none").checkout(tmp_path / "cache", repo.parent)

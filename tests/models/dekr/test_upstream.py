@@ -8,9 +8,7 @@ yamls), written here in our own words: the real one cannot be downloaded on this
 """
 from __future__ import annotations
 
-import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -155,17 +153,9 @@ FAKE_UPSTREAM = {
 
 
 @pytest.fixture
-def fake_checkout(tmp_path):
-    repo = tmp_path / "upstream" / "dekr"
-    for rel, text in FAKE_UPSTREAM.items():
-        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
-        (repo / rel).write_text(textwrap.dedent(text))
-    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
-           "HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
-    for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "pinned"]):
-        subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, env=env)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, check=True, capture_output=True, text=True).stdout.strip()
-    return UpstreamSource("dekr", "", commit, tmp_path / "no-patches", ("yacs",)).checkout(tmp_path / "cache", repo.parent)
+def fake_checkout(tmp_path, commit_files):
+    commit = commit_files(tmp_path / "upstream" / "dekr", FAKE_UPSTREAM)
+    return UpstreamSource("dekr", "", commit, tmp_path / "no-patches", ("yacs",)).checkout(tmp_path / "cache", tmp_path / "upstream")
 
 
 def test_upstream_network_uses_the_stand_in_and_leaves_no_torchvision_behind(fake_checkout):
@@ -226,28 +216,20 @@ FAKE_TRANSPOSE = {
 }
 
 
-def generated_checkout(tmp_path: Path, model: str, files: dict[str, str]):
-    repo = tmp_path / "upstream" / model
-    for rel, text in files.items():
-        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
-        (repo / rel).write_text(textwrap.dedent(text))
-    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
-           "HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
-    for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "pinned"]):
-        subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, env=env)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, check=True, capture_output=True, text=True).stdout.strip()
-    return UpstreamSource(model, "", commit, tmp_path / "no-patches", ("yacs",)).checkout(tmp_path / "cache", repo.parent)
+def generated_checkout(tmp_path: Path, commit_files, model: str, files: dict[str, str]):
+    commit = commit_files(tmp_path / "upstream" / model, files)
+    return UpstreamSource(model, "", commit, tmp_path / "no-patches", ("yacs",)).checkout(tmp_path / "cache", tmp_path / "upstream")
 
 
 @pytest.mark.transpose
 @pytest.mark.parametrize("order", [("dekr", "transpose"), ("transpose", "dekr")])
-def test_dekr_and_transpose_upstreams_build_in_either_order(tmp_path, order):
+def test_dekr_and_transpose_upstreams_build_in_either_order(tmp_path, commit_files, order):
     """Both repositories ship top-level ``config`` and ``models``: each slice's real builder must get
     its own repository's, whichever is imported first."""
     from tooling.models.transpose.slice import SLICE as TRANSPOSE
 
-    checkouts = {"dekr": generated_checkout(tmp_path, "dekr", FAKE_UPSTREAM),
-                 "transpose": generated_checkout(tmp_path, "transpose", FAKE_TRANSPOSE)}
+    checkouts = {"dekr": generated_checkout(tmp_path, commit_files, "dekr", FAKE_UPSTREAM),
+                 "transpose": generated_checkout(tmp_path, commit_files, "transpose", FAKE_TRANSPOSE)}
     built = {}
     for model in order:
         if model == "dekr":

@@ -11,10 +11,7 @@ changes the generator's warps and nothing else.
 from __future__ import annotations
 
 import dataclasses
-import subprocess
 import sys
-import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -111,24 +108,13 @@ POSE_REPOSITORY = {
 }
 
 
-def commit(repo: Path, files: dict[str, str]) -> str:
-    for rel, text in files.items():
-        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
-        (repo / rel).write_text(textwrap.dedent(text))
-    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
-           "HOME": str(repo), "PATH": "/usr/bin:/bin"}
-    for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "pinned"]):
-        subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, env=env)
-    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, check=True, capture_output=True, text=True).stdout.strip()
-
-
 @pytest.fixture
-def handle(tmp_path):
+def handle(tmp_path, commit_files):
     """The FOMM handle with its yaml's two checkouts pinned to generated repositories, staged as the
     README says: ``<upstream-root>/fomm`` and ``<upstream-root>/fomm-pose-estimation``."""
     root = tmp_path / "upstream-root"
-    pins = {"fomm": commit(root / "fomm", FIRST_ORDER_MODEL),
-            "fomm-pose-estimation": commit(root / "fomm-pose-estimation", POSE_REPOSITORY)}
+    pins = {"fomm": commit_files(root / "fomm", FIRST_ORDER_MODEL),
+            "fomm-pose-estimation": commit_files(root / "fomm-pose-estimation", POSE_REPOSITORY)}
     handle = Workspace(Roots(None, None, root, tmp_path / "cache")).model("fomm")
     upstream = {name: {**entry, "commit": pins[name]} for name, entry in handle.spec.upstream.items()}
     assert set(upstream) == set(pins), "the yaml names a checkout this test does not generate"
