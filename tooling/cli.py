@@ -124,6 +124,26 @@ def history_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def report(args: argparse.Namespace) -> int:
+    from tooling.history.session import history_path
+    from tooling.history.store import HistoryError
+    from tooling.htmlreport.render import render
+    from tooling.model_spec import PROJECT_ROOT
+
+    path = history_path(args.history, PROJECT_ROOT)
+    if path is None:
+        print("no history to render (--history none)", file=sys.stderr)
+        return 2
+    try:
+        rendered = render(path, Path(args.out), runs=args.runs)
+    except HistoryError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    print(f"{rendered.html} ({rendered.runs} runs, {rendered.images} images embedded; opens offline)")
+    print(f"{rendered.markdown} (for a CI job summary: cat it into $GITHUB_STEP_SUMMARY)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tooling", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -171,6 +191,12 @@ def main(argv: list[str] | None = None) -> int:
     merge.add_argument("into", help="the history to merge into (created when absent)")
     merge.add_argument("sources", nargs="+", help="histories to read runs from (left unchanged)")
     merge.set_defaults(run=history_merge)
+
+    report_cmd = sub.add_parser("report", help="render the run history as a self-contained HTML page and a markdown summary")
+    report_cmd.add_argument("--history", help="history file (default: ZOO_HISTORY or reports/history.sqlite)")
+    report_cmd.add_argument("--out", default="reports/report", help="folder for report.html and summary.md")
+    report_cmd.add_argument("--runs", type=int, default=30, help="how many runs of the last run's host class to plot")
+    report_cmd.set_defaults(run=report)
 
     args = parser.parse_args(argv)
     try:

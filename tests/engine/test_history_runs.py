@@ -48,3 +48,14 @@ def test_a_run_is_compared_with_the_one_before_and_an_injected_drift_fails_it(to
     assert deployed and all(c.figures["outputs.y.max_abs"] == pytest.approx(1e-6) and c.figures["outputs.y.atol"] == 1e-5
                             for c in deployed)
     assert latest.environment["versions"]["torch"].startswith("2.13") and latest.environment["threads"] == 1
+
+    from tooling.htmlreport.render import Report, render
+
+    with History(history) as stored:
+        report = Report(stored)
+    parity, tolerance = report._parity_series("toynet")
+    assert parity and all(len(v) == 2 and None not in v for v in parity.values()), "two runs: two points per series"
+    assert set(tolerance.values()) == {1e-5}
+    page = render(history, toy_project.path / "report").html.read_text()
+    first_screen = page[: page.index('id="overview"')]
+    assert "changes since" in first_screen and "worst |difference| of y grew" in first_screen
