@@ -119,6 +119,30 @@ def load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Pa
     model.load_state_dict(state, strict=True)
 
 
+def known_layouts() -> dict[str, frozenset[str]]:
+    """``<model>/<network>`` -> the state_dict keys of every network the suite knows, from the
+    key lists under ``fixtures/<model>/state_dict_<network>.tsv`` (copied from the specs)."""
+    from tooling.model_spec import FIXTURES_DIR
+
+    layouts = {}
+    for table in sorted(FIXTURES_DIR.glob("*/state_dict_*.tsv")):
+        keys = {line.split("\t", 1)[0] for line in table.read_text().splitlines() if line.strip()} - {"key"}
+        layouts[f"{table.parent.name}/{table.stem.removeprefix('state_dict_')}"] = frozenset(keys)
+    return layouts
+
+
+def other_network(state: dict[str, torch.Tensor], expected: set[str]) -> str | None:
+    """The known network whose keys ``state`` holds (nearly all of them), when that is not the
+    network expected (which shares few of them); None when the checkpoint is no known network's."""
+    keys = {k.removeprefix("module.") for k in state}
+    best = None
+    for name, layout in known_layouts().items():
+        share = len(keys & layout) / len(layout) if layout else 0.0
+        if share >= 0.9 and len(layout & expected) < 0.5 * len(expected) and (best is None or share > best[0]):
+            best = (share, name)
+    return None if best is None else f"{best[1]} ({best[0]:.0%} of its keys)"
+
+
 def _preview(items: list[str], limit: int = 6) -> str:
     shown = ", ".join(items[:limit])
     return shown + (f", ... (+{len(items) - limit})" if len(items) > limit else "")
@@ -130,7 +154,15 @@ def apply_weights(model: torch.nn.Module, choice: WeightsChoice, slice_, network
         apply_seeded_weights(model, choice.salt)
         return seeded_digest(model, choice.salt)
     raw = read_checkpoint(choice.path)
-    state = slice_.adapt_state_dict(network, extract_state_dict(raw, choice.path, state_keys))
-    load_strict(model, state, choice.path)
+    found = extract_state_dict(raw, choice.path, state_keys)
+    state = slice_.adapt_state_dict(network, found)
+    try:
+        load_strict(model, state, choice.path)
+    except CheckpointError as exc:
+        other = other_network(found, set(model.state_dict()))
+        if other is None:
+            raise
+        raise CheckpointError(f"{choice.path}: a checkpoint of {other}, not of {network}: another model's "
+                              f"checkpoint staged in {network}'s slot ({exc})") from None
     model.eval()
     return "sha256-" + file_digest(choice.path)[:32]

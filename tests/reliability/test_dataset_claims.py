@@ -244,3 +244,77 @@ def test_sintel_flows_of_a_scene_without_frames_are_tolerated_and_said(tmp_path:
     (flow / "cave_4").mkdir()
     pairs, said = _quietly(lambda: sintel_pairs(clean, flow))
     assert len(pairs) == 5 and len(said) == 1 and "cave_4" in said[0]
+
+
+# -- FOMM clips and frame folders -------------------------------------------------------------------
+def _clips(tmp_path: Path) -> Path:
+    from tooling.models.fomm.video import write_mp4
+
+    folder = tmp_path / "taichi" / "test"
+    (folder / "b-frames").mkdir(parents=True)
+    rng = np.random.default_rng(6)
+    write_mp4(folder / "a.mp4", rng.integers(0, 255, (4, 64, 64, 3), dtype=np.uint8))
+    for t in range(3):
+        cv2.imwrite(str(folder / "b-frames" / f"{t:04d}.png"), rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    return folder
+
+
+def _shorter_mp4(folder: Path) -> None:
+    from tooling.models.fomm.video import write_mp4
+
+    write_mp4(folder / "a.mp4", np.zeros((3, 48, 64, 3), np.uint8))
+
+
+FOMM_CLAIMS = {
+    "mp4-of-another-size": (_shorter_mp4, r"clip a\.mp4 has 64 x 48 frames; the networks take 64 x 64"),
+    "mixed-frame-sizes": (lambda f: cv2.imwrite(str(f / "b-frames" / "0002.png"), np.zeros((32, 64, 3), np.uint8)),
+                          r"clip b-frames mixes frame sizes \(0000\.png is 64 x 64, 0002\.png is 64 x 32\)"),
+    "empty-frame-folder": (lambda f: (f / "c-empty").mkdir(), r"clip c-empty is a frame folder without images"),
+    "empty-mp4": (lambda f: (f / "d.mp4").write_bytes(b""), r"clip d\.mp4 cannot be opened by OpenCV or holds no frame"),
+}
+
+
+@pytest.mark.parametrize("claim", FOMM_CLAIMS)
+def test_fomm_clip_that_lies_is_named(claim: str, tmp_path: Path):
+    from tooling.models.fomm.video import VideoError, check_clips, list_clips
+
+    folder = _clips(tmp_path)
+    edit, pattern = FOMM_CLAIMS[claim]
+    edit(folder)
+    _expect_named_error(VideoError, lambda: check_clips(list_clips(folder), 64, 64), folder, pattern)
+
+
+def test_fomm_clips_of_the_network_size_pass(tmp_path: Path):
+    from tooling.models.fomm.video import check_clips, list_clips
+
+    check_clips(list_clips(_clips(tmp_path)), 64, 64)
+
+
+# -- checkpoints: another model's file in a model's slot -----------------------------------------
+def test_checkpoint_of_another_model_is_named_as_such(tmp_path: Path):
+    import torch
+
+    from tooling.slice import ModelSlice
+    from tooling.weights import CheckpointError, WeightsChoice, apply_weights, known_layouts
+
+    pose_net_keys = sorted(known_layouts()["fomm/pose_estimator"])
+    path = tmp_path / "taichi-cpk.pth.tar"
+    torch.save({k: torch.zeros(1) for k in pose_net_keys}, path)  # the pose net where the detector belongs
+    network = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    with pytest.raises(CheckpointError) as info:
+        apply_weights(network, WeightsChoice(path), ModelSlice(), "kp_detector", ("kp_detector",))
+    message = str(info.value)
+    assert message.startswith(f"{path}: a checkpoint of fomm/pose_estimator (100% of its keys), not of kp_detector")
+    assert "missing keys" in message  # the strict load's own finding is kept
+
+
+def test_checkpoint_of_no_known_model_keeps_the_strict_load_error(tmp_path: Path):
+    import torch
+
+    from tooling.slice import ModelSlice
+    from tooling.weights import CheckpointError, WeightsChoice, apply_weights
+
+    path = tmp_path / "net.pth"
+    torch.save({"something.else": torch.zeros(1)}, path)
+    with pytest.raises(CheckpointError, match=r"net\.pth: does not fit Sequential"):
+        apply_weights(torch.nn.Sequential(torch.nn.Linear(2, 2)), WeightsChoice(path), ModelSlice(), "net", ())

@@ -27,7 +27,7 @@ from tooling.models.fomm.network import build_generator, build_kp_detector
 from tooling.models.fomm.pose import BOX_SIZE, frame_keypoints
 from tooling.models.fomm.pose_estimator import build_pose_estimator
 from tooling.models.fomm.synthetic import write_test_set
-from tooling.models.fomm.video import clip_frame_count, frames_to_input, list_clips, read_clip, reconstruction_image, save_reconstruction
+from tooling.models.fomm.video import check_clips, clip_frame_count, frames_to_input, list_clips, read_clip, reconstruction_image, save_reconstruction
 from tooling.seeded import apply_seeded_weights
 from tooling.slice import AccuracyContext, KnownAnswer, ModelSlice, PassSample
 
@@ -172,6 +172,7 @@ class FommSlice(ModelSlice):
             clips = clips[: ctx.limit]
         if not clips:
             raise RuntimeError(f"{ctx.data_paths[TEST_VIDEOS]}: no clips (mp4 files or frame folders)")
+        check_clips(clips, int(ctx.dims["width"]), int(ctx.dims["height"]))
         return [PassSample(clip.name, clip, clip_frame_count(clip)) for clip in clips]
 
     def score_sample(self, ctx: AccuracyContext, sample: PassSample, advance) -> dict[str, np.ndarray]:

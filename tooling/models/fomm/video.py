@@ -11,6 +11,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from tooling.coco.dataset import ImageReadError, image_size
+from tooling.validation import Problems
+
 VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".gif")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 
@@ -24,6 +27,60 @@ def list_clips(folder: Path) -> list[Path]:
     if not folder.is_dir():
         raise VideoError(f"{folder}: not a folder of clips")
     return sorted(p for p in folder.iterdir() if p.is_dir() or p.suffix.lower() in VIDEO_SUFFIXES + IMAGE_SUFFIXES)
+
+
+def check_clips(clips: list[Path], width: int, height: int) -> None:
+    """Every clip holds frames of the size the networks were exported for, one size per clip,
+    read from container properties and image headers (nothing decoded). Upstream's reconstruction
+    feeds each clip's frames as they are, so a clip of another size would be scored at a shape the
+    deployed networks do not take, or not at all."""
+    if not clips:
+        return
+    problems = Problems(clips[0].parent)
+    for clip in clips:
+        sizes = _clip_frame_sizes(clip, problems)
+        if len(set(sizes.values())) > 1:
+            listed = ", ".join(f"{name} is {w} x {h}" for name, (w, h) in list(sizes.items())[:4])
+            problems.add(f"clip {clip.name}", f"mixes frame sizes ({listed})")
+        elif sizes and next(iter(sizes.values())) != (width, height):
+            w, h = next(iter(sizes.values()))
+            problems.add(f"clip {clip.name}", f"has {w} x {h} frames; the networks take {width} x {height}")
+    problems.raise_as(VideoError)
+
+
+def _clip_frame_sizes(clip: Path, problems: Problems) -> dict[str, tuple[int, int]]:
+    """Frame name -> (width, height) of each distinct size found in ``clip`` (first frame of each)."""
+    if clip.is_dir():
+        files = sorted(p for p in clip.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            problems.add(f"clip {clip.name}", "is a frame folder without images")
+        sizes: dict[str, tuple[int, int]] = {}
+        for path in files:
+            try:
+                size = image_size(path)
+            except ImageReadError as exc:
+                problems.add(f"clip {clip.name} / {path.name}", f"is not a readable image ({exc})")
+                continue
+            if size not in sizes.values():
+                sizes[path.name] = size
+        return sizes
+    if clip.suffix.lower() in IMAGE_SUFFIXES:
+        try:
+            width, height = image_size(clip)
+        except ImageReadError as exc:
+            problems.add(f"clip {clip.name}", f"is not a readable image ({exc})")
+            return {}
+        if width % height:
+            problems.add(f"clip {clip.name}", f"is a {width} x {height} strip, not square frames side by side")
+        return {clip.name: (height, height)}
+    capture = cv2.VideoCapture(str(clip))
+    try:
+        if not capture.isOpened() or capture.get(cv2.CAP_PROP_FRAME_COUNT) < 1:
+            problems.add(f"clip {clip.name}", "cannot be opened by OpenCV or holds no frame")
+            return {}
+        return {clip.name: (int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)), int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT)))}
+    finally:
+        capture.release()
 
 
 def _read_image_rgb(path: Path) -> np.ndarray:
