@@ -74,7 +74,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("zoo", "zoo-conformance")
     group.addoption("--data-root", help="staged datasets (env ZOO_DATA_ROOT)")
     group.addoption("--weights-root", help="staged checkpoints, <root>/<model>/<file> (env ZOO_WEIGHTS_ROOT)")
-    group.addoption("--upstream-root", help="upstream clones <root>/<model> or mirrors <root>/<model>.git (env ZOO_UPSTREAM_ROOT)")
+    group.addoption("--upstream-root", help="upstream clones <root>/<checkout> or bare mirrors <root>/<checkout>.git, one per checkout a baseline's upstream names (env ZOO_UPSTREAM_ROOT)")
     group.addoption("--cache-dir", help="artifact cache (env ZOO_CACHE_DIR, default .zoo-cache/)")
     group.addoption("--rebuild", action="store_true", help="rebuild every artifact this run touches")
     group.addoption("--exporter", action="append", choices=EXPORTERS, help="restrict to these exporters (repeatable)")
