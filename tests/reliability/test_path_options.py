@@ -149,3 +149,13 @@ def test_readme_pytest_example_runs_as_written(index, tmp_path):
                          timeout=600)
     assert run.returncode == 0, f"{shlex.join(words)}:\n{run.stdout[-3000:]}{run.stderr[-3000:]}"
     assert re.search(r"\d+(/\d+)? tests? collected", run.stdout), run.stdout[-2000:]
+
+
+def test_a_path_after_a_flag_is_a_test_path(tmp_path):
+    """--nightly takes no value: the path after it is a test path after all, and the run says so
+    instead of running this checkout's config on it."""
+    run = subprocess.run([sys.executable, "-m", "pytest", "--nightly", str(tmp_path)], cwd=PROJECT,
+                         env=_environment(tmp_path), capture_output=True, text=True, timeout=300)
+    assert run.returncode == pytest.ExitCode.USAGE_ERROR, run.stdout + run.stderr
+    assert f"{tmp_path}: pytest first took this for an option's value" in run.stderr
+    assert "the option before it takes no value, so it is a test path" in run.stderr
