@@ -7,12 +7,14 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from tooling import planning
 from tooling.arrays import ArrayFileError, read_arrays
+from tooling.baseline import load_model_spec, model_names
 from tooling.compare import compare_outputs
 from tooling.doctor import doctor as host_doctor
 from tooling.jsonio import write_json
 from tooling.locations import Roots, staged_inventory
-from tooling.model_spec import ModelSpecError, load_model_spec, model_names
+from tooling.model_spec import ModelSpecError
 from tooling.triage import TriageUnsupported, triage_case
 from tooling.weights import WeightsChoice
 from tooling.workspace import Options, Workspace
@@ -87,7 +89,7 @@ def triage(args: argparse.Namespace) -> int:
     graph rewrites (for ``--backend onnx``: the first torch module whose exported output differs
     from torch eager), on the case's example inputs: exit 1 if one does, 0 if none."""
     spec = load_model_spec(args.model)
-    cases = {c.id: c for c in spec.cases()}
+    cases = {c.id: c for c in planning.cases(spec)}
     if args.case not in cases:
         print(f"{args.model} has no case {args.case!r}; cases: {', '.join(cases)}", file=sys.stderr)
         return 2

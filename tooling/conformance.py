@@ -11,6 +11,8 @@ from functools import partial
 import numpy as np
 import pytest
 
+from tooling import planning
+from tooling.accuracy import AccuracyInputsMissing, run_accuracy
 from tooling.arrays import read_arrays
 from tooling.backends import BACKENDS
 from tooling.compare import ComparisonError, assert_outputs_match
@@ -18,11 +20,11 @@ from tooling.gates import gate
 from tooling.model_spec import Case, ChainCase, ModelSpec
 from tooling.report import ThroughputEntry
 from tooling.roofline import host_peak_gflops
-from tooling.speed import InterleavedRounds, merge
 from tooling.sources import UpstreamDependencyMissing, UpstreamNotStaged
+from tooling.speed import InterleavedRounds, merge
 from tooling.triage import TriageUnsupported, triage_case
 from tooling.weights import WeightsChoice
-from tooling.workspace import AccuracyInputsMissing, Workspace
+from tooling.workspace import Workspace
 
 
 # Rounds per measurement block of the speed-up gate (at least; a profile may ask for more), and
@@ -209,7 +211,7 @@ class ConformanceSuite:
         handle = zoo.model(self.model)
         accuracy = handle.spec.accuracy
         try:
-            metrics = handle.run_accuracy(accuracy_backend, limit=zoo.options.accuracy_limit)
+            metrics = run_accuracy(handle, accuracy_backend, limit=zoo.options.accuracy_limit)
         except AccuracyInputsMissing as exc:
             pytest.skip(f"{self.model} accuracy needs staged inputs: {exc}")
         value = metrics[accuracy.metric]
@@ -240,8 +242,9 @@ class ConformanceSuite:
         if answer.oracles:
             relabel(request, gate="accuracy-oracle", backend="oracle:" + "+".join(sorted(answer.oracles)))
         staged = zoo.with_roots(data_root=answer.data_root, weights_root=answer.weights_root)
-        metrics = staged.model(self.model).run_accuracy(
-            "onnxruntime", profile=answer.profile, label=f"{self.model} known answer", oracles=answer.oracles,
+        metrics = run_accuracy(
+            staged.model(self.model), "onnxruntime", profile=answer.profile, label=f"{self.model} known answer",
+            oracles=answer.oracles,
             run_dir=tmp_path / "run",
         )
         record(request, metrics=metrics, expected=answer.expected)
@@ -263,7 +266,7 @@ class ConformanceSuite:
         )
         answer = known_answers(self.model)
         handle = zoo.with_roots(data_root=answer.data_root, weights_root=None).model(self.model)
-        if not any(handle.spec.case_runs_on(c, deployed_backend) for c in handle.spec.cases()
+        if not any(planning.case_runs_on(handle.spec, c, deployed_backend) for c in planning.cases(handle.spec)
                    if c.profile == answer.profile):
             pytest.skip(f"{deployed_backend} serves no case of profile {answer.profile} (the known-answer set's)")
         weights = handle.seeded_weights()
@@ -295,8 +298,8 @@ class ConformanceSuite:
 
         runs = {}
         for backend, observe in (("torch", None), (deployed_backend, against_torch)):
-            runs[backend] = handle.run_accuracy(
-                backend, profile=answer.profile, seeded=True, observe=observe, run_dir=tmp_path / f"run-{backend}",
+            runs[backend] = run_accuracy(
+                handle, backend, profile=answer.profile, seeded=True, observe=observe, run_dir=tmp_path / f"run-{backend}",
                 label=f"{self.model} agreement set on {backend}", limit=spec.accuracy.agreement_samples,
             )
         reference, metrics = runs["torch"], runs[deployed_backend]
@@ -421,4 +424,4 @@ def attach_roofline(zoo: Workspace, handle, case: Case, entry: ThroughputEntry) 
 def cpu_speed_contenders(spec: ModelSpec, case: Case) -> list[str]:
     """The deployed CPU backends that serve ``case``: what the speed-up gate times against torch."""
     return [name for name, cls in BACKENDS.items()
-            if cls.deployed and cls.marker is None and spec.case_runs_on(case, name)]
+            if cls.deployed and cls.marker is None and planning.case_runs_on(spec, case, name)]

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from tooling.backends.atc import OmSettings, declares_om, toolkit_version
 from tooling.backends.npu import probe_npus
-from tooling.backends.om import OmSettings, declares_om, toolkit_version
-from tooling.model_spec import PROJECT_ROOT, ModelSpecError, load_model_spec, model_names
+from tooling.baseline import load_model_spec, model_names
+from tooling.model_spec import PROJECT_ROOT, ModelSpecError
 
 SET_ENV = "source /usr/local/Ascend/ascend-toolkit/set_env.sh"
 

@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 
 import pytest
 
+from tooling import planning
 from tooling.backends import BACKENDS
 from tooling.model_spec import Case, ModelSpec
 from tooling.sources import upstream_source
@@ -46,7 +47,7 @@ class GateContext:
         return bool(self.exporters) or case.exporter == self.spec.networks[case.network].default_exporter
 
     def compared_on_cpu(self, case: Case) -> bool:
-        return any(self.spec.case_runs_on(case, b) for b in self.cpu_deployed)
+        return any(planning.case_runs_on(self.spec, case, b) for b in self.cpu_deployed)
 
 
 Params = tuple[str | Sequence[str], list[Any]]
@@ -91,14 +92,14 @@ def _params_onnx_vs_torch(ctx: GateContext) -> Params:
 
 
 def _params_deployed(ctx: GateContext) -> Params:
-    pairs = [(c, b) for c in ctx.cases for b in ctx.deployed if ctx.spec.case_runs_on(c, b)]
+    pairs = [(c, b) for c in ctx.cases for b in ctx.deployed if planning.case_runs_on(ctx.spec, c, b)]
     return ("case", "deployed_backend"), case_backend_params(pairs)
 
 
 def _params_decoded(ctx: GateContext) -> Params:
     pairs = [
         (c, b) for c in ctx.cases if ctx.spec.networks[c.network].decoded
-        for b in ctx.deployed if ctx.spec.case_runs_on(c, b)
+        for b in ctx.deployed if planning.case_runs_on(ctx.spec, c, b)
     ]
     return ("case", "deployed_backend"), case_backend_params(pairs)
 
@@ -108,8 +109,8 @@ def _params_chain(ctx: GateContext) -> Params:
     that serves each of them."""
     params = [
         pytest.param(c, b, id=f"{c.id}-{b}", marks=[pytest.mark.slow] * c.slow + backend_marks(b))
-        for c in ctx.spec.chain_cases(exporters=ctx.exporters) for b in ctx.deployed
-        if ctx.spec.chain_runs_on(c, b)
+        for c in planning.chain_cases(ctx.spec) for b in ctx.deployed
+        if planning.chain_runs_on(ctx.spec, c, b)
     ]
     return ("chain_case", "deployed_backend"), params
 
@@ -142,9 +143,9 @@ def _params_accuracy(ctx: GateContext) -> Params:
     spec = ctx.spec
     if spec.accuracy is None:
         return "accuracy_backend", []
-    profile_cases = [c for c in spec.cases() if c.profile == spec.accuracy.profile]
+    profile_cases = [c for c in planning.cases(spec) if c.profile == spec.accuracy.profile]
     # The pass picks each sample's shape (DEKR: its ATC bucket), not the profile's dims.
-    runnable = [b for b in ctx.deployed if any(spec.case_runs_on(c, b, at_profile_shape=False) for c in profile_cases)]
+    runnable = [b for b in ctx.deployed if any(planning.case_runs_on(spec, c, b, at_profile_shape=False) for c in profile_cases)]
     chosen = ctx.accuracy_backend
     if chosen is None:
         return "accuracy_backend", [pytest.param(b, id=b, marks=backend_marks(b)) for b in runnable]
@@ -167,7 +168,7 @@ def _params_throughput(ctx: GateContext) -> Params:
     eager, interleaved, by the speed-up gate, so none of them is a throughput row."""
     pairs = [
         (case, backend) for case in filter(ctx.timed, ctx.cases) for backend in ctx.deployed
-        if BACKENDS[backend].marker is not None and ctx.spec.case_runs_on(case, backend)
+        if BACKENDS[backend].marker is not None and planning.case_runs_on(ctx.spec, case, backend)
     ]
     return ("case", "backend"), case_backend_params(pairs)
 

@@ -1,4 +1,6 @@
-"""Per-model facts, read from ``baselines/<model>.yaml``.
+"""Per-model facts, as read from ``baselines/<model>.yaml`` (by tooling/baseline.py): plain
+dataclasses that import no backend, so what depends on them (every slice, through its fixtures
+path) does not depend on backend code.
 
 Everything the engine needs to know about a model lives in its yaml (shapes, tolerances, targets,
 floors, ATC settings) or in its slice package (network port, pre/post-processing, metric). The
@@ -7,22 +9,16 @@ engine itself never branches on a model name.
 from __future__ import annotations
 
 import importlib
-import itertools
 import math
 import os
 from dataclasses import dataclass, field
-from functools import cache
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from tooling.schema import EXPORTER_NAMES, reference_errors, schema_errors
+from tooling.schema import EXPORTER_NAMES
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-# Overridable so a model can live outside this repository (and so the engine's own tests can
-# add a throw-away model without touching the real baselines).
-BASELINES_DIR = Path(os.environ.get("ZOO_BASELINES_DIR", PROJECT_ROOT / "baselines"))
+# Overridable so a model can live outside this repository (see BASELINES_DIR in tooling/baseline.py).
 FIXTURES_DIR = Path(os.environ.get("ZOO_FIXTURES_DIR", PROJECT_ROOT / "fixtures"))
 PATCHES_DIR = Path(os.environ.get("ZOO_PATCHES_DIR", PROJECT_ROOT / "patches"))
 
@@ -280,39 +276,6 @@ class ModelSpec:
         """Tolerance of a decoded output (what the task reports) on a backend, same lookup."""
         return self._backend_tolerance(backend, name) or self.networks[network].decoded[name]
 
-    def cases(self, *, exporters: tuple[str, ...] | None = None) -> list[Case]:
-        """Every (network, profile, batch, exporter, variant) the yaml declares, smoke before slow."""
-        result: list[Case] = []
-        for profile in self.profiles.values():
-            for net in self.networks.values():
-                if profile.networks is not None and net.name not in profile.networks:
-                    continue
-                wanted = profile.exporters or (net.default_exporter,)
-                if exporters:
-                    wanted = tuple(e for e in wanted if e in exporters) or (
-                        tuple(e for e in exporters if e in EXPORTERS)[:1]
-                    )
-                for batch, exporter, variant in itertools.product(profile.batch_sizes, wanted, net.variants):
-                    if variant.exporters is not None and exporter not in variant.exporters:
-                        continue
-                    result.append(
-                        Case(self.name, net.name, profile.name, batch, exporter, variant.name, profile.slow)
-                    )
-        return sorted(result, key=lambda c: c.slow)
-
-    def case_runs_on(self, case: Case, backend: str, *, at_profile_shape: bool = True) -> bool:
-        """Whether ``backend`` serves ``case``: its export variant runs there, its profile keeps it,
-        and the backend's artifact can take the case's shape (an OM's --dynamic_dims gears).
-        ``at_profile_shape=False`` leaves the shape out, for passes whose shapes come from the data
-        (the accuracy pass picks DEKR's bucket per image)."""
-        from tooling.backends import BACKENDS  # the registry imports this module
-
-        return (
-            self.networks[case.network].variant(case.variant).runs_on(backend)
-            and self.profiles[case.profile].runs_on(backend)
-            and (not at_profile_shape or backend not in BACKENDS or BACKENDS[backend].serves(self, case))
-        )
-
     def dims(self, case: Case) -> dict[str, int]:
         """The profile's dims that the network's inputs use, plus the batch. Other dims of the
         profile (settings of the slice's pipeline) do not reach the artifact, so a case and the
@@ -320,28 +283,6 @@ class ModelSpec:
         used = {d for i in self.networks[case.network].inputs for d in i.shape if isinstance(d, str)}
         dims = {k: v for k, v in self.profiles[case.profile].dims.items() if k in used}
         return {**dims, "batch": case.batch}
-
-    def chain_cases(self, *, exporters: tuple[str, ...] | None = None) -> list[ChainCase]:
-        """Each chain at every profile (and batch) that builds all of its networks."""
-        result = []
-        for chain in self.chains.values():
-            for profile in self.profiles.values():
-                if profile.networks is not None and not set(chain.networks) <= set(profile.networks):
-                    continue
-                result += [ChainCase(chain.name, profile.name, b, profile.slow) for b in profile.batch_sizes]
-        return sorted(result, key=lambda c: c.slow)
-
-    def chain_member(self, chain_case: ChainCase, network: str, backend: str,
-                     exporters: tuple[str, ...] | None = None) -> Case | None:
-        """The case of ``network`` in ``chain_case`` that ``backend`` serves (None if none does)."""
-        return next((
-            c for c in self.cases(exporters=exporters)
-            if (c.network, c.profile, c.batch) == (network, chain_case.profile, chain_case.batch)
-            and self.case_runs_on(c, backend)
-        ), None)
-
-    def chain_runs_on(self, chain_case: ChainCase, backend: str) -> bool:
-        return all(self.chain_member(chain_case, n, backend) for n in self.chains[chain_case.chain].networks)
 
     def chain_tolerance(self, chain: str, output: str, backend: str | None = None) -> Tolerance:
         """A chain output's tolerance; ``backend`` is a backend's tolerance key, as for ``tolerance``."""
@@ -353,171 +294,3 @@ class ModelSpec:
             return module.SLICE
         except AttributeError as exc:
             raise ModelSpecError(f"{self.slice_module} defines no SLICE object") from exc
-
-
-def _require(raw: dict, key: str, where: str) -> Any:
-    if key not in raw:
-        raise ModelSpecError(f"{where}: missing required field {key!r}")
-    return raw[key]
-
-
-def _parse_inputs(raw: dict, where: str) -> tuple[InputSpec, ...]:
-    return tuple(
-        InputSpec(iname, tuple(spec["shape"]), spec.get("dtype", "float32"))
-        for iname, spec in _require(raw, "inputs", where).items()
-    )
-
-
-def _parse_outputs(raw: dict, where: str) -> dict[str, Tolerance]:
-    return {
-        oname: Tolerance.parse(spec, f"{where}.outputs.{oname}")
-        for oname, spec in _require(raw, "outputs", where).items()
-    }
-
-
-def _parse_chain(name: str, raw: dict, where: str, networks: dict[str, NetworkSpec]) -> ChainSpec:
-    where = f"{where}: chains.{name}"
-    members = tuple(_require(raw, "networks", where))
-    unknown = [n for n in members if n not in networks]
-    if len(members) < 2 or unknown:
-        raise ModelSpecError(f"{where}: networks must name two or more of {sorted(networks)} (unknown: {unknown})")
-    return ChainSpec(name, members, _parse_inputs(raw, where), _parse_outputs(raw, where))
-
-
-def _parse_network(name: str, raw: dict, where: str) -> NetworkSpec:
-    where = f"{where}: networks.{name}"
-    inputs = _parse_inputs(raw, where)
-    outputs = _parse_outputs(raw, where)
-    opset = {str(k): int(v) for k, v in _require(raw, "opset", where).items()}
-    exporter = raw.get("exporter", "torchscript")
-    variants_raw = raw.get("variants") or {"default": {}}
-    variants = tuple(
-        Variant(
-            vname,
-            tuple(v["backends"]) if v and v.get("backends") else None,
-            tuple(v["exporters"]) if v and v.get("exporters") else None,
-            {str(k): int(o) for k, o in (v or {}).get("opset", {}).items()},
-        )
-        for vname, v in variants_raw.items()
-    )
-    checkpoint = raw.get("checkpoint", {})
-    return NetworkSpec(
-        name=name,
-        inputs=inputs,
-        outputs=outputs,
-        opset=opset,
-        default_exporter=exporter,
-        variants=variants,
-        checkpoint_files=tuple(checkpoint.get("files", ())),
-        checkpoint_keys=tuple(checkpoint.get("state_keys", ())),
-        goldens=tuple(raw.get("goldens", ())),
-        decoded={
-            dname: Tolerance.parse(spec, f"{where}.decoded.{dname}") for dname, spec in raw.get("decoded", {}).items()
-        },
-        om=raw.get("om", {}),
-        dynamic_axes={k: {int(a): n for a, n in v.items()} for k, v in raw.get("dynamic_axes", {}).items()},
-    )
-
-
-def validate_baseline(raw: Any, where: str) -> None:
-    """Raise ``ModelSpecError`` listing every unknown key, wrongly typed value and dangling name
-    (tooling/schema.py) in a baseline, each with its key path, before any of it is used."""
-    from tooling.backends import BACKENDS  # the registry imports backends that import this module
-
-    problems = schema_errors(raw)
-    if not problems:
-        problems = reference_errors(raw, BACKENDS)
-    if problems:
-        shown = "\n  ".join(problems[:20])
-        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-        raise ModelSpecError(f"{where}: {len(problems)} problem(s) in the baseline:\n  {shown}{more}")
-
-
-def parse_model_spec(raw: dict[str, Any], where: str) -> ModelSpec:
-    validate_baseline(raw, where)
-    name = _require(raw, "model", where)
-    networks = {n: _parse_network(n, r, where) for n, r in _require(raw, "networks", where).items()}
-    profiles = {}
-    for pname, p in _require(raw, "profiles", where).items():
-        profiles[pname] = Profile(
-            name=pname,
-            dims={k: int(v) for k, v in p.get("dims", {}).items()},
-            batch_sizes=tuple(int(b) for b in p.get("batch_sizes", raw.get("batch_sizes", [1]))),
-            exporters=tuple(p["exporters"]) if p.get("exporters") else None,
-            slow=bool(p.get("slow", False)),
-            benchmark_rounds=int(p.get("benchmark_rounds", 10)),
-            networks=tuple(p["networks"]) if p.get("networks") else None,
-            exclude_backends=tuple(p.get("exclude_backends", ())),
-        )
-    acc = raw.get("accuracy")
-    accuracy = None
-    if acc:
-        accuracy = AccuracySpec(
-            metric=_require(acc, "metric", f"{where}: accuracy"),
-            target=float(_require(acc, "target", f"{where}: accuracy")),
-            tolerance=float(acc.get("tolerance", 0.0)),
-            higher_is_better=bool(_require(acc, "higher_is_better", f"{where}: accuracy")),
-            reference=float(acc["upstream_reference"]) if "upstream_reference" in acc else None,
-            data=tuple(acc.get("data", ())),
-            profile=acc.get("profile", next(iter(profiles))),
-            extra_targets={k: float(v["target"] if isinstance(v, dict) else v)
-                           for k, v in acc.get("extra_targets", {}).items()},
-            extra_rules={
-                k: (bool(v.get("higher_is_better", acc["higher_is_better"])), float(v.get("tolerance", acc.get("tolerance", 0.0))))
-                for k, v in acc.get("extra_targets", {}).items() if isinstance(v, dict)
-            },
-            agreement={k: float(v) for k, v in acc.get("agreement", {}).items()},
-            agreement_samples=int(acc.get("agreement_samples", 4)),
-        )
-    thr = _require(raw, "throughput", where)
-    floors = {  # the schema has checked the profile names and their batch sizes
-        str(device): {str(p): {int(b): float(v) for b, v in per_batch.items()} for p, per_batch in per_profile.items()}
-        for device, per_profile in (thr.get("floors") or {}).items()
-    }
-    throughput = ThroughputSpec(
-        unit=thr.get("unit", "fps"),
-        items_per_call=tuple(thr.get("items_per_call", ["batch"])),
-        floors=floors,
-        cpu_speedup_vs_torch=float(thr.get("cpu_speedup_vs_torch", 1.0)),
-    )
-    backend_tolerances = {
-        backend: {o: Tolerance.parse(t, f"{where}: backend_tolerances.{backend}.{o}") for o, t in outs.items()}
-        for backend, outs in raw.get("backend_tolerances", {}).items()
-    }
-    return ModelSpec(
-        name=name,
-        title=raw.get("title", name),
-        guide=raw.get("guide", ""),
-        slice_module=raw.get("slice", f"tooling.models.{name}"),
-        upstream=raw.get("upstream", {}),
-        networks=networks,
-        profiles=profiles,
-        accuracy=accuracy,
-        throughput=throughput,
-        backend_tolerances=backend_tolerances,
-        om=raw.get("om", {}),
-        raw=raw,
-        chains={n: _parse_chain(n, c, where, networks) for n, c in (raw.get("chains") or {}).items()},
-    )
-
-
-@cache
-def load_model_spec(name: str) -> ModelSpec:
-    path = BASELINES_DIR / f"{name}.yaml"
-    if not path.is_file():
-        known = ", ".join(model_names()) or "none"
-        raise ModelSpecError(f"{path}: no baseline for model {name!r} (known: {known})")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ModelSpecError(f"{path}: not valid yaml ({exc})") from exc
-    if not isinstance(raw, dict):
-        raise ModelSpecError(f"{path}: expected a mapping at the top level")
-    spec = parse_model_spec(raw, str(path))
-    if spec.name != name:
-        raise ModelSpecError(f"{path}: declares model {spec.name!r}, expected {name!r}")
-    return spec
-
-
-def model_names() -> list[str]:
-    return sorted(p.stem for p in BASELINES_DIR.glob("*.yaml"))

@@ -13,14 +13,17 @@ from typing import Callable
 import pytest
 import torch
 
-from tooling.backends import BACKENDS, worker_device
+from tooling import planning
+from tooling.backends import BACKENDS
+from tooling.backends.base import worker_device
+from tooling.baseline import load_model_spec
 from tooling.cache import CacheError, check_cache_root
 from tooling.conformance import ConformanceSuite
 from tooling.gates import GateContext, gate_of
 from tooling.history.session import Recorded, history_path, inject, record_run
 from tooling.history.store import HistoryError
 from tooling.locations import Roots
-from tooling.model_spec import EXPORTERS, Case, ChainCase, load_model_spec
+from tooling.model_spec import EXPORTERS, Case, ChainCase
 from tooling.progress import set_live_sink
 from tooling.report import ConformanceMatrix, MatrixRow, flat_properties
 from tooling.slice import KnownAnswer
@@ -252,7 +255,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     spec = load_model_spec(model)
     exporters = tuple(metafunc.config.getoption("--exporter") or ()) or None
     context = GateContext(
-        spec=spec, cases=spec.cases(exporters=exporters), exporters=exporters,
+        spec=spec, cases=planning.cases(spec, exporters=exporters), exporters=exporters,
         selected_backends=_selected_backends(metafunc.config),
         accuracy_backend=metafunc.config.getoption("--accuracy-backend"),
     )

@@ -1,7 +1,7 @@
 """The strict schema of ``baselines/<model>.yaml``: every key a baseline may hold, and the names
 its sections refer to each other by.
 
-Two steps, both run by ``tooling.model_spec.parse_model_spec`` before anything reads the yaml:
+Two steps, both run by ``tooling.baseline.parse_model_spec`` before anything reads the yaml:
 
 1. ``SCHEMA`` (JSON Schema, checked with ``jsonschema``): the shape. Every mapping whose keys are
    fixed lists them with ``additionalProperties: false``, so a typo such as ``exclude_backend:`` is
@@ -11,7 +11,7 @@ Two steps, both run by ``tooling.model_spec.parse_model_spec`` before anything r
    exporters, profile, network, input, output and dim names.
 
 To add a key: add it to the section below (``fields(...)`` for fixed keys, ``mapping(...)`` for
-free-form names), then read it in ``model_spec.py`` or where it is used; if it names something
+free-form names), then read it in ``baseline.py`` or where it is used; if it names something
 defined elsewhere, add that check to ``check_references``.
 """
 from __future__ import annotations
@@ -54,17 +54,32 @@ TOLERANCE = fields(
 )
 OPSETS = mapping(INTEGER, keys={"enum": list(EXPORTER_NAMES)})
 
-# The Ascend ATC settings (read by tooling/backends/om.py's OmSettings; its docstring explains them).
+# The Ascend ATC settings: ``networks.<net>.om``, or a model-level ``om:`` whose keys every network's
+# own section extends (a model-level section without ``output`` holds shared flags only and makes
+# no network an OM). Read by OmSettings (tooling/backends/atc.py), which writes the ATC command.
 OM = fields({
+    # The OM file stem, a str.format template over the case's dims and {batch}
+    # (tp_r_256x192_enc3_d256_h1024_mh8_bs{batch}); required once the sections are merged.
     "output": NAME,
-    "input_format": {"anyOf": [STRING, {"type": "null"}]},
-    "log": {"anyOf": [STRING, {"type": "null"}]},
+    "input_format": {"anyOf": [STRING, {"type": "null"}]},  # --input_format (default NCHW); null: no flag
+    "log": {"anyOf": [STRING, {"type": "null"}]},  # --log (default error); null: no flag
+    # --precision_mode, always written (default force_fp16: ATC's own default for inference, what a
+    # guide without the flag ran). Part of the artifact key; the OM's raw and decoded tolerances
+    # are looked up as backend_tolerances."om@<mode>", then "om".
     "precision_mode": NAME,  # an ATC --precision_mode value; OmSettings checks which
+    # ATC dynamic dims: one OM serves exactly these buckets (2..100 distinct, ATC's gear limits); the
+    # named dims are written as -1 in --input_shape, each bucket lists one value per name in the
+    # order of ``dims`` (the command writes them in the order of the -1s). Cases at other shapes
+    # are not parametrized for om at all.
     "dynamic_dims": fields(
         {"dims": list_of(NAME, 1), "buckets": list_of(list_of(INTEGER, 1), 1)}, required=("dims", "buckets"),
     ),
+    # Flags whose value is a config file: the suite writes ``content`` under ``name`` next to the
+    # OM and passes --<flag>=<that path> (keep_dtype: {name: keep.cfg, content: "OpType::InstanceNorm\n"}).
     "files": mapping(fields({"name": NAME, "content": STRING}, required=("name", "content"))),
-    "flags": mapping({"type": ["string", "number", "boolean"]}),
+    "flags": mapping({"type": ["string", "number", "boolean"]}),  # any further --<flag>=<value>, verbatim
+    # ONNX rewrites run in order on a copy of the export before ATC (ONNX_REWRITES in
+    # tooling/backends/onnx_rewrites.py: onnxsim, int64_to_int32, custom_ops_to_default_domain).
     "onnx_rewrites": list_of(NAME),
 })
 

@@ -5,41 +5,31 @@ weights) into ready-to-run sessions through the artifact cache, memoising what a
 """
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import onnx
 import torch
 
+from tooling import planning
 from tooling.backends import BACKENDS, Availability, Backend, BackendConfig, CompileRequest, Session
-from tooling.cache import ArtifactCache, ArtifactKey, CacheNotWritable, denied, file_sha256
+from tooling.baseline import load_model_spec
+from tooling.cache import ArtifactCache, ArtifactKey, file_sha256
 from tooling.export import export_onnx
-from tooling.fingerprint import content_digest, source_digest
-from tooling.locations import Roots, data_paths, find_checkpoint, missing_accuracy_inputs
-from tooling.model_spec import Case, ChainCase, ModelSpec, load_model_spec
-from tooling.jsonio import write_json
-from tooling.progress import ProgressReporter, ResultStore, owned_run
+from tooling.fingerprint import source_digest
+from tooling.locations import Roots, find_checkpoint
+from tooling.model_spec import Case, ChainCase, ModelSpec
 from tooling.roofline import GraphFlops, graph_flops
-from tooling.slice import AccuracyContext, ModelSlice
+from tooling.slice import ModelSlice
 from tooling.sources import UpstreamCheckout, UpstreamError, patches_digest, upstream_source
 from tooling.weights import WeightsChoice, apply_weights
 
 ONNX_FILE = "model.onnx"
 OPEN_SESSIONS = 4
-
-
-CallObserver = Callable[[str, Mapping[str, np.ndarray], Mapping[str, np.ndarray]], None]
-
-
-class AccuracyInputsMissing(RuntimeError):
-    """The dataset or checkpoints for an accuracy pass are not staged; the message lists the paths."""
 
 
 @dataclass
@@ -93,9 +83,8 @@ class Workspace:
         return other
 
 
-# Engine code every artifact and score depends on besides the slice (and what they import).
+# Engine code every artifact depends on besides the slice (and what they import).
 EXPORT_CODE = ("tooling.export", "tooling.seeded", "tooling.weights")
-SCORING_CODE = ("tooling.progress",)
 
 
 class ModelHandle:
@@ -335,100 +324,13 @@ class ModelHandle:
         def run(network: str, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
             if network not in chain.networks:
                 raise KeyError(f"chain {chain.name} runs {network!r}, which it does not list ({list(chain.networks)})")
-            case = self.spec.chain_member(chain_case, network, served_by or backend_name, exporters)
+            case = planning.chain_member(self.spec, chain_case, network, served_by or backend_name, exporters)
             if case is None:
                 raise KeyError(f"{chain_case.id}: no {network} case runs on {served_by or backend_name}")
             return self.session(backend_name, case, weights).run(feeds)
 
         feeds = self.slice.chain_inputs(self.spec, chain.name, dims, seed)
         return self.slice.run_chain(chain.name, run, feeds)
-
-    # -- accuracy -------------------------------------------------------------------------------
-    def run_accuracy(self, backend_name: str, *, roots: Roots | None = None, profile: str | None = None,
-                     limit: int | None = None, label: str | None = None,
-                     oracles: Mapping[str, Any] | None = None, run_dir: Path | None = None,
-                     seeded: bool = False, observe: CallObserver | None = None) -> dict[str, float]:
-        """Score the staged dataset on ``backend_name`` with the staged checkpoints.
-
-        ``oracles`` replaces the named networks by stand-ins (known-answer runs only); ``run_dir``
-        holds the resumable records (default: a directory per input fingerprint in the cache);
-        ``seeded`` runs every network on seeded weights instead of checkpoints; ``observe`` sees
-        each network call's feeds and outputs (the agreement gate re-runs them on torch).
-        """
-        roots = roots or self.ws.roots
-        if self.spec.accuracy is None:
-            raise AccuracyInputsMissing(f"baselines/{self.spec.name}.yaml declares no accuracy gate")
-        missing = missing_accuracy_inputs(self.spec, roots, checkpoints=not seeded)
-        if missing:
-            raise AccuracyInputsMissing("stage " + "; ".join(missing))
-        weights = {
-            n: self.seeded_weights() if seeded else WeightsChoice(find_checkpoint(self.spec, n, roots))
-            for n in self.spec.networks
-        }
-        paths = data_paths(self.spec, roots)
-        profile = profile or self.spec.accuracy.profile
-        dims = {**self.spec.profiles[profile].dims, "batch": self.spec.profiles[profile].batch_sizes[0]}
-        oracles = dict(oracles or {})
-
-        def run(network: str, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-            if network in oracles:
-                return oracles[network](feeds)
-            case = self.case_for_feeds(network, feeds, backend_name)
-            outputs = self.session(backend_name, case, weights[network]).run(feeds)
-            for name, value in outputs.items():
-                bad = int(np.count_nonzero(~np.isfinite(value))) if np.issubdtype(value.dtype, np.floating) else 0
-                if bad and not self.spec.tolerance(network, name, backend_name).allow_nonfinite:
-                    raise FloatingPointError(
-                        f"{self.spec.name}/{network} on {backend_name}: output {name} holds {bad} NaN/Inf values "
-                        f"(inputs {sorted(feeds)}); a score computed from them would be meaningless"
-                    )
-            if observe is not None:
-                observe(network, feeds, outputs)
-            return outputs
-
-        # Content, not size and mtime: a checkpoint copied with cp -p, an image replaced in place or
-        # an edit to shared code must not resume a stale score.
-        fingerprint = {
-            "backend": backend_name,
-            "code": self.backend_code_digest(self.ws.backend(backend_name), *SCORING_CODE),
-            "weights": {n: w.label for n, w in weights.items()},
-            "checkpoints": {n: content_digest(w.path) for n, w in weights.items() if w.path},
-            "data": {name: content_digest(p) for name, p in paths.items()},
-            "dims": dims,
-            "exporters": self.ws.options.exporters,
-            "oracles": sorted(oracles),
-        }
-        run_id = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:16]
-        run_dir = run_dir or self.ws.roots.cache_dir / "runs" / self.spec.name / run_id
-        with contextlib.ExitStack() as owned:
-            try:
-                run_dir = owned.enter_context(owned_run(run_dir, label or f"score {self.spec.name} on {backend_name}"))
-                store = ResultStore(run_dir / "records", fingerprint, restart=self.ws.options.restart_accuracy)
-            except OSError as exc:
-                if not denied(exc):
-                    raise
-                raise CacheNotWritable(
-                    f"{run_dir}: cannot keep the resumable records of this accuracy pass ({exc.strerror}); "
-                    "use a writable --cache-dir"
-                ) from None
-            reporter = ProgressReporter(label or f"{self.spec.name} accuracy on {backend_name}",
-                                        logfile=run_dir / "progress.txt", fresh=lambda: store.computed)
-            def run_host(network: str, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-                if network in oracles:
-                    return oracles[network](feeds)
-                from tooling.backends.cpu import TorchSession
-
-                net = self.spec.networks[network]
-                return TorchSession(self.network(network, None, weights[network])[0], net.input_names, net.output_names).run(feeds)
-
-            ctx = AccuracyContext(
-                spec=self.spec, data_paths=paths, run=run, progress=reporter, results=store,
-                host_network=lambda name: self.network(name, None, weights[name])[0],
-                limit=limit, scratch=run_dir, dims=dims, run_host=run_host,
-            )
-            metrics = self.slice.evaluate(ctx)
-            write_json(run_dir / "metrics.json", metrics)
-        return metrics
 
 
 def _dims_label(dims: Mapping[str, int | str]) -> str:

@@ -12,11 +12,13 @@ import numpy as np
 import pytest
 import torch
 
+from tooling import planning
 from tooling.backends import BACKENDS, Backend, BackendError, CompileRequest
 from tooling.backends.aoti import PACKAGE, AotiBackend, AotiCudaBackend
+from tooling.baseline import parse_model_spec
 from tooling.cache import ArtifactCache, ArtifactKey
 from tooling.locations import Roots
-from tooling.model_spec import Case, parse_model_spec
+from tooling.model_spec import Case
 from tooling.workspace import Options, Workspace
 
 TOLERANCE = {"atol": 1e-5, "rtol": 1e-5}
@@ -117,7 +119,7 @@ def test_cases_differing_only_in_exporter_share_a_torch_compiled_artifact(tmp_pa
     monkeypatch.setattr(RecordingCompiler, "builds", [])
     zoo = Workspace(Roots.resolve(cache_dir=tmp_path / "cache"), Options(weights="seeded"))
     handle = zoo.model("videopose3d")
-    smoke = [c for c in handle.spec.cases() if c.profile == "smoke"]
+    smoke = [c for c in planning.cases(handle.spec) if c.profile == "smoke"]
     assert sorted(c.exporter for c in smoke) == ["dynamo", "torchscript"]
     artifacts = {handle.session(RecordingCompiler.name, case) for case in smoke}
     assert len(artifacts) == 1 and len(RecordingCompiler.builds) == 1

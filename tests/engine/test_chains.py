@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 import yaml
 
+from tooling import planning
+from tooling.baseline import BASELINES_DIR, load_model_spec, parse_model_spec, validate_baseline
 from tooling.cli import main
 from tooling.locations import Roots
-from tooling.model_spec import BASELINES_DIR, FIXTURES_DIR, ChainCase, ModelSpecError, load_model_spec, parse_model_spec, validate_baseline
+from tooling.model_spec import FIXTURES_DIR, ChainCase, ModelSpecError
 from tooling.workspace import Options, Workspace
 
 pytestmark = pytest.mark.fomm  # the chain machinery is exercised on FOMM's baseline
@@ -25,13 +27,13 @@ def _edited(edit) -> dict:
 def test_chain_cases_follow_profiles_and_backends():
     spec = load_model_spec("fomm")
     smoke = ChainCase("reconstruction", "smoke", 1, False)
-    assert smoke in spec.chain_cases()
+    assert smoke in planning.chain_cases(spec)
     # A profile that builds only one member network holds no chain case.
-    assert not [c for c in spec.chain_cases() if c.profile.startswith("deploy_")]
-    assert spec.chain_member(smoke, "generator", "onnxruntime").variant == "grid_sample"
-    assert spec.chain_member(smoke, "generator", "om").variant == "gather"
-    assert spec.chain_runs_on(smoke, "openvino")
-    assert not spec.chain_runs_on(smoke, "aoti")  # the smoke profile excludes it
+    assert not [c for c in planning.chain_cases(spec) if c.profile.startswith("deploy_")]
+    assert planning.chain_member(spec, smoke, "generator", "onnxruntime").variant == "grid_sample"
+    assert planning.chain_member(spec, smoke, "generator", "om").variant == "gather"
+    assert planning.chain_runs_on(spec, smoke, "openvino")
+    assert not planning.chain_runs_on(spec, smoke, "aoti")  # the smoke profile excludes it
     assert spec.chain_tolerance("reconstruction", "prediction", "om@force_fp16").atol == 1e-2  # backend override
     assert spec.chain_tolerance("reconstruction", "prediction").atol == 1e-4
 
@@ -52,7 +54,7 @@ def test_bad_chains_and_golden_variants_are_named(edit, message):
 def test_profile_dims_no_input_uses_stay_out_of_artifacts():
     """pose_box configures the slice's metric; the detector's artifact depends only on its input dims."""
     spec = load_model_spec("fomm")
-    case = next(c for c in spec.cases() if c.network == "kp_detector" and c.profile == "smoke")
+    case = next(c for c in planning.cases(spec) if c.network == "kp_detector" and c.profile == "smoke")
     assert spec.dims(case) == {"height": 128, "width": 128, "batch": 1}
 
 

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from tooling import sources
+from tooling.baseline import load_model_spec
 from tooling.cli import main
 from tooling.locations import Roots, staged_inventory
-from tooling.model_spec import FIXTURES_DIR, load_model_spec
+from tooling.model_spec import FIXTURES_DIR
 from tooling.models.videopose3d.network import build_vp3d
 from tooling.seeded import apply_seeded_weights
 

@@ -10,7 +10,7 @@ import textwrap
 import onnxruntime
 import pytest
 
-from tooling.backends import BackendConfig, worker_device
+from tooling.backends.base import BackendConfig, worker_device
 from tooling.backends.gpu import OrtCudaBackend, OrtTensorRtBackend, cuda_device_class
 from tooling.model_spec import PROJECT_ROOT
 

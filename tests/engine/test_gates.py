@@ -7,9 +7,10 @@ import inspect
 
 import pytest
 
+from tooling import planning
+from tooling.baseline import parse_model_spec
 from tooling.conformance import ConformanceSuite
 from tooling.gates import GATES, GateContext, gate, gate_of
-from tooling.model_spec import parse_model_spec
 
 TOY = {
     "model": "toy",
@@ -33,7 +34,7 @@ TOY = {
 def context(raw=TOY, **options) -> GateContext:
     spec = parse_model_spec(copy.deepcopy(raw), "toy.yaml")
     defaults = {"exporters": None, "selected_backends": ("onnxruntime", "openvino", "aoti"), "accuracy_backend": None}
-    return GateContext(spec=spec, cases=spec.cases(), **{**defaults, **options})
+    return GateContext(spec=spec, cases=planning.cases(spec), **{**defaults, **options})
 
 
 def ids(params) -> list[str]:

@@ -6,9 +6,9 @@ import re
 import pytest
 import yaml
 
-from tooling.model_spec import (
-    BASELINES_DIR, ModelSpecError, load_model_spec, model_names, parse_model_spec, validate_baseline,
-)
+from tooling import planning
+from tooling.baseline import BASELINES_DIR, load_model_spec, model_names, parse_model_spec, validate_baseline
+from tooling.model_spec import ModelSpecError
 
 MINIMAL = {
     "model": "toy",
@@ -31,14 +31,14 @@ MINIMAL = {
 
 def test_cases_cover_profiles_batches_exporters_and_variants():
     spec = parse_model_spec(MINIMAL, "toy.yaml")
-    ids = [c.id for c in spec.cases()]
+    ids = [c.id for c in planning.cases(spec)]
     assert ids == [
         "net-smoke-b1-torchscript-plain", "net-smoke-b1-dynamo-plain", "net-smoke-b1-dynamo-fancy",
         "net-smoke-b4-torchscript-plain", "net-smoke-b4-dynamo-plain", "net-smoke-b4-dynamo-fancy",
         "net-deploy-b8-torchscript-plain",
     ]
-    assert spec.cases()[-1].slow
-    dynamo_only = [c.id for c in spec.cases(exporters=("dynamo",))]
+    assert planning.cases(spec)[-1].slow
+    dynamo_only = [c.id for c in planning.cases(spec, exporters=("dynamo",))]
     assert "net-deploy-b8-dynamo-plain" in dynamo_only and not any("torchscript" in i for i in dynamo_only)
     assert spec.networks["net"].inputs[0].concrete_shape({"batch": 2, "height": 16}) == (2, 3, 16, 8)
     assert not spec.networks["net"].variant("fancy").runs_on("openvino")
@@ -119,7 +119,7 @@ def test_shipped_baselines_parse_and_name_their_slice():
     for name in model_names():
         spec = load_model_spec(name)
         assert spec.load_slice().name == name
-        assert spec.cases(), f"{name} declares no case"
+        assert planning.cases(spec), f"{name} declares no case"
         for net in spec.networks.values():
             for golden in net.goldens:
                 assert (spec.fixtures / "golden" / golden["file"]).is_file(), golden
@@ -243,7 +243,7 @@ def test_every_shipped_baseline_validates():
 def test_a_typo_in_a_baseline_file_names_that_file(tmp_path, monkeypatch):
     text = (BASELINES_DIR / "videopose3d.yaml").read_text().replace("benchmark_rounds: 3", "benchmark_round: 3")
     (tmp_path / "videopose3d.yaml").write_text(text)
-    monkeypatch.setattr("tooling.model_spec.BASELINES_DIR", tmp_path)
+    monkeypatch.setattr("tooling.baseline.BASELINES_DIR", tmp_path)
     load_model_spec.cache_clear()
     try:
         with pytest.raises(ModelSpecError, match=rf"(?s){re.escape(str(tmp_path))}/videopose3d\.yaml: .*"

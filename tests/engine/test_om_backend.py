@@ -23,17 +23,19 @@ import pytest
 import yaml
 from onnx import TensorProto, helper, numpy_helper
 
+from tooling import planning
 from tooling.backends import BackendConfig, BackendError, CompileRequest
+from tooling.backends.atc import ATC_RECORD, DEFAULT_PRECISION_MODE, OmSettings, atc_command
 from tooling.backends.npu import NpuSmiError, parse_npu_smi_info
-from tooling.backends.om import (
-    ATC_RECORD, DEFAULT_PRECISION_MODE, ONNX_REWRITES, OmBackend, OmSettings, apply_onnx_rewrites, atc_command,
-    call_duration_ms, int64_to_int32,
-)
+from tooling.backends.om import OmBackend
+from tooling.backends.om_session import call_duration_ms
+from tooling.backends.onnx_rewrites import ONNX_REWRITES, apply_onnx_rewrites, int64_to_int32
+from tooling.baseline import load_model_spec, model_names, parse_model_spec
 from tooling.cache import ArtifactCache, ArtifactKey
 from tooling.compare import assert_outputs_match
 from tooling.conformance import call_seconds
 from tooling.locations import Roots
-from tooling.model_spec import FIXTURES_DIR, Case, ModelSpecError, load_model_spec, model_names, parse_model_spec
+from tooling.model_spec import FIXTURES_DIR, Case, ModelSpecError
 from tooling.workspace import Options, Workspace
 
 OM_FIXTURES = FIXTURES_DIR / "om"
@@ -490,7 +492,7 @@ def test_videopose3d_om_through_the_workspace(npu_host, tmp_path):
     zoo = Workspace(Roots.resolve(cache_dir=tmp_path / "cache"), Options(weights="seeded"))
     assert zoo.availability("om").ok
     handle = zoo.model("videopose3d")
-    case = next(c for c in handle.spec.cases() if c.profile == "smoke_min" and c.batch == 1)
+    case = next(c for c in planning.cases(handle.spec) if c.profile == "smoke_min" and c.batch == 1)
     feeds = handle.feeds(case)
     actual = handle.session("om", case).run(feeds)
     expected = handle.session("onnx", case).run(feeds)
@@ -667,7 +669,7 @@ def test_dekr_onnx_reaches_atc_with_deformable_conv_in_the_default_domain(npu_ho
     """DEKR's exported Ascend graph, through the yaml's om: section, into (the fake) ATC."""
     zoo = Workspace(Roots.resolve(cache_dir=tmp_path / "cache"), Options(weights="seeded"))
     handle = zoo.model("dekr")
-    case = next(c for c in handle.spec.cases() if c.variant == "ascend_deformable_conv2d")
+    case = next(c for c in planning.cases(handle.spec) if c.variant == "ascend_deformable_conv2d")
     backend = zoo.backend("om")
     request = handle.compile_request(case)
     request.onnx_path = handle.onnx(case, dynamic_dims=backend.dynamic_input_dims(request))
@@ -686,14 +688,14 @@ def test_dekr_onnx_reaches_atc_with_deformable_conv_in_the_default_domain(npu_ho
 def test_dekr_om_is_parametrized_at_its_atc_buckets_only():
     """The OM serves its five --dynamic_dims gears; the 128 x 128 smoke shape would fail every night."""
     spec = load_model_spec("dekr")
-    om_profiles = sorted(c.profile for c in spec.cases() if spec.case_runs_on(c, "om"))
+    om_profiles = sorted(c.profile for c in planning.cases(spec) if planning.case_runs_on(spec, c, "om"))
     assert om_profiles == sorted(["bucket_512x768", "bucket_512x512", "bucket_768x512", "bucket_512x1024",
                                   "bucket_1024x512"])
-    smoke = next(c for c in spec.cases() if c.profile == "smoke" and c.variant == "grid_sample")
-    assert spec.case_runs_on(smoke, "onnxruntime")
+    smoke = next(c for c in planning.cases(spec) if c.profile == "smoke" and c.variant == "grid_sample")
+    assert planning.case_runs_on(spec, smoke, "onnxruntime")
     # The accuracy pass picks each image's bucket itself, so the OM still serves it.
-    ascend = next(c for c in spec.cases() if c.profile == "smoke" and c.variant == "ascend_deformable_conv2d")
-    assert not spec.case_runs_on(ascend, "om") and spec.case_runs_on(ascend, "om", at_profile_shape=False)
+    ascend = next(c for c in planning.cases(spec) if c.profile == "smoke" and c.variant == "ascend_deformable_conv2d")
+    assert not planning.case_runs_on(spec, ascend, "om") and planning.case_runs_on(spec, ascend, "om", at_profile_shape=False)
 
 
 # -- precision mode ---------------------------------------------------------------------------------
@@ -729,7 +731,7 @@ def test_fp16_om_agrees_within_the_yaml_om_tolerances_not_the_fp32_ones(npu_host
     zoo = Workspace(Roots.resolve(cache_dir=tmp_path / "cache"), Options(weights="seeded"))
     handle = zoo.model(model)
     spec = handle.spec
-    case = next(c for c in spec.cases() if (c.profile, c.batch, c.exporter) == (profile, batch, "torchscript"))
+    case = next(c for c in planning.cases(spec) if (c.profile, c.batch, c.exporter) == (profile, batch, "torchscript"))
     net = spec.networks[case.network]
     key = OmBackend.tolerance_key(spec, case.network)
     assert key == "om@force_fp16"

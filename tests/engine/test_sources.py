@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from tooling import sources
-from tooling.model_spec import PROJECT_ROOT, load_model_spec, model_names
+from tooling.baseline import load_model_spec, model_names
+from tooling.model_spec import PROJECT_ROOT
 from tooling.sources import (
     MANIFEST,
     UpstreamDependencyMissing,

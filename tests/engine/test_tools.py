@@ -6,7 +6,8 @@ import stat
 import pytest
 
 from tooling import sources
-from tooling.backends import BackendError, om
+from tooling.backends import BackendError
+from tooling.backends import atc as atc_module
 from tooling.backends.npu import probe_npus
 from tooling.tools import ToolTimeout, run_tool
 
@@ -42,9 +43,9 @@ def test_a_hung_git_fails_as_an_upstream_error(tmp_path, monkeypatch):
 
 def test_a_hung_atc_fails_the_compile_with_the_command(tmp_path, monkeypatch):
     atc = hanging_tool(tmp_path, "atc")
-    monkeypatch.setattr(om, "ATC_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(atc_module, "ATC_TIMEOUT_S", 0.5)
     with pytest.raises(BackendError, match=r"ATC for toy-b1: .*atc --framework=5 did not finish within 0.5 s"):
-        om.run_atc(str(atc), ["atc", "--framework=5"], tmp_path, "toy-b1")
+        atc_module.run_atc(str(atc), ["atc", "--framework=5"], tmp_path, "toy-b1")
 
 
 def test_a_hung_npu_smi_leaves_the_om_backend_unavailable_with_the_reason(tmp_path, monkeypatch):

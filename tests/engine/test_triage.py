@@ -11,6 +11,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from tooling import planning
 from tooling.backends.cpu import OrtSession
 from tooling.cli import main
 from tooling.compare import ComparisonError
@@ -92,7 +93,7 @@ def test_a_sound_backend_has_no_first_divergence():
 def vp3d(tmp_path_factory):
     roots = Roots(None, None, None, tmp_path_factory.mktemp("triage-cache"))
     handle = Workspace(roots, Options(weights="seeded")).model("videopose3d")
-    case = next(c for c in handle.spec.cases() if c.id == VP3D_CASE)
+    case = next(c for c in planning.cases(handle.spec) if c.id == VP3D_CASE)
     return handle, case
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tooling.accuracy import run_accuracy
 from tooling.cache import (
     MANIFEST,
     ArtifactCache,
@@ -229,7 +230,7 @@ def test_read_only_cache_stops_an_accuracy_pass_by_name(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Path, "mkdir", refuse)
     with pytest.raises(CacheNotWritable, match=r"runs/videopose3d/\w+: cannot keep the resumable records"):
-        handle.run_accuracy("onnxruntime", profile="smoke")
+        run_accuracy(handle, "onnxruntime", profile="smoke")
 
 
 def test_forced_checkout_rebuild_happens_once_per_run(tmp_path, upstream):

@@ -6,12 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from tooling.accuracy import run_accuracy
 from tooling.compare import ComparisonError, assert_outputs_match, compare_array
 import yaml
 
-from tooling.model_spec import BASELINES_DIR, ModelSpecError, Tolerance, parse_model_spec
-from tooling.models.videopose3d.slice import write_known_answer
+from tooling.baseline import BASELINES_DIR, parse_model_spec
 from tooling.locations import Roots
+from tooling.model_spec import ModelSpecError, Tolerance
+from tooling.models.videopose3d.slice import write_known_answer
 from tooling.workspace import Options, Workspace
 
 TOL = Tolerance(atol=1e-3, rtol=1e-3)
@@ -53,4 +55,4 @@ def test_nan_from_a_deployed_backend_stops_the_accuracy_pass(tmp_path, monkeypat
 
     monkeypatch.setattr(handle, "session", lambda *args, **kwargs: NanSession())
     with pytest.raises(FloatingPointError, match=r"videopose3d/vp3d on onnxruntime: output 3d_preds holds \d+ NaN"):
-        handle.run_accuracy("onnxruntime", profile="smoke")
+        run_accuracy(handle, "onnxruntime", profile="smoke")

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tooling.accuracy import run_accuracy
 from tooling.locations import Roots
 from tooling.models.videopose3d.network import ONE_SIDED_PAD
 from tooling.models.videopose3d.slice import write_known_answer
@@ -31,6 +32,7 @@ SCORE = """
 import json, sys, time
 from pathlib import Path
 import numpy as np
+from tooling.accuracy import run_accuracy
 from tooling.locations import Roots
 from tooling.models.videopose3d.network import ONE_SIDED_PAD
 from tooling.workspace import Options, Workspace
@@ -48,7 +50,7 @@ def oracle(feeds):
     return {"3d_preds": np.concatenate([poses, np.zeros_like(poses[..., :1])], axis=-1)}
 
 workspace = Workspace(Roots(Path(data), Path(weights), None, Path(cache)), Options(restart_accuracy=restart == "1"))
-metrics = workspace.model("videopose3d").run_accuracy("onnxruntime", profile="smoke", oracles={"vp3d": oracle})
+metrics = run_accuracy(workspace.model("videopose3d"), "onnxruntime", profile="smoke", oracles={"vp3d": oracle})
 Path(out).write_text(json.dumps(metrics))
 """
 
@@ -75,7 +77,7 @@ def _score_here(answer, cache: Path) -> dict:
         return {"3d_preds": np.concatenate([poses, np.zeros_like(poses[..., :1])], axis=-1)}
 
     workspace = Workspace(Roots(answer.data_root, answer.weights_root, None, cache), Options())
-    metrics = workspace.model("videopose3d").run_accuracy("onnxruntime", profile="smoke", oracles={"vp3d": oracle})
+    metrics = run_accuracy(workspace.model("videopose3d"), "onnxruntime", profile="smoke", oracles={"vp3d": oracle})
     return json.loads(json.dumps(metrics))  # as the script hands them over
 
 

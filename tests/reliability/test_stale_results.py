@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 import torch
 
+from tooling import planning
+from tooling.accuracy import run_accuracy
 from tooling.fingerprint import content_digest, source_digest
 from tooling.locations import Roots
 from tooling.models.videopose3d.network import ONE_SIDED_PAD
@@ -40,7 +42,7 @@ def _vp3d_oracle(calls: list):
 
 def _score(answer, cache: Path, calls: list) -> float:
     workspace = Workspace(Roots(answer.data_root, answer.weights_root, None, cache), Options())
-    metrics = workspace.model("videopose3d").run_accuracy("onnxruntime", profile="smoke",
+    metrics = run_accuracy(workspace.model("videopose3d"), "onnxruntime", profile="smoke",
                                                           oracles={"vp3d": _vp3d_oracle(calls)})
     return metrics["mpjpe_p1_mm"]
 
@@ -179,7 +181,7 @@ def test_onnx_artifact_key_covers_shared_engine_code(tmp_path, monkeypatch):
         raise LookupError("key recorded; nothing to export in this probe")
 
     monkeypatch.setattr(handle.ws.cache, "get", record)
-    case = next(c for c in handle.spec.cases() if not c.slow)
+    case = next(c for c in planning.cases(handle.spec) if not c.slow)
     with pytest.raises(LookupError):
         handle.onnx(case)
     assert keys[0].fields["code"] == source_digest("tooling.models.transpose", *EXPORT_CODE)

@@ -7,7 +7,6 @@ the same code path (build, cache, load, parity, benchmark) serves every deployed
 """
 from __future__ import annotations
 
-import platform
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol
@@ -121,5 +120,17 @@ class Backend:
         raise NotImplementedError
 
 
-def host_description() -> str:
-    return f"{platform.machine()} {platform.processor() or ''}".strip()
+def worker_device(devices: str | None, worker_id: str | None) -> str | None:
+    """The device id (NPU or GPU) for one pytest process out of a comma-separated list.
+
+    xdist worker ``gwN`` takes the N-th id modulo the list's length, so ``-n`` equal to the number
+    of devices pins one worker per device; the controller (no xdist, ``-n 0``) takes the first.
+    """
+    if not devices:
+        return None
+    ids = [d.strip() for d in devices.split(",")]
+    if any(not d.isdigit() for d in ids):
+        raise ValueError(f"device ids must be comma-separated integers, got {devices!r}")
+    if not worker_id or not worker_id.startswith("gw"):
+        return ids[0]
+    return ids[int(worker_id[2:]) % len(ids)]

@@ -50,7 +50,7 @@ def _short(label: str) -> str:
 def _targets(model: str) -> tuple[dict[str, float], dict[str, float]]:
     """(metric -> the guide's target, metric -> agreement bound) from the model's yaml, if it has one."""
     try:
-        from tooling.model_spec import load_model_spec
+        from tooling.baseline import load_model_spec
 
         accuracy = load_model_spec(model).accuracy
     except Exception:  # noqa: BLE001 - a model no yaml describes here (a merged history) has no lines to draw

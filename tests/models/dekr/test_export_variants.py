@@ -15,9 +15,10 @@ import pytest
 import torch
 from torch.export import Dim
 
+from tooling import planning
+from tooling.locations import Roots
 from tooling.models.dekr import DEFORM_VARIANTS, INPUT_NAMES, OUTPUT_NAMES, export_extras
 from tooling.models.dekr.deform_conv import ASCEND_DOMAIN, ASCEND_DOMAIN_VERSION
-from tooling.locations import Roots
 from tooling.models.dekr.network import AdaptBlock
 from tooling.seeded import apply_seeded_weights
 from tooling.workspace import Options, Workspace
@@ -225,7 +226,7 @@ def test_one_dynamic_graph_serves_every_bucket(tmp_path: Path) -> None:
     size, and the same file must agree with torch at another (ORT only, to stay fast)."""
     zoo = Workspace(Roots.resolve(cache_dir=tmp_path / "cache"), Options(weights="seeded"))
     handle = zoo.model("dekr")
-    case = next(c for c in handle.spec.cases() if c.profile == "smoke" and c.variant == "grid_sample")
+    case = next(c for c in planning.cases(handle.spec) if c.profile == "smoke" and c.variant == "grid_sample")
     path = handle.onnx(case, dynamic_dims=("height", "width"))
     graph_input = onnx.load(str(path), load_external_data=False).graph.input[0]
     assert [d.dim_param or d.dim_value for d in graph_input.type.tensor_type.shape.dim] == [1, 3, "height", "width"]

@@ -8,7 +8,7 @@ import onnxruntime
 import pytest
 import torch
 
-from tooling.backends.om import int64_to_int32
+from tooling.backends.onnx_rewrites import int64_to_int32
 from tooling.export import export_onnx
 from tooling.model_spec import FIXTURES_DIR
 from tooling.models.fomm.metric import FrameKeypoints, PairingError, akd_mkr
@@ -145,7 +145,7 @@ def test_known_answer_checkpoints_load_strictly(tmp_path):
     from tooling.models.fomm import SLICE
     from tooling.models.fomm.pose_estimator import build_pose_estimator
     from tooling.models.fomm.network import build_kp_detector
-    from tooling.model_spec import load_model_spec
+    from tooling.baseline import load_model_spec
     from tooling.weights import WeightsChoice, apply_weights
 
     answer = SLICE.make_known_answer(tmp_path)

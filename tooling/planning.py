@@ -1,0 +1,69 @@
+"""Case planning: which artifacts a model's yaml declares (network x profile x batch x exporter x
+variant, and chains) and which backend serves which of them.
+
+This is the layer between the spec (tooling/model_spec.py, plain facts that import no backend)
+and the gates (tooling/gates.py): it asks the backend registry whether a backend's artifact can
+take a case's shape (an OM's --dynamic_dims gears).
+"""
+from __future__ import annotations
+
+import itertools
+
+from tooling.backends import BACKENDS
+from tooling.model_spec import EXPORTERS, Case, ChainCase, ModelSpec
+
+
+def cases(spec: ModelSpec, *, exporters: tuple[str, ...] | None = None) -> list[Case]:
+    """Every (network, profile, batch, exporter, variant) the yaml declares, smoke before slow."""
+    result: list[Case] = []
+    for profile in spec.profiles.values():
+        for net in spec.networks.values():
+            if profile.networks is not None and net.name not in profile.networks:
+                continue
+            wanted = profile.exporters or (net.default_exporter,)
+            if exporters:
+                wanted = tuple(e for e in wanted if e in exporters) or (
+                    tuple(e for e in exporters if e in EXPORTERS)[:1]
+                )
+            for batch, exporter, variant in itertools.product(profile.batch_sizes, wanted, net.variants):
+                if variant.exporters is not None and exporter not in variant.exporters:
+                    continue
+                result.append(Case(spec.name, net.name, profile.name, batch, exporter, variant.name, profile.slow))
+    return sorted(result, key=lambda c: c.slow)
+
+
+def case_runs_on(spec: ModelSpec, case: Case, backend: str, *, at_profile_shape: bool = True) -> bool:
+    """Whether ``backend`` serves ``case``: its export variant runs there, its profile keeps it,
+    and the backend's artifact can take the case's shape (an OM's --dynamic_dims gears).
+    ``at_profile_shape=False`` leaves the shape out, for passes whose shapes come from the data
+    (the accuracy pass picks DEKR's bucket per image)."""
+    return (
+        spec.networks[case.network].variant(case.variant).runs_on(backend)
+        and spec.profiles[case.profile].runs_on(backend)
+        and (not at_profile_shape or backend not in BACKENDS or BACKENDS[backend].serves(spec, case))
+    )
+
+
+def chain_cases(spec: ModelSpec) -> list[ChainCase]:
+    """Each chain at every profile (and batch) that builds all of its networks."""
+    result = []
+    for chain in spec.chains.values():
+        for profile in spec.profiles.values():
+            if profile.networks is not None and not set(chain.networks) <= set(profile.networks):
+                continue
+            result += [ChainCase(chain.name, profile.name, b, profile.slow) for b in profile.batch_sizes]
+    return sorted(result, key=lambda c: c.slow)
+
+
+def chain_member(spec: ModelSpec, chain_case: ChainCase, network: str, backend: str,
+                 exporters: tuple[str, ...] | None = None) -> Case | None:
+    """The case of ``network`` in ``chain_case`` that ``backend`` serves (None if none does)."""
+    return next((
+        c for c in cases(spec, exporters=exporters)
+        if (c.network, c.profile, c.batch) == (network, chain_case.profile, chain_case.batch)
+        and case_runs_on(spec, c, backend)
+    ), None)
+
+
+def chain_runs_on(spec: ModelSpec, chain_case: ChainCase, backend: str) -> bool:
+    return all(chain_member(spec, chain_case, n, backend) for n in spec.chains[chain_case.chain].networks)
