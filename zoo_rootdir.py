@@ -66,6 +66,13 @@ def _retake_setup(config: pytest.Config, parser: pytest.Parser, args: list[str])
     rootpath, inipath, inicfg, ignored = setup(test_paths)
     if inipath is None or (rootpath, inipath) == (config.rootpath, config.inipath):
         return
+    if config.inipath is not None:
+        # The config found above the value has had its addopts and plugins applied already, and
+        # they cannot be taken back.
+        raise pytest.UsageError(
+            f"{', '.join(taken)}: pytest took this for a test path and applied the config above it, "
+            f"{config.inipath}, instead of {inipath}. Write the option as --option=value, or name "
+            f"the config with -c {inipath}.")
     _adopt(config, parser, args, rootpath, inipath, inicfg, ignored)
     _check_values_were_option_values(config, parser, args, taken, setup, (rootpath, inipath))
 

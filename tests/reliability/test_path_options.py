@@ -159,3 +159,16 @@ def test_a_path_after_a_flag_is_a_test_path(tmp_path):
     assert run.returncode == pytest.ExitCode.USAGE_ERROR, run.stdout + run.stderr
     assert f"{tmp_path}: pytest first took this for an option's value" in run.stderr
     assert "the option before it takes no value, so it is a test path" in run.stderr
+
+
+def test_a_value_inside_another_project_is_a_usage_error(tmp_path):
+    """A value below another pytest config: that config was applied before the value could be told
+    from a test path, so the run stops and says which form to write."""
+    other = tmp_path / "other-project"
+    (other / "data").mkdir(parents=True)
+    (other / "pytest.ini").write_text("[pytest]\naddopts = -p no:cacheprovider\n")
+    run = subprocess.run([sys.executable, "-m", "pytest", "--data-root", str(other / "data")], cwd=PROJECT,
+                         env=_environment(tmp_path), capture_output=True, text=True, timeout=300)
+    assert run.returncode == pytest.ExitCode.USAGE_ERROR, run.stdout + run.stderr
+    assert f"applied the config above it, {other / 'pytest.ini'}, instead of {PROJECT / 'pyproject.toml'}" in run.stderr
+    assert "Write the option as --option=value" in run.stderr
