@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import sys
+import tempfile
 import time
 import uuid
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -39,6 +42,7 @@ _cache_note_key = pytest.StashKey[str]()
 _builds_reported_key = pytest.StashKey[int]()
 _started_key = pytest.StashKey[float]()
 _history_key = pytest.StashKey["Recorded | str"]()
+_report_written_key = pytest.StashKey[str]()
 
 
 def _positive_int(raw: str) -> int:
@@ -196,7 +200,29 @@ def pytest_configure(config: pytest.Config) -> None:
     if not writable:
         config.stash[_cache_note_key] = (
             f"cache dir {cache_dir} is read-only: intact artifacts are used, anything to build fails")
+    if not hasattr(config, "workerinput") and not config.option.collectonly:
+        _check_report_path(_report_path(config))
     torch.set_num_threads(config.getoption("--threads"))
+
+
+def _report_path(config: pytest.Config) -> Path:
+    path = Path(config.getoption("--zoo-report"))
+    return path if path.is_absolute() else Path(config.rootpath) / path
+
+
+def _check_report_path(path: Path) -> None:
+    """The JSON report can be written where it is asked for, checked before any test runs (a
+    read-only checkout would otherwise end a passing run in a traceback from the writer)."""
+    if path.is_dir():
+        raise pytest.UsageError(f"--zoo-report {path}: is a directory; give the report's file path")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.probe-"):
+            pass
+    except OSError as exc:
+        raise pytest.UsageError(
+            f"--zoo-report {path}: {path.parent} cannot be written ({exc.strerror or exc}); "
+            "pass a writable --zoo-report path") from None
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -225,6 +251,39 @@ def known_answers(zoo, tmp_path_factory) -> Callable[[str], KnownAnswer]:
     return known_answer
 
 
+def _gate_item(item: pytest.Item) -> bool:
+    return any(key == "zoo_cell" for key, _ in item.user_properties)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item: pytest.Item):
+    with _warnings_into_row(item):
+        yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item: pytest.Item):
+    with _warnings_into_row(item):
+        yield
+
+
+@contextlib.contextmanager
+def _warnings_into_row(item: pytest.Item):
+    """Warnings raised while a gate builds or runs (a library's division warning, a tolerated
+    input) belong to that gate's row: they are recorded there (JSON report, grid) instead of
+    pytest's run-wide summary. The configured filters still apply (``error::`` still raises)."""
+    if not _gate_item(item):
+        yield
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        try:
+            yield
+        finally:
+            texts = [f"{w.category.__name__}: {w.message} ({Path(w.filename).name}:{w.lineno})" for w in caught]
+            if texts:
+                item.user_properties.append(("zoo_warnings", list(dict.fromkeys(texts))))
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call):
     """Attach the artifacts this test phase built (and why) to its report, so the run summary of
@@ -238,6 +297,8 @@ def pytest_runtest_makereport(item: pytest.Item, call):
             item.user_properties.append(("zoo_builds", [
                 {"artifact": f"{b.key.kind}/{b.key.model}/{b.path.name}", "reason": b.reason,
                  "seconds": round(b.seconds, 1)} for b in builds]))
+    if call.excinfo is not None and call.excinfo.errisinstance(CacheError):
+        item.user_properties.append(("zoo_build_error", call.when))  # a fault of the build, not a verdict
     yield
 
 
@@ -315,7 +376,8 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         return
     results = inject(cell["backend"], [v for k, v in report.user_properties if k == "zoo_result"])
     _add_matrix_row(report, cell, results)
-    others = [(k, v) for k, v in report.user_properties if k not in ("zoo_cell", "zoo_result")]
+    others = [(k, v) for k, v in report.user_properties if k not in ("zoo_cell", "zoo_result", "zoo_warnings",
+                                                                        "zoo_build_error")]
     report.user_properties = others + flat_properties(cell, report.outcome, results)
 
 
@@ -343,7 +405,12 @@ def _add_matrix_row(report: pytest.TestReport, cell: dict, results: list[dict]) 
         for key, value in report.user_properties:
             if key == "zoo_relabel":
                 cell = {**cell, **value}
-        matrix.add(MatrixRow(**cell, outcome=report.outcome, detail=detail, nodeid=report.nodeid, results=results))
+        outcome = report.outcome
+        if report.failed and any(k == "zoo_build_error" for k, _ in report.user_properties):
+            outcome = "error"
+        caught = list(dict.fromkeys(w for k, v in report.user_properties if k == "zoo_warnings" for w in v))
+        matrix.add(MatrixRow(**cell, outcome=outcome, detail=detail, nodeid=report.nodeid, results=results,
+                             warnings=caught))
 
 
 _CONFIG: list[pytest.Config] = []
@@ -373,6 +440,32 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     if isinstance(recorded, Recorded) and recorded.comparison.regressions and config.getoption("--fail-on-regression") \
             and session.exitstatus == pytest.ExitCode.OK:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    _write_report(session, matrix)
+
+
+def _write_report(session: pytest.Session, matrix: ConformanceMatrix) -> None:
+    """This run's JSON report, whatever happened: no row at all, or an interrupted run (the rows
+    of the tests that finished). The previous run's report never stays in its place."""
+    config = session.config
+    path = _report_path(config)
+    interrupted = session.exitstatus == pytest.ExitCode.INTERRUPTED or bool(session.shouldstop)
+    run = {
+        "id": config.stash[_run_id_key],
+        "started": _utc(config.stash[_started_key]), "finished": _utc(time.time()),
+        "exit_status": int(session.exitstatus), "interrupted": interrupted,
+        "tests_collected": session.testscollected,
+    }
+    throughput = [r["throughput"] for row in matrix.rows for r in row.results if "throughput" in r]
+    try:
+        matrix.write_json(path, throughput, run)
+        config.stash[_report_written_key] = f"conformance report: {path}" + (
+            " (interrupted: the rows of the tests that finished)" if interrupted else "")
+    except OSError as exc:
+        config.stash[_report_written_key] = f"conformance report NOT written: {path}: {exc.strerror or exc}"
+
+
+def _utc(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
 def _record_history(config: pytest.Config, matrix: ConformanceMatrix, exit_status: int) -> "Recorded | str | None":
@@ -420,18 +513,17 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
         terminalreporter.section("artifacts built in this run")
         for line in matrix.render_builds():
             terminalreporter.write_line(line)
-    if not matrix or not matrix.rows:
-        return
-    terminalreporter.section("conformance grid")
-    for line in matrix.render():
-        terminalreporter.write_line(line)
-    throughput = [r for row in matrix.rows for r in row.results if "throughput" in r]
-    path = Path(config.getoption("--zoo-report"))
-    if not path.is_absolute():
-        path = Path(config.rootpath) / path
-    matrix.write_json(path, [t["throughput"] for t in throughput])
-    terminalreporter.write_line(f"conformance report: {path}")
-    _history_summary(terminalreporter, config)
+    if matrix and matrix.rows:
+        terminalreporter.section("conformance grid")
+        for line in matrix.render():
+            terminalreporter.write_line(line)
+    written = config.stash.get(_report_written_key, None)
+    if written:
+        if not (matrix and matrix.rows):
+            written += " (no conformance row in this run)"
+        terminalreporter.write_line(written, red="NOT written" in written)
+    if matrix and matrix.rows:
+        _history_summary(terminalreporter, config)
 
 
 def _history_summary(terminalreporter, config: pytest.Config) -> None:

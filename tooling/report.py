@@ -49,10 +49,11 @@ class MatrixRow:
     gate: str
     backend: str
     case: str
-    outcome: str  # passed, failed, skipped
+    outcome: str  # passed, failed, skipped; error: the test never reached its verdict (a build fault)
     detail: str = ""
     nodeid: str = ""
     results: list[dict] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # warnings raised while it ran ("Category: message")
 
 
 @dataclass
@@ -108,6 +109,7 @@ class ConformanceMatrix:
         counts = self.counts()
         elsewhere = sum(1 for r in self.rows if r.backend in folded)
         lines.append(f"total: {counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped"
+                     + (f", {counts['error']} build errors" if counts["error"] else "")
                      + (f" ({elsewhere} on backends not on this host)" if elsewhere else ""))
         for reason, n in self.skip_reasons().most_common():
             if not any(reason.startswith(f"{b} unavailable") for b in folded):
@@ -117,11 +119,32 @@ class ConformanceMatrix:
                 lines.append(f"  * {r.model} {r.gate} {r.case}: {stand_in}")
             if r.outcome == "failed":
                 lines.append(f"  FAILED {r.model} {r.gate} {r.backend} {r.case}: {r.detail}")
+            if r.outcome == "error":
+                lines.append(f"  BUILD ERROR {r.model} {r.gate} {r.backend} {r.case}: {r.detail}")
+        lines.extend(self.render_warnings())
         lines.append(LEGEND)
         return lines
 
-    def write_json(self, path: Path, throughput: list[dict] | None = None) -> None:
+    def render_warnings(self) -> list[str]:
+        """Each distinct warning once, with the rows it was raised in (full list per row: JSON)."""
+        where: dict[str, list[str]] = {}
+        for r in self.rows:
+            for warning in r.warnings:
+                where.setdefault(warning, []).append(f"{r.model} {r.gate} {r.backend} {r.case}")
+        lines = []
+        for warning, rows in where.items():
+            more = f" (+{len(rows) - 1} more rows)" if len(rows) > 1 else ""
+            lines.append(f"  warning in {rows[0]}{more}: {warning[:300]}")
+        return lines
+
+    def write_json(self, path: Path, throughput: list[dict] | None = None, run: dict | None = None) -> None:
+        """The run's full report; ``run`` says which run it is and how it ended. A run without a
+        single row still writes one (saying so), so a reader never takes an earlier run's rows
+        for this one's."""
         payload = {
+            "run": run or {},
+            "note": "" if self.rows else "no conformance row in this run (no gate test selected, or "
+                    "the run stopped before the first one finished)",
             "counts": dict(self.counts()),
             "skips_by_reason": dict(self.skip_reasons()),
             "rows": [asdict(r) for r in self.rows],
@@ -138,7 +161,7 @@ def _reason_class(detail: str) -> str:
 
 LEGEND = ("cells: parity = worst |difference|; accuracy = metric; accuracy-agreement = Δ largest metric move vs torch eager; throughput = rate; cpu-speedup = "
           "x torch eager (% of host GEMM peak); (x) = measured, not gated; * = upstream stand-in, see below; "
-          "skip = see reasons; FAIL = see below; . = not a case")
+          "skip = see reasons; FAIL = see below; ERROR = a build fault, no verdict (see below); . = not a case")
 BACKEND_ORDER = ("torch", "onnx", "best-cpu")  # references first, then deployed backends as met
 
 
@@ -195,6 +218,8 @@ def _cell_figures(row: MatrixRow) -> dict[str, str]:
             cells[speedups["best"]] = "FAIL " + cells[speedups["best"]]
         return cells
     figure = _short_figure(row.results)
+    if row.outcome == "error":
+        return {row.backend: "ERROR"}
     if row.outcome == "failed":
         return {row.backend: f"FAIL {figure}".strip()}
     if row.outcome == "skipped":
