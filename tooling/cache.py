@@ -29,6 +29,7 @@ from typing import Callable, Iterator
 
 from filelock import FileLock, Timeout
 
+from tooling.jsonio import to_json
 from tooling.lease import Lease, seconds_from_env
 
 MANIFEST = "manifest.json"
@@ -348,7 +349,7 @@ class ArtifactCache:
             files = tree_files(staging)
             if not files:
                 raise RuntimeError(f"building {key.kind} artifact {key.name} produced no files")
-            (staging / MANIFEST).write_text(json.dumps(
+            (staging / MANIFEST).write_text(to_json(
                 {"key": asdict(key), "digest": key.digest, "run": self.run_id, "files": files},
                 indent=1, default=str,
             ))
