@@ -241,7 +241,7 @@ class ModelSpec:
     title: str
     guide: str
     slice_module: str
-    upstream: dict[str, Any]
+    upstream: dict[str, Any]  # checkout name -> repository, commit, requires, networks (tooling/sources.py)
     networks: dict[str, NetworkSpec]
     profiles: dict[str, Profile]
     accuracy: AccuracySpec | None
@@ -254,10 +254,6 @@ class ModelSpec:
     @property
     def fixtures(self) -> Path:
         return FIXTURES_DIR / self.name
-
-    @property
-    def patches(self) -> Path:
-        return PATCHES_DIR / self.name
 
     def _backend_tolerance(self, key: str | None, name: str) -> Tolerance | None:
         """``backend_tolerances`` for a backend key: ``om@force_fp16`` first, then ``om``."""
