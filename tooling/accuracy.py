@@ -15,7 +15,7 @@ from tooling.cache import CacheNotWritable, denied
 from tooling.fingerprint import content_digest
 from tooling.jsonio import write_json
 from tooling.locations import Roots, data_paths, find_checkpoint, missing_accuracy_inputs
-from tooling.progress import ProgressReporter, ResultStore, owned_run
+from tooling.progress import SAMPLE_FIGURES, ProgressReporter, ResultStore, owned_run, say
 from tooling.slice import AccuracyContext
 from tooling.weights import WeightsChoice
 from tooling.workspace import ModelHandle
@@ -110,6 +110,9 @@ def run_accuracy(handle: ModelHandle, backend_name: str, *, roots: Roots | None 
             host_network=lambda name: handle.network(name, None, weights[name])[0],
             limit=limit, scratch=run_dir, dims=dims, run_host=run_host,
         )
+        say(f"{reporter.label}: records in {run_dir}")
         metrics = handle.slice.evaluate(ctx)
         write_json(run_dir / "metrics.json", metrics)
+        write_json(run_dir / SAMPLE_FIGURES, ctx.sample_figures)
+    handle.last_run_dir = run_dir  # where the gate finds the per-sample figures of this pass
     return metrics

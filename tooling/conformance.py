@@ -6,7 +6,9 @@ its model; the plugin parametrizes every gate from ``baselines/<model>.yaml``:
 """
 from __future__ import annotations
 
+import json
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,9 +17,11 @@ from tooling import planning
 from tooling.accuracy import AccuracyInputsMissing, run_accuracy
 from tooling.arrays import read_arrays
 from tooling.backends import BACKENDS
-from tooling.compare import ComparisonError, assert_outputs_match
+from tooling.compare import ComparisonError, assert_outputs_match, compare_outputs
 from tooling.gates import gate
 from tooling.model_spec import Case, ChainCase, ModelSpec
+from tooling.pictures import png_bytes
+from tooling.progress import SAMPLE_FIGURES
 from tooling.report import ThroughputEntry
 from tooling.roofline import host_peak_gflops
 from tooling.sources import UpstreamDependencyMissing, UpstreamNotStaged
@@ -63,6 +67,32 @@ def relabel(request: pytest.FixtureRequest, **cell) -> None:
 def record(request: pytest.FixtureRequest, **result) -> None:
     """Attach figures to the test report; the plugin puts them in the conformance matrix and JSON."""
     request.node.user_properties.append(("zoo_result", result))
+
+
+def pass_records(run_dir: Path) -> dict:
+    """Where an accuracy pass kept its records (printed when it started) and its figures per
+    sample, by sample name, for the JSON report and the run history."""
+    path = run_dir / SAMPLE_FIGURES
+    samples = json.loads(path.read_text()) if path.is_file() else {}
+    return {"run_dir": str(run_dir), "samples": samples}
+
+
+def disagreement_pictures(handle, largest: dict, path: Path) -> dict[str, str]:
+    """The slice's picture of the call that deviated most from torch eager (relative to its
+    tolerance), saved as PNG: caption -> file. Empty where the slice draws none; a drawing that
+    fails is said in the caption's place rather than failing the gate."""
+    if largest.get("network") is None:
+        return {}
+    try:
+        picture = handle.slice.disagreement_picture(largest["network"], largest["feeds"], largest["reference"],
+                                                    largest["actual"])
+    except Exception as exc:  # noqa: BLE001 - a picture is an aid, the verdict stands without it
+        print(f"{handle.spec.name}: no disagreement picture ({type(exc).__name__}: {exc})")
+        return {}
+    if picture is None:
+        return {}
+    path.write_bytes(png_bytes(picture))
+    return {f"largest deviation: {largest['where']}, {largest['deviation']:.2g}x its tolerance": str(path)}
 
 
 def output_figures(stats) -> dict[str, dict[str, float]]:
@@ -215,7 +245,7 @@ class ConformanceSuite:
         except AccuracyInputsMissing as exc:
             pytest.skip(f"{self.model} accuracy needs staged inputs: {exc}")
         value = metrics[accuracy.metric]
-        record(request, metrics=metrics, target=accuracy.target)
+        record(request, metrics=metrics, target=accuracy.target, **pass_records(handle.last_run_dir))
         print(f"{self.model} {accuracy.metric} = {value:.4f} on {accuracy_backend} (target {accuracy.target})")
         if zoo.options.accuracy_limit is not None:
             pytest.skip(
@@ -247,7 +277,7 @@ class ConformanceSuite:
             oracles=answer.oracles,
             run_dir=tmp_path / "run",
         )
-        record(request, metrics=metrics, expected=answer.expected)
+        record(request, metrics=metrics, expected=answer.expected, **pass_records(tmp_path / "run"))
         for name, want in answer.expected.items():
             assert metrics[name] == pytest.approx(want, abs=answer.tolerance), f"{name}: got {metrics[name]}, want {want}"
 
@@ -273,6 +303,7 @@ class ConformanceSuite:
         problems: list[str] = []
         worst: dict[str, float] = {}
         calls = 0
+        largest: dict = {"deviation": -1.0}
 
         def against_torch(network: str, feeds, outputs) -> None:
             nonlocal calls
@@ -287,6 +318,11 @@ class ConformanceSuite:
                 decoded = {n: handle.spec.decoded_tolerance(network, n, key) for n in net.decoded}
                 checks.append((decoded, handle.slice.decode(network, feeds, outputs),
                                handle.slice.decode(network, feeds, expected), "decoded"))
+            deviation = max((s.max_abs / s.atol if s.atol > 0 else s.max_abs)
+                            for s in compare_outputs(outputs, expected, checks[0][0]))
+            if deviation >= largest["deviation"]:  # the call a picture of the disagreement shows
+                largest.update(deviation=deviation, network=network, where=where, feeds=dict(feeds),
+                               reference=expected, actual=dict(outputs))
             for tolerances, actual, reference, kind in checks:
                 try:
                     stats = assert_outputs_match(actual, reference, tolerances, f"{where} {kind}")
@@ -310,7 +346,8 @@ class ConformanceSuite:
             for name, bound in spec.accuracy.agreement.items() if not deltas[name] <= bound
         ]
         record(request, metrics=metrics, torch_metrics=reference, metric_deltas=deltas, calls=calls,
-               worst_max_abs=max(worst.values(), default=0.0))
+               worst_max_abs=max(worst.values(), default=0.0), **pass_records(tmp_path / f"run-{deployed_backend}"),
+               pictures=disagreement_pictures(handle, largest, tmp_path / f"disagreement-{deployed_backend}.png"))
         assert calls, f"the agreement set ran no network call on {deployed_backend}"
         assert not problems, f"{len(problems)} disagreement(s) over {calls} calls:\n" + "\n".join(problems[:8])
 

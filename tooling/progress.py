@@ -20,6 +20,7 @@ import numpy as np
 from tooling.cache import LockTimeout, hold_lock, lock_holder, raise_if_full
 
 FINGERPRINT = "fingerprint.json"
+SAMPLE_FIGURES = "samples.json"  # sample id -> figures, next to metrics.json in a run folder
 
 
 @contextlib.contextmanager
@@ -131,6 +132,11 @@ _live_sink: list[Callable[[str], None]] = [_stderr_line]
 def set_live_sink(sink: Callable[[str], None] | None) -> None:
     """Send progress lines to ``sink`` (None: back to stderr)."""
     _live_sink[0] = sink or _stderr_line
+
+
+def say(line: str) -> None:
+    """One line to where progress goes (the terminal under pytest -n 0, else stderr)."""
+    _live_sink[0](line)
 
 
 class ProgressReporter:

@@ -244,12 +244,19 @@ def _short_figure(results: list[dict]) -> str:
     return ""
 
 
+# Figures per sample, per round or per picture: kept in the JSON report and the history, left out of
+# JUnit properties (a COCO pass would add thousands).
+PER_SAMPLE_KEYS = ("samples", "ratio_samples", "pictures")
+
+
 def flat_properties(cell: dict[str, Any], outcome: str, results: list[dict]) -> list[tuple[str, str]]:
     """JUnit-friendly properties: flat ``zoo.<key>`` -> string pairs, one per scalar figure
     (nested dicts and lists become dotted keys; throughput figures are keyed by backend)."""
     flat = [(f"zoo.{k}", str(v)) for k, v in cell.items()] + [("zoo.outcome", outcome)]
     for result in results:
         for key, value in result.items():
+            if key in PER_SAMPLE_KEYS:
+                continue
             if key == "throughput" and isinstance(value, dict):
                 key = f"throughput.{value.get('backend', '')}"
             flat.extend(_flatten(f"zoo.{key}", value))

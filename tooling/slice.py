@@ -70,6 +70,8 @@ class AccuracyContext:
     scratch: Path | None = None
     dims: dict[str, int] = field(default_factory=dict)  # the profile's dims (e.g. padded sequence length)
     run_host: Callable[[str, Mapping[str, np.ndarray]], Arrays] | None = None
+    # sample id -> its figures (ModelSlice.sample_figures), filled as samples are scored or resumed
+    sample_figures: dict[str, dict[str, float]] = field(default_factory=dict)
     state: dict[str, Any] = field(default_factory=dict)  # what a slice opens once per pass (a dataset)
 
     def once(self, name: str, make: Callable[[], Any]) -> Any:
@@ -163,6 +165,20 @@ class ModelSlice:
         """Write a small synthetic dataset and checkpoints under ``root`` with a computable answer."""
         raise NotImplementedError
 
+    def sample_figures(self, record: Arrays) -> dict[str, float]:
+        """The figures of one sample's record that a person compares across samples (per pair EPE,
+        per clip AKD): kept in the run history by sample name. Default: its scalar entries."""
+        return {name: float(np.asarray(value).ravel()[0]) for name, value in record.items()
+                if np.size(value) == 1 and np.issubdtype(np.asarray(value).dtype, np.number)}
+
+    # -- pictures ---------------------------------------------------------------------------------
+    def disagreement_picture(self, network: str, feeds: Mapping[str, np.ndarray], reference: Arrays,
+                             actual: Arrays) -> np.ndarray | None:
+        """A picture (HxWx3 uint8, BGR; see tooling/pictures.py) of how one call's outputs on a
+        deployed backend (``actual``) differ from torch eager's (``reference``), as a person
+        would judge it: keypoints over the image, flow fields, skeletons. None: nothing to draw."""
+        return None
+
 
 def splits_its_pass(model_slice: ModelSlice) -> bool:
     """Whether the slice lists samples and merges records (so its pass can be sharded)."""
@@ -183,6 +199,7 @@ def score_samples(model_slice: ModelSlice, ctx: AccuracyContext, samples: list[P
 
         records.append(ctx.results.cached(
             sample.id, lambda sample=sample, advance=advance: model_slice.score_sample(ctx, sample, advance)))
+        ctx.sample_figures[sample.id] = model_slice.sample_figures(records[-1])
         done += sample.units
         ctx.progress(min(done, total), total, unit)
     return records

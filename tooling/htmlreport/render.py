@@ -190,8 +190,10 @@ class Report:
             parts.append(self.img(plots.trend(f"{model}: worst |difference| per output (dashed: tolerance)",
                                               "max |difference|", self.labels, parity, log=True, series_lines=tolerance),
                                   f"{model} parity trend"))
-        for metric in sorted({n.removeprefix("metrics.") for r in self.runs for c in r.cells if c.model == model
-                              for n in c.figures if n.startswith("metrics.")}):
+        recorded = sorted({n.removeprefix("metrics.") for r in self.runs for c in r.cells if c.model == model
+                           for n in c.figures if n.startswith("metrics.")})
+        gated = set(targets) | set(self.bounds[model][1])  # the guide's targets and the agreement bounds
+        for metric in [m for m in recorded if m in gated] if gated else recorded:
             values = self._series(model, lambda c: {f"{c.gate} {c.backend}": c.figures.get(f"metrics.{metric}")}
                                   if c.gate in ACCURACY_GATES else {})
             if not values:

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from tooling.coco.dataset import CocoKeypointDataset, read_image_rgb
+from tooling.coco.pictures import keypoint_disagreement, worst_item
 from tooling.coco.evaluation import KEYPOINT_STAT_NAMES, evaluate_keypoints, first_image_ids, write_results_json
 from tooling.coco.synthetic import STAGED_ANNOTATIONS, STAGED_IMAGES, perfect_score_answer, stage_synthetic_coco
 from tooling.coco.transforms import affine_transform_points
@@ -62,6 +63,17 @@ class DekrSlice(ModelSlice):
     def export_extras(self, network: str, variant: str, exporter: str) -> dict[str, Any]:
         return deform_conv.export_extras(variant, exporter) if network == "hrnet_dekr" else {}
 
+    def disagreement_picture(self, network, feeds, reference, actual):
+        """The canvas whose heatmaps differ most, with every pose torch eager and the backend
+        decode from it (the rescoring net's scores have no picture)."""
+        if network != "hrnet_dekr":
+            return None
+        i = worst_item(reference["heatmap"], actual["heatmap"])
+        item = {"image": feeds["image"][i : i + 1]}
+        ref, act = (self.decode(network, item, {k: o[k][i : i + 1] for k in ("heatmap", "offset")})["poses_px"][..., :2]
+                    for o in (reference, actual))
+        return keypoint_disagreement(feeds["image"][i], ref, act, reference["heatmap"][i], actual["heatmap"][i])
+
     def decode(self, network: str, feeds: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]):
         """Poses on the canvas (pixels) and their scores, decoded from each batch item.
 
@@ -84,6 +96,12 @@ class DekrSlice(ModelSlice):
 
     def score_sample(self, ctx: AccuracyContext, sample: PassSample, advance) -> dict[str, np.ndarray]:
         return _detect(ctx, _dataset(ctx), sample.item, ctx.host_network("rescore"))
+
+    def sample_figures(self, record) -> dict[str, float]:
+        """Per image: how many poses were kept and the best pose score (an image's share of AP
+        exists only inside COCOeval's accumulation, so it is not listed)."""
+        scores = np.asarray(record["scores"], np.float64).ravel()
+        return {"poses": float(scores.size), "best_score": float(scores.max()) if scores.size else 0.0}
 
     def merge_records(self, ctx: AccuracyContext, samples: list[PassSample], records) -> dict[str, float]:
         """Every image's detections in one results file, then one COCOeval over the pass's images."""

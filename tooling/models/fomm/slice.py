@@ -29,6 +29,7 @@ from tooling.models.fomm.pose_estimator import build_pose_estimator
 from tooling.models.fomm.synthetic import write_test_set
 from tooling.models.fomm.video import check_clips, clip_frame_count, frames_to_input, list_clips, read_clip, reconstruction_image, save_reconstruction
 from tooling.seeded import apply_seeded_weights
+from tooling.pictures import as_image, heat, keypoints_over, panel
 from tooling.slice import AccuracyContext, KnownAnswer, ModelSlice, PassSample
 
 TEST_VIDEOS = "taichi/test"
@@ -143,6 +144,23 @@ class FommSlice(ModelSlice):
             return {"frame_uint8": np.stack([reconstruction_image(p[None]) for p in outputs["prediction"]])}
         raise KeyError(f"fomm decodes no outputs of {network!r}")
 
+    def disagreement_picture(self, network, feeds, reference, actual):
+        """Generator: the source frame, torch eager's and the backend's reconstruction and their
+        difference. Detector: both keypoint sets over the frame."""
+        if network == "generator":
+            ref, act = (np.asarray(o["prediction"], np.float64) for o in (reference, actual))
+            i = int(np.abs(act - ref).reshape(len(ref), -1).max(axis=1).argmax())
+            return panel([("source frame", as_image(feeds["source_imgs"][i])),
+                          ("torch eager reconstruction", as_image(ref[i])), ("backend reconstruction", as_image(act[i])),
+                          heat(np.abs(act[i] - ref[i]).max(axis=0), "|difference|")],
+                         footer=f"item {i} of {len(ref)}; reconstructions shown on their own range")
+        if network == "kp_detector":
+            ref, act = (self.decode(network, feeds, o)["keypoints_px"] for o in (reference, actual))
+            i = int(np.abs(act - ref).reshape(len(ref), -1).max(axis=1).argmax())
+            return panel([keypoints_over(feeds["input"][i], ref[i], act[i], "keypoints: torch (green) vs backend (red)")],
+                         footer=f"largest keypoint move {np.abs(act[i] - ref[i]).max():.3g} px")
+        return None
+
     def run_chain(self, chain: str, run: Run, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The reconstruction chain on two frames (source, driving) fed to the detector: the
         generator's keypoint inputs are the detector's outputs."""
@@ -195,6 +213,13 @@ class FommSlice(ModelSlice):
         return {"AKD": scores["AKD"], "MKR": scores["MKR"], "L1": float(l1_all.mean()),
                 "frames": float(len(l1_all)), "clips": float(len(samples)),
                 "akd_frames": scores["akd_frames"], "mkr_frames": scores["mkr_frames"]}
+
+    def sample_figures(self, record) -> dict[str, float]:
+        """Per clip: AKD and MKR over its frames (the pass's own pairing, one clip) and L1."""
+        frames = range(len(record["l1"]))
+        scores = akd_mkr([FrameKeypoints("clip", t, record["gt_keypoints"][t]) for t in frames],
+                         [FrameKeypoints("clip.png", t, record["gen_keypoints"][t]) for t in frames])
+        return {"AKD": float(scores["AKD"]), "MKR": float(scores["MKR"]), "L1": float(np.mean(record["l1"]))}
 
     @staticmethod
     def _score_clip(ctx: AccuracyContext, clip: Path, png_dir: Path, box: int, progress) -> dict[str, np.ndarray]:

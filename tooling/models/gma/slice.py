@@ -16,6 +16,7 @@ from tooling.models.gma.metric import FlowErrorTotals, endpoint_error
 from tooling.models.gma.network import DEFAULT_ITERS, INPUT_NAMES, OUTPUT_NAME, build_gma
 from tooling.models.gma.padding import InputPadder
 from tooling.models.gma.sintel import DATA, PASSES, SintelPair, read_frame, sintel_pairs
+from tooling.pictures import as_image, flow_colour, heat, panel
 from tooling.seeded import apply_seeded_weights
 from tooling.slice import AccuracyContext, KnownAnswer, ModelSlice, PassSample
 
@@ -70,6 +71,21 @@ class GmaSlice(ModelSlice):
         flow = np.asarray(outputs[OUTPUT_NAME], np.float32)
         return {"flow_px": flow, "flow_magnitude_px": np.sqrt((flow**2).sum(axis=1))}
 
+    def disagreement_picture(self, network, feeds, reference, actual):
+        """The first frame, torch eager's and the backend's flow on one colour scale, and the
+        end-point error between the two flows."""
+        torch_flow, backend_flow = (np.asarray(o[OUTPUT_NAME][0], np.float64) for o in (reference, actual))
+        scale = float(np.sqrt((torch_flow**2).sum(axis=0)).max()) or 1.0
+        epe = np.sqrt(((backend_flow - torch_flow) ** 2).sum(axis=0))
+        return panel([("frame 1", as_image(feeds[INPUT_NAMES[0]][0])), ("torch eager flow", flow_colour(torch_flow, scale)),
+                      ("backend flow", flow_colour(backend_flow, scale)), heat(epe, "EPE torch vs backend")],
+                     footer=f"flow colours share one scale ({scale:.3g} px = full brightness); mean EPE {epe.mean():.3g} px")
+
+    def sample_figures(self, record) -> dict[str, float]:
+        """Per pair: its mean end-point error and 1 px accuracy (the pass's figures, one pair)."""
+        pixels = float(record["pixels"])
+        return {"epe": float(record["epe_sum"]) / pixels, "1px": 100.0 * float(record["below_1"]) / pixels}
+
     def golden_inputs(self, spec, network: str, path: Path, data: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The full-size golden stores no inputs, only their sums: rebuild them from the two real
         frames in fixtures/ by the spec's recipe (replicate-pad 436 -> 440) and check the sums."""
@@ -91,7 +107,7 @@ class GmaSlice(ModelSlice):
     def accuracy_samples(self, ctx: AccuracyContext) -> list[PassSample]:
         """Every pair of each pass (clean, then final); ``limit`` keeps the first N of each."""
         flow_dir = ctx.data_paths[DATA["flow"]]
-        return [PassSample(f"{pass_name}-{pair.index:05d}", (pass_name, pair))
+        return [PassSample(f"{pass_name}/{pair.scene}/{pair.frame1.stem}", (pass_name, pair))
                 for pass_name in PASSES for pair in sintel_pairs(ctx.data_paths[DATA[pass_name]], flow_dir)[: ctx.limit]]
 
     def score_sample(self, ctx: AccuracyContext, sample: PassSample, advance) -> dict[str, np.ndarray]:

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from tooling.coco.dataset import CocoKeypointDataset
+from tooling.coco.pictures import keypoint_disagreement, worst_item
 from tooling.coco.synthetic import (
     STAGED_ANNOTATIONS,
     STAGED_IMAGES,
@@ -49,6 +50,13 @@ class TransPoseSlice(ModelSlice):
         scales = np.tile([width / TRANSPOSE_R_TOPDOWN.pixel_std, height / TRANSPOSE_R_TOPDOWN.pixel_std], (count, 1))
         decoded = decode_heatmaps(heatmaps, centers, scales.astype(np.float32), TRANSPOSE_R_TOPDOWN)
         return {"keypoints_px": decoded.preds, "scores": decoded.maxvals}
+
+    def disagreement_picture(self, network, feeds, reference, actual):
+        """The crop that differs most, with torch eager's and the backend's keypoints over it."""
+        i = worst_item(reference[ONNX_OUTPUT_NAME], actual[ONNX_OUTPUT_NAME])
+        ref, act = (self.decode(network, feeds, o)["keypoints_px"][i] for o in (reference, actual))
+        return keypoint_disagreement(feeds[ONNX_INPUT_NAME][i], ref[None], act[None],
+                                     reference[ONNX_OUTPUT_NAME][i], actual[ONNX_OUTPUT_NAME][i])
 
     accuracy_unit = "persons"
 

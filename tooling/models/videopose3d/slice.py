@@ -23,7 +23,24 @@ from tooling.models.videopose3d.metric import (
     sequence_mpjpe,
 )
 from tooling.models.videopose3d.network import build_vp3d
+from tooling.pictures import BACKEND_BGR, PANEL_HEIGHT, TORCH_BGR, draw_points, panel
 from tooling.slice import AccuracyContext, KnownAnswer, ModelSlice, PassSample
+
+# The 17-joint Human3.6M skeleton as limbs (joint, parent): hip, right leg, left leg, spine to head,
+# left arm, right arm.
+H36M_LIMBS = ((1, 0), (2, 1), (3, 2), (4, 0), (5, 4), (6, 5), (7, 0), (8, 7), (9, 8), (10, 9),
+              (11, 8), (12, 11), (13, 12), (14, 8), (15, 14), (16, 15))
+
+
+def _skeleton_view(poses: np.ndarray, colours) -> np.ndarray:
+    """Poses (k x 17 x 2, any units, y down) drawn on one square canvas with one shared scale."""
+    canvas = np.full((PANEL_HEIGHT, PANEL_HEIGHT, 3), 255, np.uint8)
+    low, high = poses.reshape(-1, 2).min(axis=0), poses.reshape(-1, 2).max(axis=0)
+    scale = 0.85 * PANEL_HEIGHT / max(float((high - low).max()), 1e-9)
+    centre = (low + high) / 2
+    for pose, colour in zip(poses, colours):
+        canvas = draw_points(canvas, (pose - centre) * scale + PANEL_HEIGHT / 2, colour, edges=H36M_LIMBS)
+    return canvas
 
 POSITIONS_3D = "human36m/data_3d_h36m.npz"
 DETECTIONS_2D = "human36m/data_2d_h36m_cpn_ft_h36m_dbb.npz"
@@ -66,6 +83,21 @@ class VideoPose3DSlice(ModelSlice):
             return {"joints_mm": pred * 1000.0}
         fused = [fuse_flip_pair(pred[i : i + 2], 0) for i in range(0, pred.shape[0], 2)]
         return {"joints_mm": np.stack(fused) * 1000.0}
+
+    def disagreement_picture(self, network, feeds, reference, actual):
+        """The frame whose 3-D joints moved most: its 2-D input, and torch eager's (green) and the
+        backend's (red) skeletons seen from the front (x, y) and the side (z, y)."""
+        ref, act = (np.asarray(o["3d_preds"], np.float64) for o in (reference, actual))
+        moved = np.abs(act - ref).max(axis=(-1, -2))  # per (item, frame)
+        item, frame = np.unravel_index(int(moved.argmax()), moved.shape)
+        inputs = np.asarray(feeds["2d_poses"], np.float64)
+        input_frame = min(frame + (inputs.shape[1] - ref.shape[1]) // 2, inputs.shape[1] - 1)  # centre of the receptive field
+        tiles = [("2-D input (normalised)", _skeleton_view(inputs[item, input_frame][:, :2][None], [(120, 120, 120)]))]
+        for title, axes in (("front (x, y)", (0, 1)), ("side (z, y)", (2, 1))):
+            tiles.append((title, _skeleton_view(np.stack([ref[item, frame][:, axes], act[item, frame][:, axes]]),
+                                                [TORCH_BGR, BACKEND_BGR])))
+        return panel(tiles, footer=f"item {item}, frame {frame}: largest joint move {moved.max():.3g} (metres) "
+                                   "torch eager (green) vs backend (red)")
 
     accuracy_unit = "sequences"
 
