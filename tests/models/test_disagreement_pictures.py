@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tooling.model_spec import load_model_spec
+from tooling import planning
+from tooling.baseline import load_model_spec
 
 PICTURED = {"videopose3d": "vp3d", "transpose": "transpose_r", "dekr": "hrnet_dekr", "gma": "gma", "fomm": "generator"}
 
@@ -15,7 +16,7 @@ PICTURED = {"videopose3d": "vp3d", "transpose": "transpose_r", "dekr": "hrnet_de
 def test_each_slice_draws_a_disagreement(zoo, model):
     handle = zoo.model(model)
     spec = load_model_spec(model)
-    case = next(c for c in spec.cases() if c.network == PICTURED[model] and not c.slow and c.exporter == "torchscript")
+    case = next(c for c in planning.cases(spec) if c.network == PICTURED[model] and not c.slow and c.exporter == "torchscript")
     feeds = handle.feeds(case)
     reference = handle.reference(case)
     rng = np.random.default_rng(0)
