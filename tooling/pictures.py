@@ -53,18 +53,20 @@ def flow_colour(flow: np.ndarray, scale: float | None = None) -> np.ndarray:
 
 
 def draw_points(image: np.ndarray, points: np.ndarray, colour: tuple[int, int, int], *,
-                scale: float = 1.0, edges: Sequence[tuple[int, int]] = (), cross: bool = False) -> np.ndarray:
+                scale: float = 1.0, edges: Sequence[tuple[int, int]] = (), cross: bool = False,
+                under: bool = False) -> np.ndarray:
     """Keypoints (N x 2, x then y, in the image's pixels before ``scale``) as dots, or crosses, and
-    the skeleton ``edges`` between them."""
+    the skeleton ``edges`` between them; ``under`` draws them larger, so a set drawn on top of
+    them leaves a visible rim where the two agree."""
     out = image.copy()
     pts = [(int(round(x * scale)), int(round(y * scale))) for x, y in np.asarray(points, np.float64)[:, :2]]
     for a, b in edges:
-        cv2.line(out, pts[a], pts[b], colour, 1, cv2.LINE_AA)
+        cv2.line(out, pts[a], pts[b], colour, 3 if under else 1, cv2.LINE_AA)
     for p in pts:
         if cross:
             cv2.drawMarker(out, p, colour, cv2.MARKER_CROSS, 9, 2)
         else:
-            cv2.circle(out, p, 3, colour, -1, cv2.LINE_AA)
+            cv2.circle(out, p, 5 if under else 3, colour, -1, cv2.LINE_AA)
     return out
 
 
@@ -81,23 +83,29 @@ def panel(tiles: Sequence[tuple[str, np.ndarray]], footer: str = "") -> np.ndarr
     for title, tile in tiles:
         if tile.shape[0] != PANEL_HEIGHT:
             tile, _ = upscale(tile)
-        bar = np.full((TITLE_HEIGHT, tile.shape[1], 3), 255, np.uint8)
-        cv2.putText(bar, title[: max(8, tile.shape[1] // 7)], (3, 13), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
-        columns.append(np.vstack([bar, tile]))
+        columns.append(np.vstack([_caption(title, tile.shape[1], (0, 0, 0)), tile]))
         columns.append(np.full((PANEL_HEIGHT + TITLE_HEIGHT, 4, 3), 255, np.uint8))
     picture = np.hstack(columns[:-1])
     if footer:
-        bar = np.full((TITLE_HEIGHT, picture.shape[1], 3), 255, np.uint8)
-        cv2.putText(bar, footer, (3, 13), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (60, 60, 60), 1, cv2.LINE_AA)
-        picture = np.vstack([picture, bar])
+        picture = np.vstack([picture, _caption(footer, picture.shape[1], (60, 60, 60))])
     return picture
+
+
+def _caption(text: str, width: int, colour: tuple[int, int, int]) -> np.ndarray:
+    """A white bar holding ``text``, its font shrunk until the whole text fits the width."""
+    bar = np.full((TITLE_HEIGHT, width, 3), 255, np.uint8)
+    scale = 0.4
+    while scale > 0.2 and cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)[0][0] > width - 6:
+        scale -= 0.02
+    cv2.putText(bar, text, (3, 13), cv2.FONT_HERSHEY_SIMPLEX, scale, colour, 1, cv2.LINE_AA)
+    return bar
 
 
 def keypoints_over(image_chw: np.ndarray, reference: np.ndarray, actual: np.ndarray, title: str,
                    edges: Sequence[tuple[int, int]] = ()) -> tuple[str, np.ndarray]:
     """Torch eager's keypoints (green dots) and the backend's (red crosses) over the input image."""
     picture, factor = upscale(as_image(image_chw))
-    picture = draw_points(picture, reference, TORCH_BGR, scale=factor, edges=edges)
+    picture = draw_points(picture, reference, TORCH_BGR, scale=factor, edges=edges, under=True)
     picture = draw_points(picture, actual, BACKEND_BGR, scale=factor, edges=edges, cross=True)
     return title, picture
 

@@ -38,8 +38,9 @@ def _skeleton_view(poses: np.ndarray, colours) -> np.ndarray:
     low, high = poses.reshape(-1, 2).min(axis=0), poses.reshape(-1, 2).max(axis=0)
     scale = 0.85 * PANEL_HEIGHT / max(float((high - low).max()), 1e-9)
     centre = (low + high) / 2
-    for pose, colour in zip(poses, colours):
-        canvas = draw_points(canvas, (pose - centre) * scale + PANEL_HEIGHT / 2, colour, edges=H36M_LIMBS)
+    for k, (pose, colour) in enumerate(zip(poses, colours)):  # the first (torch eager) drawn wider, underneath
+        canvas = draw_points(canvas, (pose - centre) * scale + PANEL_HEIGHT / 2, colour, edges=H36M_LIMBS,
+                             under=k == 0 and len(poses) > 1)
     return canvas
 
 POSITIONS_3D = "human36m/data_3d_h36m.npz"
