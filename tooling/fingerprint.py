@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import importlib.util
 import os
 import sys
 from functools import cache
@@ -56,19 +57,35 @@ def content_digest(path: Path | None) -> str | None:
 def source_digest(*modules: str) -> str:
     """Hash of every engine source file the named modules (or packages) import, directly or not:
     editing any of them, not only the model's own slice, invalidates what was built from them."""
+    h = hashlib.sha256()
+    for path in source_files(*modules):
+        h.update(source_label(path).encode() + b"\0")
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def source_files(*modules: str) -> list[Path]:
+    """The source files ``source_digest`` hashes, sorted: the import closure of each engine
+    module, or the file of a module outside the engine (a slice or backend a test defines)."""
     files = set()
     for module in modules:
         if module.split(".")[0] == ENGINE_PACKAGE:
             files |= _closure(module)
-        else:  # a plug-in outside the engine (a backend defined by a test): its own file
-            origin = getattr(sys.modules.get(module), "__file__", None)
-            files |= {Path(origin).resolve()} if origin else set()
-    h = hashlib.sha256()
-    for path in sorted(files):
-        label = path.relative_to(ENGINE_ROOT.parent) if path.is_relative_to(ENGINE_ROOT.parent) else path
-        h.update(label.as_posix().encode() + b"\0")
-        h.update(path.read_bytes())
-    return h.hexdigest()[:16]
+        else:
+            loaded = sys.modules.get(module)
+            origin = getattr(loaded, "__file__", None)
+            if origin is None and loaded is None:  # not imported yet: where an import would find it
+                try:
+                    origin = getattr(importlib.util.find_spec(module), "origin", None)
+                except (ImportError, ValueError):
+                    origin = None
+            files |= {Path(origin).resolve()} if origin and Path(origin).is_file() else set()
+    return sorted(files)
+
+
+def source_label(path: Path) -> str:
+    """A source file's name relative to the project (absolute outside it)."""
+    return path.relative_to(ENGINE_ROOT.parent).as_posix() if path.is_relative_to(ENGINE_ROOT.parent) else path.as_posix()
 
 
 def _module_file(name: str) -> Path:

@@ -59,6 +59,12 @@ class Gate:
     parametrize: Callable[[GateContext], Params] | None  # None: one row per model
     backend_arg: str | None  # the parameter holding a row's backend, if any
     default_backend: str  # the backend a row names when no parameter holds one
+    # What a verdict depends on besides code, yaml and fixtures (tooling/verdict_key.py): the
+    # backends it runs besides the row's own ("cpu-deployed": every deployed CPU backend serving
+    # the case), the staged inputs it reads, and whether it is a timing (host-dependent).
+    uses: tuple[str, ...] = ()
+    reads: tuple[str, ...] = ()  # checkpoints, data, upstream
+    timed: bool = False
 
 
 def backend_marks(backend: str) -> list:
@@ -180,17 +186,24 @@ def _params_cpu_speedup(ctx: GateContext) -> Params:
 GATES: dict[str, Gate] = {
     g.label: g
     for g in (
-        Gate("golden", _params_golden, None, "torch"),
-        Gate("onnx-vs-torch", _params_onnx_vs_torch, None, "onnx"),
-        Gate("deployed-vs-onnx", _params_deployed, "deployed_backend", "onnxruntime"),
-        Gate("decoded-vs-torch", _params_decoded, "deployed_backend", "onnxruntime"),
-        Gate("chain-vs-torch", _params_chain, "deployed_backend", "onnxruntime"),
-        Gate("port-vs-upstream", _params_upstream, None, "torch"),
-        Gate("accuracy", _params_accuracy, "accuracy_backend", "onnxruntime"),
-        Gate("accuracy-known-answer", None, None, "onnxruntime"),
-        Gate("accuracy-agreement", _params_agreement, "deployed_backend", "onnxruntime"),
-        Gate("throughput", _params_throughput, "backend", "torch"),
-        Gate("cpu-speedup", _params_cpu_speedup, None, "best-cpu"),
+        Gate("golden", _params_golden, None, "torch", uses=("torch",)),
+        Gate("onnx-vs-torch", _params_onnx_vs_torch, None, "onnx", uses=("torch", "onnx"), reads=("checkpoints",)),
+        Gate("deployed-vs-onnx", _params_deployed, "deployed_backend", "onnxruntime", uses=("torch", "onnx"),
+             reads=("checkpoints",)),
+        Gate("decoded-vs-torch", _params_decoded, "deployed_backend", "onnxruntime", uses=("torch",),
+             reads=("checkpoints",)),
+        Gate("chain-vs-torch", _params_chain, "deployed_backend", "onnxruntime", uses=("torch",),
+             reads=("checkpoints",)),
+        # The upstream import may stand in ONNX Runtime kernels (DEKR's DeformConv2d).
+        Gate("port-vs-upstream", _params_upstream, None, "torch", uses=("torch", "onnx"), reads=("upstream",)),
+        Gate("accuracy", _params_accuracy, "accuracy_backend", "onnxruntime", uses=("torch",),
+             reads=("checkpoints", "data")),
+        # Generated data and weights only: nothing staged is read.
+        Gate("accuracy-known-answer", None, None, "onnxruntime", uses=("torch", "onnxruntime")),
+        Gate("accuracy-agreement", _params_agreement, "deployed_backend", "onnxruntime", uses=("torch",)),
+        Gate("throughput", _params_throughput, "backend", "torch", reads=("checkpoints",), timed=True),
+        Gate("cpu-speedup", _params_cpu_speedup, None, "best-cpu", uses=("torch", "cpu-deployed"),
+             reads=("checkpoints",), timed=True),
     )
 }
 

@@ -32,6 +32,9 @@ from tooling.report import ConformanceMatrix, MatrixRow, flat_properties
 from tooling.slice import KnownAnswer
 from tooling.workspace import Options, Workspace
 
+# The verdict cache's hooks live in their own module (reuse of passes whose inputs did not change).
+pytest_plugins = ("tooling.verdict_plugin",)
+
 MODEL_MARKERS = ("videopose3d", "transpose", "dekr", "gma", "fomm")
 _matrix_key = pytest.StashKey[ConformanceMatrix]()
 _nightly_deselected_key = pytest.StashKey[int]()
@@ -375,13 +378,14 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     if cell is None:
         return
     results = inject(cell["backend"], [v for k, v in report.user_properties if k == "zoo_result"])
-    _add_matrix_row(report, cell, results)
+    cached = dict(report.user_properties).get("zoo_cached")
+    _add_matrix_row(report, cell, results, cached)
     others = [(k, v) for k, v in report.user_properties if k not in ("zoo_cell", "zoo_result", "zoo_warnings",
-                                                                        "zoo_build_error")]
-    report.user_properties = others + flat_properties(cell, report.outcome, results)
+                                                                        "zoo_build_error", "zoo_cached")]
+    report.user_properties = others + flat_properties(cell, report.outcome, results, cached)
 
 
-def _add_matrix_row(report: pytest.TestReport, cell: dict, results: list[dict]) -> None:
+def _add_matrix_row(report: pytest.TestReport, cell: dict, results: list[dict], cached: dict | None) -> None:
     if report.when == "call" or (report.when == "setup" and report.outcome != "passed") or (
         report.when == "teardown" and report.outcome == "failed"
     ):
@@ -410,7 +414,7 @@ def _add_matrix_row(report: pytest.TestReport, cell: dict, results: list[dict]) 
             outcome = "error"
         caught = list(dict.fromkeys(w for k, v in report.user_properties if k == "zoo_warnings" for w in v))
         matrix.add(MatrixRow(**cell, outcome=outcome, detail=detail, nodeid=report.nodeid, results=results,
-                             warnings=caught))
+                             warnings=caught, cached=cached))
 
 
 _CONFIG: list[pytest.Config] = []

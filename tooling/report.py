@@ -54,6 +54,7 @@ class MatrixRow:
     nodeid: str = ""
     results: list[dict] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)  # warnings raised while it ran ("Category: message")
+    cached: dict | None = None  # a reused verdict: the run and commit that computed it
 
 
 @dataclass
@@ -108,7 +109,9 @@ class ConformanceMatrix:
             lines.append(f"not on this host: {', '.join(sorted(backends))}: {why}")
         counts = self.counts()
         elsewhere = sum(1 for r in self.rows if r.backend in folded)
-        lines.append(f"total: {counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped"
+        cached = sum(1 for r in self.rows if r.cached)
+        lines.append(f"total: {counts['passed']} passed" + (f" ({cached} cached {CACHED_MARK})" if cached else "")
+                     + f", {counts['failed']} failed, {counts['skipped']} skipped"
                      + (f", {counts['error']} build errors" if counts["error"] else "")
                      + (f" ({elsewhere} on backends not on this host)" if elsewhere else ""))
         for reason, n in self.skip_reasons().most_common():
@@ -145,7 +148,7 @@ class ConformanceMatrix:
             "run": run or {},
             "note": "" if self.rows else "no conformance row in this run (no gate test selected, or "
                     "the run stopped before the first one finished)",
-            "counts": dict(self.counts()),
+            "counts": {**self.counts(), "cached": sum(1 for r in self.rows if r.cached)},
             "skips_by_reason": dict(self.skip_reasons()),
             "rows": [asdict(r) for r in self.rows],
             "throughput": throughput or [],
@@ -161,7 +164,9 @@ def _reason_class(detail: str) -> str:
 
 LEGEND = ("cells: parity = worst |difference|; accuracy = metric; accuracy-agreement = Δ largest metric move vs torch eager; throughput = rate; cpu-speedup = "
           "x torch eager (% of host GEMM peak); (x) = measured, not gated; * = upstream stand-in, see below; "
-          "skip = see reasons; FAIL = see below; ERROR = a build fault, no verdict (see below); . = not a case")
+          "skip = see reasons; FAIL = see below; ERROR = a build fault, no verdict (see below); . = not a case; "
+          "† = cached verdict, reused: its inputs did not change (run and commit: JSON report)")
+CACHED_MARK = "†"
 BACKEND_ORDER = ("torch", "onnx", "best-cpu")  # references first, then deployed backends as met
 
 
@@ -216,7 +221,7 @@ def _cell_figures(row: MatrixRow) -> dict[str, str]:
             cells[backend] = f"{ratio:.2f}x" + (f" {peak:.0%}" if peak is not None else "")
         if row.outcome == "failed":
             cells[speedups["best"]] = "FAIL " + cells[speedups["best"]]
-        return cells
+        return {b: text + CACHED_MARK * bool(row.cached) for b, text in cells.items()}
     figure = _short_figure(row.results)
     if row.outcome == "error":
         return {row.backend: "ERROR"}
@@ -225,7 +230,7 @@ def _cell_figures(row: MatrixRow) -> dict[str, str]:
     if row.outcome == "skipped":
         return {row.backend: f"({figure})" if figure else "skip"}  # a measurement without a gate
     stand_ins = any(result.get("upstream_stand_ins") for result in row.results)
-    return {row.backend: (figure or "ok") + "*" * stand_ins}
+    return {row.backend: (figure or "ok") + "*" * stand_ins + CACHED_MARK * bool(row.cached)}
 
 
 def _short_figure(results: list[dict]) -> str:
@@ -249,10 +254,14 @@ def _short_figure(results: list[dict]) -> str:
 PER_SAMPLE_KEYS = ("samples", "ratio_samples", "pictures")
 
 
-def flat_properties(cell: dict[str, Any], outcome: str, results: list[dict]) -> list[tuple[str, str]]:
+def flat_properties(cell: dict[str, Any], outcome: str, results: list[dict],
+                    cached: dict | None = None) -> list[tuple[str, str]]:
     """JUnit-friendly properties: flat ``zoo.<key>`` -> string pairs, one per scalar figure
-    (nested dicts and lists become dotted keys; throughput figures are keyed by backend)."""
+    (nested dicts and lists become dotted keys; throughput figures are keyed by backend); a reused
+    verdict says ``zoo.verdict=cached`` and where it came from (``zoo.cached.run``, ``.commit``)."""
     flat = [(f"zoo.{k}", str(v)) for k, v in cell.items()] + [("zoo.outcome", outcome)]
+    if cached:
+        flat += [("zoo.verdict", "cached")] + _flatten("zoo.cached", cached)
     for result in results:
         for key, value in result.items():
             if key in PER_SAMPLE_KEYS:

@@ -83,6 +83,11 @@ class OnnxReferenceBackend(Backend):
             return Availability(False, "onnxruntime is not installed (pip install onnxruntime)")
         return Availability(True)
 
+    def versions(self) -> dict[str, str]:
+        import onnxruntime
+
+        return {"onnxruntime": onnxruntime.__version__}
+
     def load(self, artifact: Path, request: CompileRequest) -> OrtSession:
         return OrtSession(artifact, self.config.threads, optimize=False, providers=["CPUExecutionProvider"])
 
@@ -90,11 +95,6 @@ class OnnxReferenceBackend(Backend):
 class OnnxRuntimeBackend(OnnxReferenceBackend):
     name = "onnxruntime"
     deployed = True
-
-    def versions(self) -> dict[str, str]:
-        import onnxruntime
-
-        return {"onnxruntime": onnxruntime.__version__}
 
     def load(self, artifact: Path, request: CompileRequest) -> OrtSession:
         level = request.backend_options(self.name).get("graph_optimization", "all")

@@ -1,0 +1,211 @@
+"""A cached verdict cannot lie: over every gate instance of the five real models (the rows the
+plugin parametrizes, nightly ones included), changing exactly one input changes the keys of the
+verdicts that depend on it, and no other. Each test names the input kind it changes."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tooling import fingerprint, model_spec
+from tooling.backends import BACKENDS
+from tooling.gates import GATES, GateContext
+from tooling.locations import Roots
+from tooling.model_spec import PROJECT_ROOT, load_model_spec, model_names
+from tooling.verdict_key import GateInstance, forget, verdict_key
+from tooling.workspace import Options, Workspace
+
+MODELS = ("videopose3d", "transpose", "dekr", "gma", "fomm")
+
+
+def gate_instances() -> list[GateInstance]:
+    """Every row the plugin would parametrize, built from the gate registry as it does."""
+    instances = []
+    for model in MODELS:
+        spec = load_model_spec(model)
+        ctx = GateContext(spec=spec, cases=spec.cases(), exporters=None, selected_backends=None, accuracy_backend=None)
+        test_file = PROJECT_ROOT / "tests" / "models" / f"test_{model}.py"
+        for gate in GATES.values():
+            if gate.parametrize is None:
+                rows = [{}]
+            else:
+                argnames, params = gate.parametrize(ctx)
+                names = [argnames] if isinstance(argnames, str) else list(argnames)
+                rows = [dict(zip(names, p.values)) for p in params]
+            for i, params in enumerate(rows):
+                instances.append(GateInstance(model, gate.label, params, f"{model}::{gate.label}[{i}]", (test_file,)))
+    return instances
+
+
+INSTANCES = gate_instances()
+
+
+@pytest.fixture
+def keys(tmp_path, monkeypatch):
+    """``keys()``: node -> key digest of every instance, under the roots and options given; each
+    call is a fresh run (digests are memoised per process while files are unchanged)."""
+    def compute(**roots) -> dict[str, str]:
+        forget()
+        workspace = Workspace(Roots(roots.get("data_root"), roots.get("weights_root"), roots.get("upstream_root"),
+                                    tmp_path / "cache"), Options())
+        return {i.nodeid: verdict_key(i, workspace).digest for i in INSTANCES}
+
+    return compute
+
+
+def changed(before: dict[str, str], after: dict[str, str]) -> set[str]:
+    return {node for node in before if before[node] != after[node]}
+
+
+def nodes(predicate) -> set[str]:
+    return {i.nodeid for i in INSTANCES if predicate(i)}
+
+
+def backend_of(instance: GateInstance) -> str | None:
+    gate = GATES[instance.gate]
+    return instance.params.get(gate.backend_arg) if gate.backend_arg else None
+
+
+def runs_on(instance: GateInstance) -> set[str]:
+    """The backends a row runs besides torch eager: its own and, for the speed-up gate, every
+    deployed CPU backend serving its case (its contenders)."""
+    backends = {backend_of(instance)} | set(GATES[instance.gate].uses)
+    if instance.gate == "cpu-speedup":
+        spec = load_model_spec(instance.model)
+        backends |= {n for n, cls in BACKENDS.items() if cls.deployed and cls.marker is None
+                     and spec.case_runs_on(instance.params["case"], n)}
+    return backends - {None}
+
+
+@pytest.fixture
+def engine_copy(tmp_path, monkeypatch) -> Path:
+    """A copy of the engine the keys read instead of the checkout's, to edit."""
+    root = tmp_path / "project"
+    shutil.copytree(PROJECT_ROOT / "tooling", root / "tooling", ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(fingerprint, "ENGINE_ROOT", root / "tooling")
+    fingerprint._closure.cache_clear()  # the import graph, read from the copy
+    yield root / "tooling"
+    monkeypatch.undo()
+    fingerprint._closure.cache_clear()
+    forget()
+
+
+def edit(path: Path, text: str = "\n# an edit\n") -> None:
+    path.write_text(path.read_text() + text)
+
+
+def test_the_keys_are_stable_and_distinct(keys):
+    first = keys()
+    assert first == keys(), "an unchanged input gives the same key"
+    assert len(set(first.values())) == len(first), "every gate instance has its own key"
+
+
+def test_one_slice_code_reruns_that_model_only(keys, engine_copy):
+    before = keys()
+    edit(engine_copy / "models" / "gma" / "padding.py")
+    assert changed(before, keys()) == nodes(lambda i: i.model == "gma")
+
+
+def test_a_shared_stack_reruns_the_models_that_import_it(keys, engine_copy):
+    before = keys()
+    edit(engine_copy / "coco" / "topdown.py")  # COCO top-down decoding
+    # GMA reads Sintel frames with the COCO stack's image reader, so it imports the package too.
+    assert changed(before, keys()) == nodes(lambda i: i.model in ("dekr", "transpose", "gma"))
+
+
+def test_an_engine_module_reruns_every_gate(keys, engine_copy):
+    before = keys()
+    edit(engine_copy / "compare.py")
+    assert changed(before, keys()) == set(before)
+
+
+def test_a_yaml_tolerance_reruns_the_rows_that_read_it(keys, tmp_path, monkeypatch):
+    baselines = tmp_path / "baselines"
+    shutil.copytree(model_spec.BASELINES_DIR, baselines)
+    monkeypatch.setattr(model_spec, "BASELINES_DIR", baselines)
+    before = keys()
+    dekr = baselines / "dekr.yaml"
+    text = dekr.read_text()
+    marker = "  openvino:\n"
+    head, tail = text.split(marker, 1)
+    dekr.write_text(head + marker + tail.replace("atol_of_max: 2.0e-3", "atol_of_max: 2.5e-3", 1))
+    assert dekr.read_text() != text
+    uses_openvino = nodes(lambda i: i.model == "dekr" and "openvino" in runs_on(i))
+    assert uses_openvino and changed(before, keys()) == uses_openvino
+
+
+def test_a_golden_reruns_its_golden_row_only(keys, tmp_path, monkeypatch):
+    fixtures = tmp_path / "fixtures"
+    for path in model_spec.FIXTURES_DIR.rglob("*"):  # the same files, linked; one golden replaced
+        target = fixtures / path.relative_to(model_spec.FIXTURES_DIR)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_file():
+            target.symlink_to(path)
+    monkeypatch.setattr(model_spec, "FIXTURES_DIR", fixtures)
+    golden = sorted((fixtures / "gma" / "golden").iterdir())[0]
+    before = keys()
+    data = bytearray(golden.read_bytes())
+    data[-1] ^= 1
+    golden.unlink()
+    golden.write_bytes(bytes(data))
+    assert changed(before, keys()) == nodes(
+        lambda i: i.gate == "golden" and i.model == "gma" and i.params["golden"]["file"] == golden.name)
+
+
+def test_a_checkpoint_replaced_with_the_same_size_and_mtime(keys, tmp_path):
+    weights = tmp_path / "weights"
+    (weights / "dekr").mkdir(parents=True)
+    checkpoint = weights / "dekr" / "final_rescore_coco_kpt.pth"  # the rescoring net's
+    checkpoint.write_bytes(b"A" * 4096)
+    stat = checkpoint.stat()
+    before = keys(weights_root=weights)
+    with checkpoint.open("r+b") as f:  # in place: same inode, size and (restored) mtime
+        f.write(b"B")
+    os.utime(checkpoint, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert checkpoint.stat().st_size == stat.st_size and checkpoint.stat().st_mtime_ns == stat.st_mtime_ns
+    reads = {"onnx-vs-torch", "deployed-vs-onnx", "decoded-vs-torch", "throughput", "cpu-speedup", "accuracy"}
+    expected = nodes(lambda i: i.model == "dekr" and i.gate in reads and (
+        i.gate == "accuracy" or getattr(i.params.get("case"), "network", None) == "rescore"))
+    assert expected and changed(before, keys(weights_root=weights)) == expected
+
+
+def test_one_data_file_edited_in_place(keys, tmp_path):
+    data = tmp_path / "data"
+    (data / "human36m").mkdir(parents=True)
+    for name in ("data_3d_h36m.npz", "data_2d_h36m_cpn_ft_h36m_dbb.npz"):
+        (data / "human36m" / name).write_bytes(b"\0" * 1024)
+    before = keys(data_root=data)
+    target = data / "human36m" / "data_2d_h36m_cpn_ft_h36m_dbb.npz"
+    stat = target.stat()
+    with target.open("r+b") as f:
+        f.seek(512)
+        f.write(b"\1")
+    os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert changed(before, keys(data_root=data)) == nodes(lambda i: i.model == "videopose3d" and i.gate == "accuracy")
+
+
+@pytest.mark.parametrize("runtime", ["openvino", "onnxruntime"])
+def test_a_runtime_version_reruns_the_rows_on_it(keys, monkeypatch, runtime):
+    module = pytest.importorskip(runtime)
+    before = keys()
+    monkeypatch.setattr(module, "__version__", module.__version__ + ".post1")
+    # ONNX Runtime serves the ONNX reference and its CUDA and TensorRT providers too.
+    backends = {n for n in BACKENDS if n.startswith("onnx")} if runtime == "onnxruntime" else {runtime}
+    expected = nodes(lambda i: runs_on(i) & backends)
+    assert changed(before, keys()) == expected
+    assert nodes(lambda i: i.gate == "golden") - expected, "torch-only rows do not depend on it"
+
+
+def test_another_cpu_reruns_the_speed_gates_only(keys, monkeypatch):
+    from tooling import verdict_key as module
+
+    before = keys()
+    monkeypatch.setattr(module, "host_cpu", lambda: {"cpu": "Another CPU @ 2.0GHz", "cores": 2})
+    assert changed(before, keys()) == nodes(lambda i: GATES[i.gate].timed)
+
+
+def test_every_model_is_covered():
+    assert set(MODELS) <= set(model_names())
+    assert {i.gate for i in INSTANCES} == set(GATES)
