@@ -118,7 +118,7 @@ def test_plain_pytest_runs_the_cpu_tier_and_the_nightly_tier_is_asked_for(toy_pr
 def test_required_backend_that_is_unavailable_fails_instead_of_skipping(toy_project):
     # No Ascend toolkit here: om is unavailable. Plain runs skip; a host that requires it fails.
     common = ("-p", "tooling.pytest_plugin", "-p", "no:cacheprovider", "-o", "markers=toynet",
-              "-k", "deployed_matches_onnx and b1", "--backends", "onnxruntime,om")
+              "-k", "deployed_matches_onnx and b1", "--backends", "onnxruntime,om", "--no-verdict-cache")
     toy_project.runpytest_subprocess(*common).assert_outcomes(passed=1, skipped=1)
     required = toy_project.runpytest_subprocess(*common, "--require-backends", "om")
     required.assert_outcomes(passed=1, failed=1)
