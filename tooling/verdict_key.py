@@ -39,6 +39,7 @@ from typing import Any, Mapping
 import yaml
 from packaging.requirements import Requirement
 
+from tooling import baseline, planning
 from tooling import model_spec as model_specs
 from tooling.backends import BACKENDS
 from tooling.fingerprint import content_digest, file_digest, source_files, source_label
@@ -80,7 +81,7 @@ def verdict_key(instance: GateInstance, workspace) -> VerdictKey:
     backends) describes; nothing is built or run to compute it."""
     roots, options = workspace.roots, workspace.options
     gate = GATES[instance.gate]
-    spec = model_specs.load_model_spec(instance.model)
+    spec = baseline.load_model_spec(instance.model)
     params = dict(instance.params)
     networks = networks_used(spec, params)
     backends = backends_used(gate, spec, params)
@@ -136,7 +137,7 @@ def backends_used(gate, spec, params: Mapping[str, Any]) -> list[str]:
     if "cpu-deployed" in gate.uses:
         case = params.get("case")
         names += [n for n, cls in BACKENDS.items() if cls.deployed and cls.marker is None
-                  and (case is None or spec.case_runs_on(case, n))]
+                  and (case is None or planning.case_runs_on(spec, case, n))]
     return list(dict.fromkeys(names))
 
 
@@ -258,7 +259,7 @@ def _yaml_digest(model: str, networks: list[str], backends: list[str]) -> str:
     """The model's yaml as read now, keeping of ``networks``, ``backend_tolerances`` and
     ``chains`` only the entries the row reads; everything else (profiles, accuracy, throughput)
     is kept whole."""
-    path = model_specs.BASELINES_DIR / f"{model}.yaml"
+    path = baseline.BASELINES_DIR / f"{model}.yaml"
     memo = (file_digest(path), tuple(networks), tuple(backends))
     if memo not in _yaml_digests:
         _yaml_digests[memo] = _restricted_digest(_read_yaml(path), networks, backends)

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from tooling import fingerprint, model_spec
+from tooling import baseline, fingerprint, model_spec, planning
 from tooling.backends import BACKENDS
 from tooling.gates import GATES, GateContext
 from tooling.locations import Roots
-from tooling.model_spec import PROJECT_ROOT, load_model_spec, model_names
+from tooling.baseline import load_model_spec, model_names
+from tooling.model_spec import PROJECT_ROOT
 from tooling.verdict_key import GateInstance, forget, verdict_key
 from tooling.workspace import Options, Workspace
 
@@ -25,7 +26,7 @@ def gate_instances() -> list[GateInstance]:
     instances = []
     for model in MODELS:
         spec = load_model_spec(model)
-        ctx = GateContext(spec=spec, cases=spec.cases(), exporters=None, selected_backends=None, accuracy_backend=None)
+        ctx = GateContext(spec=spec, cases=planning.cases(spec), exporters=None, selected_backends=None, accuracy_backend=None)
         test_file = PROJECT_ROOT / "tests" / "models" / f"test_{model}.py"
         for gate in GATES.values():
             if gate.parametrize is None:
@@ -75,7 +76,7 @@ def runs_on(instance: GateInstance) -> set[str]:
     if instance.gate == "cpu-speedup":
         spec = load_model_spec(instance.model)
         backends |= {n for n, cls in BACKENDS.items() if cls.deployed and cls.marker is None
-                     and spec.case_runs_on(instance.params["case"], n)}
+                     and planning.case_runs_on(spec, instance.params["case"], n)}
     return backends - {None}
 
 
@@ -123,8 +124,8 @@ def test_an_engine_module_reruns_every_gate(keys, engine_copy):
 
 def test_a_yaml_tolerance_reruns_the_rows_that_read_it(keys, tmp_path, monkeypatch):
     baselines = tmp_path / "baselines"
-    shutil.copytree(model_spec.BASELINES_DIR, baselines)
-    monkeypatch.setattr(model_spec, "BASELINES_DIR", baselines)
+    shutil.copytree(baseline.BASELINES_DIR, baselines)
+    monkeypatch.setattr(baseline, "BASELINES_DIR", baselines)
     before = keys()
     dekr = baselines / "dekr.yaml"
     text = dekr.read_text()
