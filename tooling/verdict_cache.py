@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import time
 import uuid
@@ -87,6 +88,11 @@ class VerdictCache:
             raise DamagedEntry(f"{path}: format {entry.get('format')!r}, expected {FORMAT}")
         if entry.get("key") != key.digest:
             raise DamagedEntry(f"{path}: holds key {entry.get('key')!r}, not {key.digest}")
+        for result in entry.get("results") or []:
+            pictures = result.get("pictures") if isinstance(result, dict) else None
+            missing = [p for p in (pictures or {}).values() if not Path(p).is_file()]
+            if missing:
+                raise DamagedEntry(f"{path}: picture {missing[0]} is missing")
         try:
             return CachedVerdict(
                 key=entry["key"], nodeid=str(entry["nodeid"]), results=_records(entry["results"]),
@@ -100,6 +106,12 @@ class VerdictCache:
               run: str, seconds: float) -> Path | None:
         """Write the pass of ``key`` atomically; None (nothing stored) where the cache is read-only."""
         path = self.path(model, key)
+        try:
+            results = self._keep_pictures(path, results)
+        except OSError as exc:
+            if denied(exc):
+                return None
+            raise
         entry = {
             "format": FORMAT, "key": key.digest, "nodeid": nodeid, "results": results, "relabels": relabels,
             "run": run, "commit": commit_of_checkout(), "stored_at": time.time(), "seconds": seconds,
@@ -122,6 +134,25 @@ class VerdictCache:
 
     def discard(self, model: str, key: VerdictKey) -> None:
         self.path(model, key).unlink(missing_ok=True)
+
+    @staticmethod
+    def _keep_pictures(path: Path, results: list[dict]) -> list[dict]:
+        """Results whose ``pictures`` (caption -> file, written to the test's tmp dir) point at
+        copies kept next to the entry, so a reused row still shows them."""
+        kept = []
+        for result in results:
+            pictures = result.get("pictures")
+            if isinstance(pictures, dict) and pictures:
+                folder = path.with_suffix(".pictures")
+                folder.mkdir(parents=True, exist_ok=True)
+                copies = {}
+                for i, (caption, source) in enumerate(pictures.items()):
+                    target = folder / f"{i}-{Path(source).name}"
+                    shutil.copyfile(source, target)
+                    copies[caption] = str(target)
+                result = {**result, "pictures": copies}
+            kept.append(result)
+        return kept
 
 
 def _checksum(entry: dict) -> str:

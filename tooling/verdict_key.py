@@ -246,12 +246,14 @@ def upstream_state(spec, roots: Roots) -> dict[str, Any]:
     whether a source for it is staged here."""
     from tooling.sources import UpstreamNotStaged, upstream_source
 
-    state: dict[str, Any] = {"commit": spec.upstream.get("commit"), "patches": patches_digest(spec.patches)}
-    if spec.upstream.get("commit"):
-        try:
-            state["origin"] = upstream_source(spec).origin(roots.upstream_root)
-        except UpstreamNotStaged:
-            state["origin"] = None
+    if not spec.upstream.get("commit"):
+        return {"commit": None}
+    source = upstream_source(spec)
+    state: dict[str, Any] = {"commit": source.commit, "patches": patches_digest(source.patches_dir)}
+    try:
+        state["origin"] = source.origin(roots.upstream_root)
+    except UpstreamNotStaged:
+        state["origin"] = None
     return state
 
 

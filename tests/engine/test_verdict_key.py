@@ -211,3 +211,27 @@ def test_another_cpu_reruns_the_speed_gates_only(keys, monkeypatch):
 def test_every_model_is_covered():
     assert set(MODELS) <= set(model_names())
     assert {i.gate for i in INSTANCES} == set(GATES)
+
+
+def test_a_stored_pass_keeps_its_pictures_and_a_missing_one_is_damage(tmp_path):
+    from tooling.verdict_cache import DamagedEntry, VerdictCache
+    from tooling.verdict_key import VerdictKey
+
+    picture = tmp_path / "run" / "disagreement-openvino.png"
+    picture.parent.mkdir()
+    picture.write_bytes(b"\x89PNG picture")
+    cache = VerdictCache(tmp_path / "cache")
+    key = VerdictKey("k" * 32, {"node": "x"}, timed=False)
+    cache.store("toynet", key, nodeid="x", results=[{"worst_max_abs": 0.0, "pictures": {"largest": str(picture)}}],
+                relabels=[], run="run-1", seconds=1.5)
+    picture.unlink()  # the test's tmp dir goes; the kept copy stays
+    stored = cache.load("toynet", key)
+    kept = Path(stored.results[0]["pictures"]["largest"])
+    assert kept.read_bytes() == b"\x89PNG picture" and stored.run == "run-1" and stored.provenance()["commit"]
+    kept.unlink()
+    with pytest.raises(DamagedEntry, match="picture .* is missing"):
+        cache.load("toynet", key)
+    cache.path("toynet", key).write_text('{"sha256": "0", "entry": {}}')
+    with pytest.raises(DamagedEntry, match="checksum"):
+        cache.load("toynet", key)
+    assert cache.load("toynet", VerdictKey("n" * 32, {}, timed=False)) is None
