@@ -5,18 +5,20 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
 
 from tooling.backends.cpu import TorchSession
-from tooling.cache import CacheNotWritable, denied
+from tooling.cache import CacheNotWritable, denied, hold_lock
 from tooling.fingerprint import content_digest
 from tooling.jsonio import write_json
 from tooling.locations import Roots, data_paths, find_checkpoint, missing_accuracy_inputs
-from tooling.progress import SAMPLE_FIGURES, ProgressReporter, ResultStore, owned_run, say
-from tooling.slice import AccuracyContext
+from tooling.progress import SAMPLE_FIGURES, ProgressReporter, ResultStore, owned_run, run_lock, say
+from tooling.shards import DONE, Shard, ids_digest, merge_id, read_shard, split, write_done
+from tooling.slice import AccuracyContext, score_samples, splits_its_pass
 from tooling.weights import WeightsChoice
 from tooling.workspace import ModelHandle
 
@@ -33,13 +35,17 @@ class AccuracyInputsMissing(RuntimeError):
 def run_accuracy(handle: ModelHandle, backend_name: str, *, roots: Roots | None = None, profile: str | None = None,
                  limit: int | None = None, label: str | None = None,
                  oracles: Mapping[str, Any] | None = None, run_dir: Path | None = None,
-                 seeded: bool = False, observe: CallObserver | None = None) -> dict[str, float]:
+                 seeded: bool = False, observe: CallObserver | None = None,
+                 shards: int = 1, shard: Shard | None = None) -> dict[str, float]:
     """Score the staged dataset on ``backend_name`` with the staged checkpoints.
 
     ``oracles`` replaces the named networks by stand-ins (known-answer runs only); ``run_dir``
     holds the resumable records (default: a directory per input fingerprint in the cache);
     ``seeded`` runs every network on seeded weights instead of checkpoints; ``observe`` sees
     each network call's feeds and outputs (the agreement gate re-runs them on torch).
+    ``shard`` scores one part of a sharded pass (what it returns is a count, not a figure);
+    ``shards`` > 1 merges that many parts into the pass's figures (tooling/shards.py), scoring
+    here any part no other process has started and waiting for those running elsewhere.
     """
     roots = roots or handle.ws.roots
     if handle.spec.accuracy is None:
@@ -86,33 +92,99 @@ def run_accuracy(handle: ModelHandle, backend_name: str, *, roots: Roots | None 
     }
     run_id = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:16]
     run_dir = run_dir or handle.ws.roots.cache_dir / "runs" / handle.spec.name / run_id
-    with contextlib.ExitStack() as owned:
-        try:
-            run_dir = owned.enter_context(owned_run(run_dir, label or f"score {handle.spec.name} on {backend_name}"))
-            store = ResultStore(run_dir / "records", fingerprint, restart=handle.ws.options.restart_accuracy)
-        except OSError as exc:
-            if not denied(exc):
-                raise
-            raise CacheNotWritable(
-                f"{run_dir}: cannot keep the resumable records of this accuracy pass ({exc.strerror}); "
-                "use a writable --cache-dir"
-            ) from None
-        reporter = ProgressReporter(label or f"{handle.spec.name} accuracy on {backend_name}",
-                                    logfile=run_dir / "progress.txt", fresh=lambda: store.computed)
-        def run_host(network: str, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-            if network in oracles:
-                return oracles[network](feeds)
-            net = handle.spec.networks[network]
-            return TorchSession(handle.network(network, None, weights[network])[0], net.input_names, net.output_names).run(feeds)
+    label = label or f"{handle.spec.name} accuracy on {backend_name}"
 
-        ctx = AccuracyContext(
-            spec=handle.spec, data_paths=paths, run=run, progress=reporter, results=store,
+    def run_host(network: str, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if network in oracles:
+            return oracles[network](feeds)
+        net = handle.spec.networks[network]
+        return TorchSession(handle.network(network, None, weights[network])[0], net.input_names, net.output_names).run(feeds)
+
+    def context(folder: Path, store: Any, progress: Callable[[int, int, str], None]) -> AccuracyContext:
+        return AccuracyContext(
+            spec=handle.spec, data_paths=paths, run=run, progress=progress, results=store,
             host_network=lambda name: handle.network(name, None, weights[name])[0],
-            limit=limit, scratch=run_dir, dims=dims, run_host=run_host,
+            limit=limit, scratch=folder, dims=dims, run_host=run_host,
         )
-        say(f"{reporter.label}: records in {run_dir}")
-        metrics = handle.slice.evaluate(ctx)
-        write_json(run_dir / "metrics.json", metrics)
-        write_json(run_dir / SAMPLE_FIGURES, ctx.sample_figures)
-    handle.last_run_dir = run_dir  # where the gate finds the per-sample figures of this pass
+
+    def scoring(folder: Path, store_fingerprint: dict, restart: bool) -> tuple[ResultStore, AccuracyContext]:
+        store = writable(folder, lambda: ResultStore(folder / "records", store_fingerprint, restart=restart))
+        reporter = ProgressReporter(label, logfile=folder / "progress.txt", fresh=lambda: store.computed)
+        return store, context(folder, store, reporter)
+
+    if shard is None and shards == 1:
+        with contextlib.ExitStack() as stack:
+            folder = writable(run_dir, lambda: stack.enter_context(owned_run(run_dir, f"score {label}")))
+            _, ctx = scoring(folder, fingerprint, handle.ws.options.restart_accuracy)
+            say(f"{label}: records in {folder}")
+            metrics = handle.slice.evaluate(ctx)
+            write_json(folder / "metrics.json", metrics)
+            write_json(folder / SAMPLE_FIGURES, ctx.sample_figures)
+        handle.last_run_dir = folder  # where the gate finds the per-sample figures of this pass
+        return metrics
+    return _sharded_pass(handle, run_dir, fingerprint, label, shard or shards, context, scoring)
+
+
+def writable(folder: Path, make: Callable[[], Any]) -> Any:
+    """``make()``, where a cache that may not be written says so, naming the run folder."""
+    try:
+        return make()
+    except OSError as exc:
+        if not denied(exc):
+            raise
+        raise CacheNotWritable(f"{folder}: cannot keep the resumable records of this accuracy pass "
+                               f"({exc.strerror}); use a writable --cache-dir") from None
+
+
+def _sharded_pass(handle: ModelHandle, run_dir: Path, fingerprint: dict, label: str, part: Shard | int,
+                  context: Callable[..., AccuracyContext], scoring: Callable) -> dict[str, float]:
+    """Score one shard (``part`` a Shard) or merge ``part`` shards (an int) of the pass. Each
+    shard scores into its own folder under the run's, held by one process at a time (a merge
+    waits for a shard another process is scoring, and takes a dead host's over after its lease
+    times out)."""
+    model_slice = handle.slice
+    if not splits_its_pass(model_slice):
+        raise TypeError(f"{handle.spec.name}: its slice scores the pass whole (evaluate only), so it cannot be sharded")
+    count = part.count if isinstance(part, Shard) else part
+    samples = model_slice.accuracy_samples(context(run_dir, None, lambda *_: None))
+    parts = split(samples, count)
+    shards_dir = run_dir / "shards"
+
+    def score(which: Shard, restart: bool) -> None:
+        folder = shards_dir / which.id
+        mine = parts[which.index - 1]
+        with contextlib.ExitStack() as stack:
+            def hold() -> None:
+                folder.parent.mkdir(parents=True, exist_ok=True)
+                stack.enter_context(hold_lock(run_lock(folder), f"score {which.label} of {label}"))
+
+            writable(folder, hold)
+            if restart:
+                (folder / DONE).unlink(missing_ok=True)
+            if (folder / DONE).is_file():
+                return  # scored already (by its own item, or by a merge that got there first)
+            store, ctx = scoring(folder, {**fingerprint, "shard": which.id, "samples": ids_digest(mine)}, restart)
+            score_samples(model_slice, ctx, mine)
+            write_done(folder, which, mine, {s.id: store.record_path(s.id) for s in mine})
+
+    if isinstance(part, Shard):
+        score(part, handle.ws.options.restart_accuracy)
+        mine = parts[part.index - 1]
+        return {"samples": float(len(mine)), model_slice.accuracy_unit: float(sum(s.units for s in mine))}
+    records = []
+    for index in range(1, count + 1):
+        which = Shard(index, count)
+        if not (shards_dir / which.id / DONE).is_file():
+            print(f"zoo: {label}: {which.label} not finished when its merge started: scoring (or waiting for) "
+                  "it here", file=sys.stderr, flush=True)
+            score(which, restart=False)
+        records += read_shard(shards_dir / which.id, which, parts[index - 1], label)
+    with contextlib.ExitStack() as stack:
+        merge_dir = shards_dir / merge_id(count)
+        folder = writable(merge_dir, lambda: stack.enter_context(owned_run(merge_dir, f"merge {label}")))
+        ctx = context(folder, None, lambda *_: None)
+        metrics = model_slice.merge_records(ctx, samples, records)
+        write_json(folder / "metrics.json", metrics)
+        write_json(folder / SAMPLE_FIGURES, {s.id: model_slice.sample_figures(r) for s, r in zip(samples, records)})
+    handle.last_run_dir = folder
     return metrics

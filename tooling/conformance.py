@@ -24,6 +24,7 @@ from tooling.pictures import png_bytes
 from tooling.progress import SAMPLE_FIGURES
 from tooling.report import ThroughputEntry
 from tooling.roofline import host_peak_gflops
+from tooling.shards import Shard, parse_merge
 from tooling.sources import UpstreamDependencyMissing, UpstreamNotStaged
 from tooling.speed import InterleavedRounds, merge
 from tooling.triage import TriageUnsupported, triage_case
@@ -236,14 +237,24 @@ class ConformanceSuite:
 
     @pytest.mark.accuracy
     @gate("accuracy")
-    def test_accuracy_on_staged_dataset(self, zoo: Workspace, accuracy_backend: str, request):
+    def test_accuracy_on_staged_dataset(self, zoo: Workspace, accuracy_backend: str, accuracy_part, request):
+        """The guide's dataset metric meets its target. Under --accuracy-shards N the pass is N
+        shard items (each scores its part, resumable on its own, possibly on another device or
+        host) and a merge item that computes the figure from every shard's records and holds the
+        verdict; a shard missing or damaged at the merge is named and fails it."""
         require_backend(zoo, accuracy_backend)
         handle = zoo.model(self.model)
         accuracy = handle.spec.accuracy
+        shard = accuracy_part if isinstance(accuracy_part, Shard) else None
+        shards = parse_merge(accuracy_part) if isinstance(accuracy_part, str) else 1
         try:
-            metrics = run_accuracy(handle, accuracy_backend, limit=zoo.options.accuracy_limit)
+            metrics = run_accuracy(handle, accuracy_backend, limit=zoo.options.accuracy_limit, shard=shard, shards=shards)
         except AccuracyInputsMissing as exc:
             pytest.skip(f"{self.model} accuracy needs staged inputs: {exc}")
+        if shard is not None:
+            record(request, shard=metrics)
+            print(f"{self.model} accuracy {shard.label} on {accuracy_backend}: {metrics}")
+            return
         value = metrics[accuracy.metric]
         record(request, metrics=metrics, target=accuracy.target, **pass_records(handle.last_run_dir))
         print(f"{self.model} {accuracy.metric} = {value:.4f} on {accuracy_backend} (target {accuracy.target})")

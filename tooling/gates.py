@@ -19,6 +19,8 @@ import pytest
 from tooling import planning
 from tooling.backends import BACKENDS
 from tooling.model_spec import Case, ModelSpec
+from tooling.shards import Shard, merge_id
+from tooling.slice import splits_its_pass
 from tooling.sources import upstream_source
 
 ATTRIBUTE = "zoo_gate"
@@ -33,6 +35,7 @@ class GateContext:
     exporters: tuple[str, ...] | None  # --exporter
     selected_backends: tuple[str, ...] | None  # --backends
     accuracy_backend: str | None  # --accuracy-backend
+    accuracy_shards: int = 1  # --accuracy-shards: parts of each dataset pass, merged by a last item
 
     @property
     def deployed(self) -> list[str]:
@@ -145,20 +148,29 @@ def _undeployed_case(spec: ModelSpec, network: str) -> Case:
 
 def _params_accuracy(ctx: GateContext) -> Params:
     """One row per deployed backend that serves the accuracy profile (its variants and its
-    ``exclude_backends`` both decide), or the one --accuracy-backend names."""
+    ``exclude_backends`` both decide), or the one --accuracy-backend names. With
+    ``--accuracy-shards N`` (and a slice that splits its pass), each row becomes N shard items
+    that workers score at once and a merge item that computes the figure and holds the verdict."""
     spec = ctx.spec
+    names = ("accuracy_backend", "accuracy_part")
     if spec.accuracy is None:
-        return "accuracy_backend", []
+        return names, []
     profile_cases = [c for c in planning.cases(spec) if c.profile == spec.accuracy.profile]
     # The pass picks each sample's shape (DEKR: its ATC bucket), not the profile's dims.
     runnable = [b for b in ctx.deployed if any(planning.case_runs_on(spec, c, b, at_profile_shape=False) for c in profile_cases)]
     chosen = ctx.accuracy_backend
-    if chosen is None:
-        return "accuracy_backend", [pytest.param(b, id=b, marks=backend_marks(b)) for b in runnable]
-    if chosen in runnable:
-        return "accuracy_backend", [pytest.param(chosen, id=chosen, marks=backend_marks(chosen))]
-    reason = f"--accuracy-backend {chosen}: profile {spec.accuracy.profile} is not served by it (served by: {runnable})"
-    return "accuracy_backend", [pytest.param(chosen, id=chosen, marks=[pytest.mark.skip(reason=reason)])]
+    if chosen is not None and chosen not in runnable:
+        reason = f"--accuracy-backend {chosen}: profile {spec.accuracy.profile} is not served by it (served by: {runnable})"
+        return names, [pytest.param(chosen, None, id=chosen, marks=[pytest.mark.skip(reason=reason)])]
+    backends = runnable if chosen is None else [chosen]
+    count = ctx.accuracy_shards
+    if count > 1 and not splits_its_pass(spec.load_slice()):
+        count = 1  # a slice that only overrides evaluate() scores its pass whole
+    if count == 1:
+        return names, [pytest.param(b, None, id=b, marks=backend_marks(b)) for b in backends]
+    parts = [*(Shard(k, count) for k in range(1, count + 1)), merge_id(count)]
+    return names, [pytest.param(b, part, id=f"{b}-{getattr(part, 'id', part)}", marks=backend_marks(b))
+                   for b in backends for part in parts]
 
 
 def _params_agreement(ctx: GateContext) -> Params:

@@ -39,19 +39,20 @@ def owned_run(run_dir: Path, what: str) -> Iterator[Path]:
     run_dir = Path(run_dir)
     with contextlib.ExitStack() as stack:
         try:
-            stack.enter_context(hold_lock(_run_lock(run_dir), what, timeout_s=0))
+            stack.enter_context(hold_lock(run_lock(run_dir), what, timeout_s=0))
             folder = run_dir
         except LockTimeout:
-            holder = lock_holder(_run_lock(run_dir))
+            holder = lock_holder(run_lock(run_dir))
             folder = run_dir.with_name(f"{run_dir.name}.{socket.gethostname()}-{os.getpid()}")
-            stack.enter_context(hold_lock(_run_lock(folder), what))
+            stack.enter_context(hold_lock(run_lock(folder), what))
             stack.callback(shutil.rmtree, folder, True)  # runs before the lock above is released
             print(f"zoo: {run_dir} is being scored by {holder}; this pass ({what}) scores into "
                   f"{folder.name} and resumes nothing", file=sys.stderr, flush=True)
         yield folder
 
 
-def _run_lock(run_dir: Path) -> Path:
+def run_lock(run_dir: Path) -> Path:
+    """The lock that says who owns the accuracy run folder ``run_dir``."""
     return run_dir.with_name(f"{run_dir.name}.lock")
 
 
@@ -84,6 +85,10 @@ class ResultStore:
         if safe != sample_id:
             safe += "-" + hashlib.sha256(sample_id.encode()).hexdigest()[:8]
         return self.directory / f"{safe}.npz"
+
+    def record_path(self, sample_id: str) -> Path:
+        """Where the record of ``sample_id`` is kept (whether or not it exists yet)."""
+        return self._path(sample_id)
 
     def completed(self) -> list[Path]:
         return [p for p in self.directory.glob("*.npz") if not p.name.startswith(".")]

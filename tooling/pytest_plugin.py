@@ -22,13 +22,16 @@ from tooling.backends.base import worker_device
 from tooling.baseline import load_model_spec
 from tooling.cache import CacheError, check_cache_root
 from tooling.conformance import ConformanceSuite
+from tooling.fleet import Fleet, fleet_gateway_alive
 from tooling.gates import GateContext, gate_of
 from tooling.history.session import Recorded, history_path, inject, record_run
 from tooling.history.store import HistoryError
-from tooling.locations import Roots
+from tooling.locations import ENV, Roots
 from tooling.model_spec import EXPORTERS, Case, ChainCase
 from tooling.progress import set_live_sink
 from tooling.report import ConformanceMatrix, MatrixRow, flat_properties
+from tooling.schedule import Durations, LongestFirstScheduling
+from tooling.shards import Shard, parse_merge
 from tooling.slice import KnownAnswer
 from tooling.workspace import Options, Workspace
 
@@ -46,6 +49,8 @@ _builds_reported_key = pytest.StashKey[int]()
 _started_key = pytest.StashKey[float]()
 _history_key = pytest.StashKey["Recorded | str"]()
 _report_written_key = pytest.StashKey[str]()
+_fleet_key = pytest.StashKey[Fleet]()
+_durations_key = pytest.StashKey[Durations]()
 
 
 def _positive_int(raw: str) -> int:
@@ -72,6 +77,24 @@ def _deployed_backend_names(raw: str) -> str:
                 f"{name!r} is a reference every case runs anyway, not a deployed backend; "
                 f"deployed backends: {', '.join(deployed)}")
     return raw
+
+
+def _shard_count(raw: str) -> int | str:
+    return raw if raw == "auto" else _positive_int(raw)
+
+
+def accuracy_shards(config: pytest.Config) -> int:
+    """--accuracy-shards, with 'auto' resolved to the run's xdist workers (the same on the
+    controller and every worker, so all collect the same items)."""
+    chosen = config.getoption("--accuracy-shards")
+    if chosen != "auto":
+        return chosen
+    try:
+        from xdist.workermanage import parse_tx_spec_config
+
+        return max(1, len(parse_tx_spec_config(config)))
+    except (ImportError, pytest.UsageError, ValueError):
+        return 1  # no xdist, or no workers asked for
 
 
 def _deployed_backend_name(raw: str) -> str:
@@ -101,6 +124,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--accuracy-backend", type=_deployed_backend_name,
                     help="backend for the dataset accuracy gate (default: every deployed one)")
     group.addoption("--restart-accuracy", action="store_true", help="discard resumable accuracy results")
+    group.addoption("--accuracy-shards", type=_shard_count, default=1,
+                    help="split each dataset pass into N shards that xdist workers (devices, hosts) score at once, "
+                    "merged by a last item into the unsharded figures; 'auto': one per xdist worker (default 1)")
     group.addoption("--zoo-report", default="reports/conformance.json", help="JSON conformance report path")
     group.addoption("--nightly", action="store_true", default=_env_flag("ZOO_NIGHTLY"),
                     help="also run the nightly tier (tests marked slow: deploy shapes, every batch size); "
@@ -206,6 +232,8 @@ def pytest_configure(config: pytest.Config) -> None:
     if not hasattr(config, "workerinput") and not config.option.collectonly:
         _check_report_path(_report_path(config))
     torch.set_num_threads(config.getoption("--threads"))
+    if not hasattr(config, "workerinput") and not config.option.collectonly:
+        config.stash[_durations_key] = Durations(cache_dir)
 
 
 def _report_path(config: pytest.Config) -> Path:
@@ -322,6 +350,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         spec=spec, cases=planning.cases(spec, exporters=exporters), exporters=exporters,
         selected_backends=_selected_backends(metafunc.config),
         accuracy_backend=metafunc.config.getoption("--accuracy-backend"),
+        accuracy_shards=accuracy_shards(metafunc.config),
     )
     argnames, params = registered.parametrize(context)
     metafunc.parametrize(argnames, params)
@@ -358,7 +387,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         golden = params.get("golden")
         # An empty parameter set (say, a model without goldens) leaves pytest's NOTSET marker here.
         label = case.id if isinstance(case, (Case, ChainCase)) else golden["file"] if isinstance(golden, dict) else "-"
-        cell = {"model": model, "gate": registered.label, "backend": backend or registered.default_backend, "case": label}
+        gate_label = registered.label
+        part = params.get("accuracy_part")
+        if isinstance(part, Shard):  # a shard only scores; the merge item holds the verdict
+            gate_label, label = "accuracy-shard", part.label
+        elif isinstance(part, str):
+            label = f"merge of {parse_merge(part)} shards"
+        cell = {"model": model, "gate": gate_label, "backend": backend or registered.default_backend, "case": label}
         item.user_properties.append(("zoo_cell", cell))
 
 
@@ -366,9 +401,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     """Add the row to the conformance matrix and the artifacts built to the run's list, then (in the
     process that writes JUnit XML, before junitxml reads them) replace the structured records by
-    flat ``zoo.*`` string properties."""
+    flat ``zoo.*`` string properties. Each phase's duration counts towards the test's time in
+    the durations file (longest first, next run)."""
     if _CONFIG and hasattr(_CONFIG[0], "workerinput"):
         return  # an xdist worker forwards the structured records to the controller untouched
+    durations = _CONFIG[0].stash.get(_durations_key, None) if _CONFIG else None
+    if durations is not None:
+        durations.add(report.nodeid, report.duration)
     builds = [b for k, v in report.user_properties if k == "zoo_builds" for b in v]
     matrix = _current_matrix()
     if builds and matrix is not None:
@@ -500,6 +539,66 @@ def _record_history(config: pytest.Config, matrix: ConformanceMatrix, exit_statu
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     set_live_sink(None)
+    durations = config.stash.get(_durations_key, None)
+    if durations is not None:
+        try:
+            durations.save()
+        except OSError:
+            pass  # a read-only cache: the next run orders by what it has
+    fleet = config.stash.get(_fleet_key, None)
+    if fleet is not None:
+        fleet.close()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """Under ``--dist load`` (what ``-n`` uses): tests handed out longest first (tooling/schedule.py)."""
+    if config.getvalue("dist") != "load":
+        return None
+    durations = config.stash.get(_durations_key, None) or Durations(
+        Roots.resolve(cache_dir=config.getoption("--cache-dir")).cache_dir)
+    return LongestFirstScheduling(config, log, durations.order)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:
+    """A worker behind a proxy gateway died with its host (``popen//via=``): its gateway and the
+    dead proxy leave execnet's group, whose teardown would otherwise try to kill them through the
+    closed socket, raise, and lose the run's report (JUnit, grid) after the crash was recorded."""
+    gateway = node.gateway
+    if error is None or not gateway.spec.via:
+        return
+    group = getattr(gateway, "_group", None)
+    proxy = next((gw for gw in group or () if gw.id == gateway.spec.via), None)
+    if group is None or proxy is None or fleet_gateway_alive(proxy):
+        return
+    for dead in (gateway, proxy):
+        if dead in group._gateways:
+            group._gateways.remove(dead)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_newgateway(gateway) -> None:
+    """A gateway to another host (``--tx socket=HOST:PORT``, ``ssh=HOST``, or ``popen//via=`` one)
+    runs workers only where the checkout, venv, staged data and artifact cache are the
+    controller's (tooling/fleet.py); a host that differs is refused before any test, by name."""
+    spec = gateway.spec
+    if spec.popen and not spec.via:
+        return  # a worker on this host shares everything with the controller
+    config = _CONFIG[0]
+    fleet = config.stash.get(_fleet_key, None)
+    if fleet is None:
+        roots = {name: (config.getoption("--" + name.replace("_", "-")), env) for name, env in ENV.items()}
+        cache_dir = Roots.resolve(cache_dir=config.getoption("--cache-dir")).cache_dir
+        fleet = config.stash[_fleet_key] = Fleet(config.rootpath, roots, cache_dir, config.stash[_run_id_key])
+    problems = fleet.check(gateway)
+    where = f"{spec.socket or spec.ssh or spec.via}"
+    if problems:
+        raise pytest.UsageError(f"zoo fleet: refusing host {where}: it differs from the controller: " + "; ".join(problems))
+    terminal = config.pluginmanager.getplugin("terminalreporter")
+    if terminal is not None:
+        terminal.write_line(f"zoo fleet: host {where} matches the controller (commit "
+                            f"{fleet.identity['commit'][:12]}, venv, staged data, shared cache)")
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
