@@ -21,7 +21,7 @@ from tooling.backends import BACKENDS
 from tooling.backends.base import worker_device
 from tooling.baseline import load_model_spec
 from tooling.cache import CacheError, check_cache_root
-from tooling.conformance import ConformanceSuite
+from tooling.conformance import ConformanceSuite, TorchAgreementRun, torch_agreement_run
 from tooling.fleet import Fleet, fleet_gateway_alive
 from tooling.gates import GateContext, gate_of
 from tooling.history.session import Recorded, history_path, inject, record_run
@@ -280,6 +280,21 @@ def known_answers(zoo, tmp_path_factory) -> Callable[[str], KnownAnswer]:
         return made[model]
 
     return known_answer
+
+
+@pytest.fixture(scope="session")
+def agreement_references(zoo, known_answers, tmp_path_factory) -> Callable[[str], TorchAgreementRun]:
+    """Each model's torch eager pass over its agreement set, run once per process and compared
+    with by the agreement gate on every deployed backend."""
+    made: dict[str, TorchAgreementRun] = {}
+
+    def reference(model: str) -> TorchAgreementRun:
+        if model not in made:
+            made[model] = torch_agreement_run(zoo, model, known_answers(model),
+                                              tmp_path_factory.mktemp(f"{model}-agreement-torch"))
+        return made[model]
+
+    return reference
 
 
 def _gate_item(item: pytest.Item) -> bool:
