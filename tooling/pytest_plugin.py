@@ -421,8 +421,9 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     if _CONFIG and hasattr(_CONFIG[0], "workerinput"):
         return  # an xdist worker forwards the structured records to the controller untouched
     durations = _CONFIG[0].stash.get(_durations_key, None) if _CONFIG else None
-    if durations is not None:
-        durations.add(report.nodeid, report.duration)
+    if durations is not None:  # a reused verdict counts what computing it took, for the next cold run
+        cached = dict(report.user_properties).get("zoo_cached")
+        durations.add(report.nodeid, cached["seconds"] if cached else report.duration)
     builds = [b for k, v in report.user_properties if k == "zoo_builds" for b in v]
     matrix = _current_matrix()
     if builds and matrix is not None:

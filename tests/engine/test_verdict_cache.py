@@ -65,6 +65,10 @@ def test_an_unchanged_second_run_reuses_every_pass_and_labels_it(toy_project, tm
     cached = [p for p in flagged if p.get("zoo.verdict") == "cached"]
     assert len(cached) == GATE_PASSES and all(p["zoo.cached.run"] and p["zoo.cached.commit"] for p in cached)
 
+    durations = json.loads((tmp_path / "cache" / "durations.json").read_text())
+    assert all(durations[e["nodeid"]] >= round(e["seconds"], 2) for e in entries), \
+        "a reused verdict keeps its computing time for longest-first scheduling"
+
     again = _run(toy_project, *PARITY, "--no-verdict-cache", report="again.json")
     _assert_outcomes(again, passed=GATE_PASSES, skipped=5)
     verdicts = lambda name: {(r["nodeid"], r["outcome"]) for r in _rows(toy_project, name)}  # noqa: E731
