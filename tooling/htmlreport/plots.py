@@ -70,6 +70,7 @@ def trend(title: str, ylabel: str, runs: Sequence[str], series: Mapping[str, Seq
 def roofline_bars(title: str, bars: Mapping[str, tuple[float | None, float | None]]) -> bytes:
     """Per contender: (achieved GFLOP/s, host peak GFLOP/s), the peak drawn as an outline."""
     fig, ax = _axes(title, "GFLOP/s")
+    fig.subplots_adjust(left=0.36, right=0.78)  # case and backend names label the bars
     names = list(bars)
     achieved = [bars[n][0] or 0.0 for n in names]
     peaks = [bars[n][1] or 0.0 for n in names]

@@ -117,8 +117,8 @@ class Report:
         env = run.environment
         failed = [c for c in run.cells if c.outcome == "failed"]
         regressions = self.comparison.regressions
-        verdict = "FAILED" if failed or regressions else "passed"
-        parts = [f'<header class="{verdict.lower()}"><h1>zoo-conformance: {_e(verdict)}</h1>',
+        verdict = "FAILED" if failed else "REGRESSED" if regressions else "passed"
+        parts = [f'<header class="{"passed" if verdict == "passed" else "failed"}"><h1>zoo-conformance: {_e(verdict)}</h1>',
                  f"<p>last run {_e(run.label)} on <b>{_e(env.get('host', '?'))}</b> "
                  f"({_e(run.host_class)}; {_e(', '.join(f'{k} {v}' for k, v in env.get('versions', {}).items()))})</p>",
                  f"<p>{counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped; "
@@ -290,7 +290,8 @@ class Report:
         run = self.latest
         failed = [c for c in run.cells if c.outcome == "failed"]
         counts = {o: sum(1 for c in run.cells if c.outcome == o) for o in ("passed", "failed", "skipped")}
-        lines = [f"## zoo-conformance: {'FAILED' if failed or self.comparison.regressions else 'passed'}",
+        verdict = "FAILED" if failed else "REGRESSED" if self.comparison.regressions else "passed"
+        lines = [f"## zoo-conformance: {verdict}",
                  "", f"Last run {run.label} on {run.environment.get('host', '?')}: {counts['passed']} passed, "
                  f"{counts['failed']} failed, {counts['skipped']} skipped.", ""]
         if failed:
