@@ -244,6 +244,19 @@ def test_a_speedup_gain_is_a_change_not_a_regression():
     assert [c.mark for c in comparison.changes] == ["▲"] and not comparison.regressions
 
 
+def test_reused_verdicts_are_neither_compared_nor_pooled():
+    def cached(run):
+        for cell in run.cells:
+            cell.figures["cached"] = 1.0
+        return run
+
+    # Five reused copies of one measurement would count it six times: only the fresh one is pooled.
+    baseline = [cached(make_run(1, seed=1)) for _ in range(5)] + [make_run(1, seed=1)]
+    (change,) = compare(make_run(7, speed=2.0 * 0.85), baseline).changes
+    assert "20 rounds vs 20 from 1 run(s)" in change.message
+    assert compare(cached(make_run(8, speed=1.0)), [make_run(1)]).changes == [], "a reused verdict measured nothing"
+
+
 def test_parity_drift_within_tolerance_is_flagged():
     comparison = compare(make_run(3, worst=2e-5), [make_run(2), make_run(1)])
     (change,) = comparison.regressions

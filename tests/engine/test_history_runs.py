@@ -3,21 +3,14 @@ itself to one history: the second run compares itself with the first, an injecte
 (``ZOO_TEST_INJECT``) is flagged on the run that has it, and ``--fail-on-regression`` fails it."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
 from tooling.history.store import History
 
-_spec = importlib.util.spec_from_file_location("toy_model_tests", Path(__file__).with_name("test_new_model.py"))
-_toy = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_toy)
-toy_project = _toy.toy_project  # the fixture: a project with one toy model, run in a subprocess
+# toy_project (tests/engine/conftest.py): a project with one toy model, run in a subprocess.
 pytest_plugins = ["pytester"]
-
 PARITY = ("-p", "tooling.pytest_plugin", "-p", "no:cacheprovider", "-o", "markers=toynet",
-          "-m", "parity", "--backends", "onnxruntime")
+          "-m", "parity", "--backends", "onnxruntime", "--no-verdict-cache")
 
 
 def run(project, history, *extra):

@@ -93,7 +93,16 @@ def _flatten(prefix: str, value: Any, figures: dict, series: dict) -> None:
 
 def cells_of_row(row: Any) -> list[CellRecord]:
     """One cell per backend the row speaks for: a speed-up row holds one per contender (torch eager
-    included), with its rate, speed-up and per-round ratios; any other row is one cell."""
+    included), with its rate, speed-up and per-round ratios; any other row is one cell. A reused
+    (cached) verdict's cells carry the figure ``cached`` = 1: they repeat an earlier measurement."""
+    cells = _cells_of_row(row)
+    if getattr(row, "cached", None):
+        for cell in cells:
+            cell.figures["cached"] = 1.0
+    return cells
+
+
+def _cells_of_row(row: Any) -> list[CellRecord]:
     texts = cell_texts(row)
     speedups = next((r for r in row.results if "speedups" in r), None)
     if speedups is None:

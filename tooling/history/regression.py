@@ -7,6 +7,8 @@
   while within tolerance (tiny differences below a thousandth of the tolerance are noise, not drift);
 - accuracy: a metric that moved further than the model's agreement bound from the previous run;
 - transitions against the previous run: newly failing, newly passing, a backend now unavailable.
+A reused (cached) verdict repeats an earlier measurement: it is compared for transitions only, and
+never pooled into a baseline, where it would count one measurement several times.
 Improvements are reported too, but only regressions fail a run under ``--fail-on-regression``.
 """
 from __future__ import annotations
@@ -96,6 +98,12 @@ def compare(run: RunRecord, baseline: list[RunRecord], *, agreement: Mapping[str
         if not history:
             continue
         changes += _transition(cell, history[0])  # the latest earlier run that had this cell
+        if cell.figures.get("cached"):
+            continue  # a reused verdict measured nothing new
+        measured = [h for h in history if not h.figures.get("cached")]  # each measurement once
+        if not measured:
+            continue
+        history = measured
         changes += _speed(cell, history, min_effect, alpha)
         changes += _drift(cell, history)
         changes += _accuracy(cell, history[0], (agreement or {}).get(cell.model, {}))
