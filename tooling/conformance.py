@@ -6,9 +6,7 @@ its model; the plugin parametrizes every gate from ``baselines/<model>.yaml``:
 """
 from __future__ import annotations
 
-import hashlib
 import json
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -121,38 +119,6 @@ def triaged(failure: ComparisonError, request, handle, case: Case, backend: str,
         record(request, triage={"error": f"{type(exc).__name__}: {exc}"})
         detail = f"first-divergence triage could not run: {type(exc).__name__}: {exc}"
     return ComparisonError(f"{failure}\n{detail}")
-
-
-@dataclass
-class TorchAgreementRun:
-    """The torch eager pipeline on a model's agreement set: its metrics, and each network call's
-    outputs by ``call_digest`` (what every deployed backend's calls are compared with)."""
-
-    metrics: dict[str, float]
-    outputs: dict[str, dict[str, np.ndarray]]
-
-
-def call_digest(network: str, feeds) -> str:
-    h = hashlib.sha256(network.encode())
-    for name in sorted(feeds):
-        array = np.ascontiguousarray(feeds[name])
-        h.update(f"{name}:{array.dtype}:{array.shape}".encode())
-        h.update(array.tobytes())
-    return h.hexdigest()
-
-
-def torch_agreement_run(zoo: Workspace, model: str, answer, run_dir: Path) -> TorchAgreementRun:
-    """Run once per process and shared by the agreement rows of every backend: torch eager does
-    not change with the backend it is compared to."""
-    handle = zoo.with_roots(data_root=answer.data_root, weights_root=None).model(model)
-    outputs: dict[str, dict[str, np.ndarray]] = {}
-
-    def keep(network: str, feeds, result) -> None:
-        outputs[call_digest(network, feeds)] = dict(result)
-
-    metrics = run_accuracy(handle, "torch", profile=answer.profile, seeded=True, observe=keep, run_dir=run_dir,
-                           label=f"{model} agreement set on torch", limit=handle.spec.accuracy.agreement_samples)
-    return TorchAgreementRun(metrics, outputs)
 
 
 class ConformanceSuite:
@@ -330,10 +296,11 @@ class ConformanceSuite:
     @gate("accuracy-agreement")
     def test_accuracy_agrees_with_torch(self, zoo: Workspace, deployed_backend: str, known_answers,
                                         agreement_references, tmp_path, request):
-        """Network in the loop: the accuracy pipeline on the known-answer dataset, with seeded
-        weights and no oracle, on a deployed backend. Every network call's raw outputs (backend
-        tolerances) and decoded outputs (``decoded`` tolerances) agree with torch eager on the same
-        feeds, and no metric moves further from the torch eager pipeline's than
+        """Network in the loop: the accuracy pipeline on the known-answer dataset, with no oracle,
+        on a deployed backend, with the slice's calibrated agreement checkpoints (seeded weights
+        where it has none), so the metrics are neither 0 nor perfect. Every network call's raw
+        outputs (backend tolerances) and decoded outputs (``decoded`` tolerances) agree with torch
+        eager on the same feeds, and no metric moves further from the torch eager pipeline's than
         ``accuracy.agreement`` allows: the deployed backend must not move AP or MPJPE."""
         require_backend(zoo, deployed_backend)
         spec = zoo.model(self.model).spec
@@ -341,64 +308,18 @@ class ConformanceSuite:
             f"baselines/{self.model}.yaml: accuracy.agreement names no metric bound for the deployed backends"
         )
         answer = known_answers(self.model)
-        handle = zoo.with_roots(data_root=answer.data_root, weights_root=None).model(self.model)
-        if not any(planning.case_runs_on(handle.spec, c, deployed_backend) for c in planning.cases(handle.spec)
+        if not any(planning.case_runs_on(spec, c, deployed_backend) for c in planning.cases(spec)
                    if c.profile == answer.profile):
             pytest.skip(f"{deployed_backend} serves no case of profile {answer.profile} (the known-answer set's)")
-        weights = handle.seeded_weights()
-        problems: list[str] = []
-        worst: dict[str, float] = {}
-        calls = 0
-        largest: dict = {"deviation": -1.0}
-
-        torch_run = agreement_references(self.model)
-
-        def against_torch(network: str, feeds, outputs) -> None:
-            nonlocal calls
-            net = handle.spec.networks[network]
-            torch_case = handle.case_for_feeds(network, feeds, "torch")
-            expected = torch_run.outputs.get(call_digest(network, feeds))  # the torch pass made this call
-            if expected is None:
-                expected = handle.session("torch", torch_case, weights).run(feeds)
-            where = f"call {calls} ({network}, {torch_case.profile}, b{torch_case.batch})"
-            calls += 1
-            key = zoo.backend(deployed_backend).tolerance_key(handle.spec, network)  # om@<precision>, say
-            checks = [({o: handle.spec.tolerance(network, o, key) for o in expected}, outputs, expected, "raw")]
-            if net.decoded:
-                decoded = {n: handle.spec.decoded_tolerance(network, n, key) for n in net.decoded}
-                checks.append((decoded, handle.slice.decode(network, feeds, outputs),
-                               handle.slice.decode(network, feeds, expected), "decoded"))
-            deviation = max((s.max_abs / s.atol if s.atol > 0 else s.max_abs)
-                            for s in compare_outputs(outputs, expected, checks[0][0]))
-            if deviation >= largest["deviation"]:  # the call a picture of the disagreement shows
-                largest.update(deviation=deviation, network=network, where=where, feeds=dict(feeds),
-                               reference=expected, actual=dict(outputs))
-            for tolerances, actual, reference, kind in checks:
-                try:
-                    stats = assert_outputs_match(actual, reference, tolerances, f"{where} {kind}")
-                except ComparisonError as exc:
-                    problems.append(str(exc))
-                    continue
-                for s in stats:
-                    worst[f"{kind}:{s.name}"] = max(worst.get(f"{kind}:{s.name}", 0.0), s.max_abs)
-
-        metrics = run_accuracy(
-            handle, deployed_backend, profile=answer.profile, seeded=True, observe=against_torch,
-            run_dir=tmp_path / f"run-{deployed_backend}", label=f"{self.model} agreement set on {deployed_backend}",
-            limit=spec.accuracy.agreement_samples,
-        )
-        reference = torch_run.metrics
-        deltas = {name: abs(metrics[name] - reference[name]) for name in spec.accuracy.agreement}
-        problems += [
-            f"{name}: {metrics[name]:.6g} on {deployed_backend} vs {reference[name]:.6g} on torch eager "
-            f"(moved {deltas[name]:.3g} > {bound:g})"
-            for name, bound in spec.accuracy.agreement.items() if not deltas[name] <= bound
-        ]
-        record(request, metrics=metrics, torch_metrics=reference, metric_deltas=deltas, calls=calls,
-               worst_max_abs=max(worst.values(), default=0.0), **pass_records(tmp_path / f"run-{deployed_backend}"),
-               pictures=disagreement_pictures(handle, largest, tmp_path / f"disagreement-{deployed_backend}.png"))
-        assert calls, f"the agreement set ran no network call on {deployed_backend}"
-        assert not problems, f"{len(problems)} disagreement(s) over {calls} calls:\n" + "\n".join(problems[:8])
+        agreement = agreement_references(self.model)
+        result = agreement.run(zoo, deployed_backend, tmp_path)
+        record(request, metrics=result.metrics, torch_metrics=result.reference, metric_deltas=result.deltas,
+               calls=result.calls, agreement_weights=agreement.weights_label,
+               worst_max_abs=max(result.worst.values(), default=0.0), **pass_records(tmp_path / f"run-{deployed_backend}"),
+               pictures=disagreement_pictures(agreement.handle, result.largest,
+                                              tmp_path / f"disagreement-{deployed_backend}.png"))
+        failure = result.failure()
+        assert failure is None, failure
 
     @pytest.mark.benchmark
     @gate("throughput")

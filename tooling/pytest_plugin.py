@@ -21,7 +21,8 @@ from tooling.backends import BACKENDS
 from tooling.backends.base import worker_device
 from tooling.baseline import load_model_spec
 from tooling.cache import CacheError, check_cache_root
-from tooling.conformance import ConformanceSuite, TorchAgreementRun, torch_agreement_run
+from tooling.agreement import AgreementSet
+from tooling.conformance import ConformanceSuite
 from tooling.fleet import Fleet, fleet_gateway_alive
 from tooling.gates import GateContext, gate_of
 from tooling.history.session import Recorded, history_path, inject, record_run
@@ -283,15 +284,14 @@ def known_answers(zoo, tmp_path_factory) -> Callable[[str], KnownAnswer]:
 
 
 @pytest.fixture(scope="session")
-def agreement_references(zoo, known_answers, tmp_path_factory) -> Callable[[str], TorchAgreementRun]:
-    """Each model's torch eager pass over its agreement set, run once per process and compared
-    with by the agreement gate on every deployed backend."""
-    made: dict[str, TorchAgreementRun] = {}
+def agreement_references(zoo, known_answers) -> Callable[[str], AgreementSet]:
+    """Each model's agreement set with its torch eager pass, run once per process and compared
+    with by the agreement gate on every deployed backend (and by the probes that perturb one)."""
+    made: dict[str, AgreementSet] = {}
 
-    def reference(model: str) -> TorchAgreementRun:
+    def reference(model: str) -> AgreementSet:
         if model not in made:
-            made[model] = torch_agreement_run(zoo, model, known_answers(model),
-                                              tmp_path_factory.mktemp(f"{model}-agreement-torch"))
+            made[model] = AgreementSet(zoo, model, known_answers(model))
         return made[model]
 
     return reference

@@ -165,6 +165,19 @@ class ModelSlice:
         """Write a small synthetic dataset and checkpoints under ``root`` with a computable answer."""
         raise NotImplementedError
 
+    # Whether ``calibrate_agreement`` writes checkpoints for the agreement gate; a slice whose
+    # seeded weights already score the known-answer set informatively leaves it False.
+    calibrates_agreement: bool = False
+
+    def calibrate_agreement(self, answer: KnownAnswer, samples: int, weights_root: Path) -> None:
+        """Write checkpoints for every network under ``weights_root/<model>/`` (the staged layout)
+        that make the agreement gate's metrics informative on the first ``samples`` samples of
+        ``answer``'s dataset: neither 0 nor perfect, so a deployed backend that moves the network's
+        outputs moves them. The networks stay the real ones (seeded weights, with the layers the
+        slice documents set in closed form from torch eager features of those samples), exported
+        and run on the backend like any checkpoint; no oracle takes part in the run."""
+        raise NotImplementedError(f"{type(self).__name__} does not calibrate its agreement weights")
+
     def sample_figures(self, record: Arrays) -> dict[str, float]:
         """The figures of one sample's record that a person compares across samples (per pair EPE,
         per clip AKD): kept in the run history by sample name. Default: its scalar entries."""

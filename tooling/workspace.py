@@ -20,11 +20,11 @@ from tooling.backends import BACKENDS, Availability, Backend, BackendConfig, Com
 from tooling.baseline import load_model_spec
 from tooling.cache import ArtifactCache, ArtifactKey, file_sha256
 from tooling.export import export_onnx
-from tooling.fingerprint import source_digest
+from tooling.fingerprint import content_digest, source_digest
 from tooling.locations import Roots, find_checkpoint
 from tooling.model_spec import Case, ChainCase, ModelSpec
 from tooling.roofline import GraphFlops, graph_flops
-from tooling.slice import ModelSlice
+from tooling.slice import KnownAnswer, ModelSlice
 from tooling.sources import UpstreamCheckout, UpstreamError, patches_digest, upstream_source
 from tooling.weights import WeightsChoice, apply_weights
 
@@ -331,6 +331,21 @@ class ModelHandle:
 
         feeds = self.slice.chain_inputs(self.spec, chain.name, dims, seed)
         return self.slice.run_chain(chain.name, run, feeds)
+
+    # -- accuracy -------------------------------------------------------------------------------
+    def agreement_weights_root(self, answer: KnownAnswer) -> Path | None:
+        """The weights root holding the slice's calibrated agreement checkpoints for ``answer``'s
+        set (built once per cache: the calibration runs torch eager on the set), or None where the
+        slice scores it informatively on seeded weights."""
+        if not self.slice.calibrates_agreement:
+            return None
+        samples = self.spec.accuracy.agreement_samples
+        key = ArtifactKey(
+            kind="calibrated", model=self.spec.name, network="all", name=f"agreement-{samples}",
+            fields={"code": self.port_digest, "data": content_digest(answer.data_root), "samples": samples,
+                    "torch": torch.__version__},
+        )
+        return self.ws.cache.get(key, lambda staging: self.slice.calibrate_agreement(answer, samples, staging))
 
 
 def _dims_label(dims: Mapping[str, int | str]) -> str:

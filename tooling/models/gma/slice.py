@@ -13,7 +13,7 @@ from tooling.model_spec import FIXTURES_DIR
 from tooling.models.gma.flo import read_flo
 from tooling.models.gma.known_answer import write_warped_sintel
 from tooling.models.gma.metric import FlowErrorTotals, endpoint_error
-from tooling.models.gma.network import DEFAULT_ITERS, INPUT_NAMES, OUTPUT_NAME, build_gma
+from tooling.models.gma.network import DEFAULT_ITERS, INPUT_NAMES, OUTPUT_NAME, STRIDE, build_gma
 from tooling.models.gma.padding import InputPadder
 from tooling.models.gma.sintel import DATA, PASSES, SintelPair, read_frame, sintel_pairs
 from tooling.pictures import as_image, flow_colour, heat, panel
@@ -146,6 +146,45 @@ class GmaSlice(ModelSlice):
                              f"{pass_name}_5px": PERCENT, f"{pass_name}_pairs": float(len(flows[pass_name]))})
         return KnownAnswer(data_root, weights_root, expected, tolerance=1e-9, profile="smoke",
                            oracles={"gma": oracle})
+
+    calibrates_agreement = True
+
+    @torch.no_grad()
+    def calibrate_agreement(self, answer: KnownAnswer, samples: int, weights_root: Path) -> None:
+        """Seeded weights (salt ``agreement``) whose flow head answers the set's mean motion, so
+        that the 1/3/5 px shares on the first ``samples`` pairs of each pass sit strictly between
+        0 and 100 %: the head's last conv keeps ``FLOW_HEAD_SCALE`` of its seeded weights, and its
+        bias is the dominant motion (``dominant_motion``) of the flow those pairs lack after that
+        network's six iterations, spread over the iterations (in feature-grid units). The affine
+        motions vary over each frame and between pairs, so that flow is within 1 px on part of
+        the pixels only."""
+        network = apply_seeded_weights(build_gma(), "agreement")
+        head = network.update_block.flow_head.conv2
+        head.weight.mul_(FLOW_HEAD_SCALE)
+        head.bias.zero_()
+        missing = []
+        for pass_name in PASSES:
+            for pair in sintel_pairs(answer.data_root / DATA[pass_name], answer.data_root / DATA["flow"])[:samples]:
+                image1, image2 = read_frame(pair.frame1), read_frame(pair.frame2)
+                padder = InputPadder(*image1.shape[-2:])
+                flow = network(torch.from_numpy(padder.pad(image1)[None]), torch.from_numpy(padder.pad(image2)[None]))
+                missing.append((read_flo(pair.flow) - padder.unpad(flow[0].numpy()).transpose(1, 2, 0)).reshape(-1, 2))
+        head.bias.copy_(torch.from_numpy(dominant_motion(np.concatenate(missing)) / (STRIDE * network.iters)))
+        (weights_root / self.name).mkdir(parents=True)
+        torch.save({f"module.{k}": v for k, v in network.state_dict().items()}, weights_root / self.name / CHECKPOINT)
+
+
+# The flow head's last conv keeps this share of its seeded weights: the update still depends on
+# the frames, but by a fraction of a pixel, so the fitted bias carries the set's mean motion.
+FLOW_HEAD_SCALE = 0.01
+
+
+def dominant_motion(flows: np.ndarray, step: int = 64) -> np.ndarray:
+    """The (2,) flow vector within 1 px of the most of ``flows`` (N, 2), among every ``step``-th
+    of them: the motion a constant flow field gets right on the largest share of pixels."""
+    candidates = flows[::step]
+    within = [(np.hypot(*(flows - c).T) < 1.0).sum() for c in candidates]
+    return candidates[int(np.argmax(within))].astype(np.float64)
 
 
 def _score_pair(ctx: AccuracyContext, pair: SintelPair) -> dict[str, np.ndarray]:

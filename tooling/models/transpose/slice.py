@@ -7,7 +7,9 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from tooling.coco.dataset import CocoKeypointDataset
+from tooling.calibration import channels_last, ridge_readout, set_conv1x1
+from tooling.coco.dataset import CocoKeypointDataset, read_image_rgb
+from tooling.coco.evaluation import first_image_ids
 from tooling.coco.pictures import keypoint_disagreement, worst_item
 from tooling.coco.synthetic import (
     STAGED_ANNOTATIONS,
@@ -16,7 +18,8 @@ from tooling.coco.synthetic import (
     perfect_score_answer,
     stage_synthetic_coco,
 )
-from tooling.coco.topdown import build_topdown_samples, decode_heatmaps
+from tooling.coco.topdown import build_topdown_samples, decode_heatmaps, preprocess_sample
+from tooling.coco.transforms import flip_width
 from tooling.models.transpose.network import ONNX_INPUT_NAME, ONNX_OUTPUT_NAME, build_transpose_r
 from tooling.coco.pipeline import ImageCache, decode_batch, merge_batches, plan_topdown, score_topdown, topdown_batches
 from tooling.models.transpose.processing import TRANSPOSE_R_TOPDOWN
@@ -93,6 +96,42 @@ class TransPoseSlice(ModelSlice):
         return perfect_score_answer(
             root, {"transpose_r": lambda feeds: {ONNX_OUTPUT_NAME: oracle(feeds[ONNX_INPUT_NAME])}}
         )
+
+    calibrates_agreement = True
+
+    @torch.no_grad()
+    def calibrate_agreement(self, answer: KnownAnswer, samples: int, weights_root: Path) -> None:
+        """Seeded weights (salt ``agreement``) with two changes, so that AP and AR on the first
+        ``samples`` images sit strictly between 0 and 1 (measured about 0.4 and 0.5):
+
+        - each encoder layer's residual branches are silenced (attention ``out_proj`` and
+          ``linear2`` zero): each token keeps its own image content through the LayerNorms, where
+          random attention would mix the whole crop and leave nothing a 1x1 head can localise;
+        - ``final_layer`` (1x1, 256 -> 17) is the ridge least-squares readout from the deconv
+          features to unit Gaussians (sigma 1 heatmap pixel) at the ground-truth joints, over the
+          GT-box crops of those images and their mirrors, as the flip test feeds them.
+        """
+        dataset = CocoKeypointDataset.open(answer.data_root / STAGED_ANNOTATIONS, answer.data_root / STAGED_IMAGES)
+        samples_ = build_topdown_samples(dataset.coco, TRANSPOSE_R_TOPDOWN, first_image_ids(dataset.coco, samples))
+        crops = []
+        for sample in samples_:
+            crop = preprocess_sample(read_image_rgb(dataset.image_path(sample.image_id)), sample, TRANSPOSE_R_TOPDOWN)
+            crops += [crop, flip_width(crop)]
+        crops = np.stack(crops)
+        targets = GroundTruthHeatmapOracle(dataset, samples_, TRANSPOSE_R_TOPDOWN, sigma=1.0)(crops)
+        network = apply_seeded_weights(build_transpose_r(), "agreement")
+        for layer in network.global_encoder.layers:
+            for silenced in (layer.self_attn.out_proj, layer.linear2):
+                silenced.weight.zero_()
+                silenced.bias.zero_()
+        features = network.backbone(torch.from_numpy(crops))
+        batch, channels, height, width = features.shape
+        grid = network.encode(features).permute(1, 2, 0).reshape(batch, channels, height, width)
+        weight, bias = ridge_readout(channels_last(network.deconv_layers(grid)),
+                                     targets.transpose(0, 2, 3, 1).reshape(-1, targets.shape[1]))
+        set_conv1x1(network.final_layer, weight, bias)
+        (weights_root / self.name).mkdir(parents=True)
+        torch.save(network.state_dict(), weights_root / self.name / CHECKPOINT)
 
 
 def _dataset(ctx: AccuracyContext) -> CocoKeypointDataset:

@@ -1,0 +1,75 @@
+"""The agreement gate can fail on its metrics: per model, the agreement set's metrics (torch eager,
+calibrated weights) are informative, and a small change to one weight tensor of the graph the
+deployed backend runs makes the gate's metric half fail, naming the metric.
+
+The torch eager reference is the same object the ``accuracy-agreement`` rows use in this process
+(the ``agreement_references`` fixture), so these probes add one deployed pass per model.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from tooling.agreement import perturb_initializer
+
+# Metric -> open interval the torch eager pipeline must score strictly inside on the agreement set.
+INFORMATIVE = {
+    "transpose": {"AP": (0.2, 0.9), "AR": (0.2, 0.9)},
+    "dekr": {"AP": (0.2, 0.9), "AR": (0.2, 0.9)},
+    "gma": {"clean_1px": (5.0, 95.0), "final_1px": (5.0, 95.0), "clean_3px": (0.0, 100.0),
+            "final_3px": (0.0, 100.0), "clean_5px": (0.0, 100.0), "final_5px": (0.0, 100.0)},
+    "fomm": {"MKR": (0.0, 1.0)},
+}
+# Per model: (network, initializer of its exported graph, relative change, a metric that must move).
+PERTURBATIONS = {
+    "videopose3d": ("videopose3d", "shrink.weight", 0.05, "mpjpe_p1_mm"),
+    "transpose": ("transpose_r", "final_layer.weight", 0.05, "AP"),
+    "dekr": ("hrnet_dekr", "offset_final_layer.0.weight", 0.05, "AP"),
+    "gma": ("gma", "update_block.flow_head.conv2.bias", 0.05, "clean_1px"),
+}
+DEPLOYED = "onnxruntime"
+
+
+def _param(model: str):
+    return pytest.param(model, marks=(getattr(pytest.mark, model), pytest.mark.accuracy), id=model)
+
+
+@pytest.mark.parametrize("model", [_param(m) for m in INFORMATIVE if m != "fomm"])
+def test_agreement_set_metrics_are_informative(agreement_references, tmp_path, model):
+    agreement = agreement_references(model)
+    reference = agreement.reference(tmp_path)
+    print(f"{model} agreement set on torch eager ({agreement.weights_label}): {reference}")
+    outside = {name: reference[name] for name, (low, high) in INFORMATIVE[model].items()
+               if not low < reference[name] < high}
+    assert not outside, f"{model}: agreement-set metrics outside their informative ranges {INFORMATIVE[model]}: {outside}"
+    for name in agreement.spec.accuracy.agreement:
+        assert math.isfinite(reference[name]), f"{model}: {name} = {reference[name]} on the agreement set"
+
+
+@pytest.mark.parametrize("model", [_param(m) for m in PERTURBATIONS])
+def test_perturbed_deployed_weight_fails_the_metric_half(zoo, agreement_references, tmp_path, model, monkeypatch):
+    network, initializer, relative, metric = PERTURBATIONS[model]
+    agreement = agreement_references(model)
+    probe = agreement.probe(zoo)
+    export = probe.handle.onnx
+    changes = []
+
+    def perturbed(case, *args, **kwargs):
+        path = export(case, *args, **kwargs)
+        if case.network != network:
+            return path
+        target = tmp_path / f"{network}-{len(changes)}.onnx"
+        changes.append(perturb_initializer(path, target, initializer, relative))
+        return target
+
+    monkeypatch.setattr(probe.handle, "onnx", perturbed)
+    result = probe.run(zoo, DEPLOYED, tmp_path)
+    failure = result.failure()
+    print(f"{model}: {initializer} x (1 + {relative} N(0,1)) (relative L2 change {changes}):\n{failure}")
+    assert changes, f"{model}: the deployed pass loaded no {network} graph to perturb"
+    assert failure is not None and any(p.startswith(f"{metric}:") for p in result.metric_problems), (
+        f"{model}: perturbing {initializer} by {relative:.0%} left {metric} within its agreement bound "
+        f"({result.deltas}); the metric half of the gate could not fail"
+    )
+    assert f"metric moved on {DEPLOYED}: " in failure.splitlines()[0]
