@@ -21,12 +21,14 @@ INFORMATIVE = {
             "final_3px": (0.0, 100.0), "clean_5px": (0.0, 100.0), "final_5px": (0.0, 100.0)},
     "fomm": {"MKR": (0.0, 1.0)},
 }
-# Per model: (network, initializer of its exported graph, relative change, a metric that must move).
+# Per model: (network, initializer of its exported graph (the exporter's wrapper names parameters
+# network.<state_dict key>), relative change, a metric that must move).
 PERTURBATIONS = {
-    "videopose3d": ("videopose3d", "shrink.weight", 0.05, "mpjpe_p1_mm"),
-    "transpose": ("transpose_r", "final_layer.weight", 0.05, "AP"),
-    "dekr": ("hrnet_dekr", "offset_final_layer.0.weight", 0.05, "AP"),
-    "gma": ("gma", "update_block.flow_head.conv2.bias", 0.05, "clean_1px"),
+    "videopose3d": ("vp3d", "network.shrink.weight", 0.05, "mpjpe_p1_mm"),
+    "transpose": ("transpose_r", "network.final_layer.weight", 0.05, "AP"),
+    "dekr": ("hrnet_dekr", "network.offset_final_layer.0.weight", 0.05, "AP"),
+    "gma": ("gma", "network.update_block.flow_head.conv2.bias", 0.05, "clean_1px"),
+    "fomm": ("generator", "network.final.weight", 0.05, "L1"),
 }
 DEPLOYED = "onnxruntime"
 
