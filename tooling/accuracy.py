@@ -11,6 +11,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from tooling.backends import BACKENDS
 from tooling.backends.cpu import TorchSession
 from tooling.cache import CacheNotWritable, denied, hold_lock
 from tooling.fingerprint import content_digest
@@ -22,6 +23,8 @@ from tooling.slice import AccuracyContext, score_samples, splits_its_pass
 from tooling.weights import WeightsChoice
 from tooling.workspace import ModelHandle
 
+# The reference pipeline a deployed pass is compared with (``--accuracy-backend torch`` scores it).
+REFERENCE_BACKEND = "torch"
 # Engine code a score depends on besides what its artifacts do (and what it imports).
 SCORING_CODE = ("tooling.progress",)
 
@@ -48,18 +51,7 @@ def run_accuracy(handle: ModelHandle, backend_name: str, *, roots: Roots | None 
     here any part no other process has started and waiting for those running elsewhere.
     """
     roots = roots or handle.ws.roots
-    if handle.spec.accuracy is None:
-        raise AccuracyInputsMissing(f"baselines/{handle.spec.name}.yaml declares no accuracy gate")
-    missing = missing_accuracy_inputs(handle.spec, roots, checkpoints=not seeded)
-    if missing:
-        raise AccuracyInputsMissing("stage " + "; ".join(missing))
-    weights = {
-        n: handle.seeded_weights() if seeded else WeightsChoice(find_checkpoint(handle.spec, n, roots))
-        for n in handle.spec.networks
-    }
-    paths = data_paths(handle.spec, roots)
-    profile = profile or handle.spec.accuracy.profile
-    dims = {**handle.spec.profiles[profile].dims, "batch": handle.spec.profiles[profile].batch_sizes[0]}
+    weights, paths, dims = _pass_inputs(handle, roots, profile, seeded)
     oracles = dict(oracles or {})
 
     def run(network: str, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -78,20 +70,8 @@ def run_accuracy(handle: ModelHandle, backend_name: str, *, roots: Roots | None 
             observe(network, feeds, outputs)
         return outputs
 
-    # Content, not size and mtime: a checkpoint copied with cp -p, an image replaced in place or
-    # an edit to shared code must not resume a stale score.
-    fingerprint = {
-        "backend": backend_name,
-        "code": handle.backend_code_digest(handle.ws.backend(backend_name), *SCORING_CODE),
-        "weights": {n: w.label for n, w in weights.items()},
-        "checkpoints": {n: content_digest(w.path) for n, w in weights.items() if w.path},
-        "data": {name: content_digest(p) for name, p in paths.items()},
-        "dims": dims,
-        "exporters": handle.ws.options.exporters,
-        "oracles": sorted(oracles),
-    }
-    run_id = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    run_dir = run_dir or handle.ws.roots.cache_dir / "runs" / handle.spec.name / run_id
+    fingerprint = _fingerprint(handle, backend_name, weights, paths, dims, oracles)
+    run_dir = run_dir or _pass_dir(handle, fingerprint)
     label = label or f"{handle.spec.name} accuracy on {backend_name}"
 
     def run_host(network: str, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -118,7 +98,7 @@ def run_accuracy(handle: ModelHandle, backend_name: str, *, roots: Roots | None 
             _, ctx = scoring(folder, fingerprint, handle.ws.options.restart_accuracy)
             say(f"{label}: records in {folder}")
             metrics = handle.slice.evaluate(ctx)
-            write_json(folder / "metrics.json", metrics)
+            write_json(folder / metrics_file(limit), metrics)
             write_json(folder / SAMPLE_FIGURES, ctx.sample_figures)
         handle.last_run_dir = folder  # where the gate finds the per-sample figures of this pass
         return metrics
@@ -188,3 +168,81 @@ def _sharded_pass(handle: ModelHandle, run_dir: Path, fingerprint: dict, label: 
         write_json(folder / SAMPLE_FIGURES, {s.id: model_slice.sample_figures(r) for s, r in zip(samples, records)})
     handle.last_run_dir = folder
     return metrics
+
+
+def stored_metrics(handle: ModelHandle, backend_name: str, *, limit: int | None = None) -> dict[str, float] | None:
+    """The metrics a finished pass on ``backend_name`` left in the cache for the same staged data,
+    checkpoints, profile and limit (what the other backends' rows compare with), or None."""
+    try:
+        weights, paths, dims = _pass_inputs(handle, handle.ws.roots, None, False)
+    except AccuracyInputsMissing:
+        return None
+    path = _pass_dir(handle, _fingerprint(handle, backend_name, weights, paths, dims, {})) / metrics_file(limit)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def gated_metrics(handle: ModelHandle) -> list[str]:
+    """The metrics a pass is judged by: the target's, the extra targets' and the agreement bounds'."""
+    accuracy = handle.spec.accuracy
+    return list(dict.fromkeys([accuracy.metric, *accuracy.extra_targets, *accuracy.agreement]))
+
+
+def moves_against_reference(handle: ModelHandle, backend_name: str, metrics: Mapping[str, float],
+                            limit: int | None = None) -> dict[str, Any]:
+    """How a deployed pass moved each gated metric from the torch eager reference's pass over the
+    same staged set (its stored figures and the signed moves), or, for the reference pass itself,
+    the moves of every deployed pass already stored; empty when there is nothing to compare."""
+    names = gated_metrics(handle)
+    if backend_name == REFERENCE_BACKEND:
+        moved = {}
+        for name, backend in BACKENDS.items():
+            stored = stored_metrics(handle, name, limit=limit) if backend.deployed else None
+            if stored is not None:
+                moved[name] = {m: stored[m] - metrics[m] for m in names if m in stored and m in metrics}
+        return {"deployed_moves": moved} if moved else {}
+    reference = stored_metrics(handle, REFERENCE_BACKEND, limit=limit)
+    if reference is None:
+        return {}
+    return {"reference_metrics": reference,
+            "moves_vs_reference": {m: metrics[m] - reference[m] for m in names if m in reference and m in metrics}}
+
+
+def metrics_file(limit: int | None) -> str:
+    """Where a pass keeps its figures: a quick look on the first N samples is not the full pass's."""
+    return "metrics.json" if limit is None else f"metrics-first-{limit}.json"
+
+
+def _pass_inputs(handle: ModelHandle, roots: Roots, profile: str | None, seeded: bool):
+    """(weights per network, staged data paths, dims) of a pass; raises AccuracyInputsMissing."""
+    if handle.spec.accuracy is None:
+        raise AccuracyInputsMissing(f"baselines/{handle.spec.name}.yaml declares no accuracy gate")
+    missing = missing_accuracy_inputs(handle.spec, roots, checkpoints=not seeded)
+    if missing:
+        raise AccuracyInputsMissing("stage " + "; ".join(missing))
+    weights = {
+        n: handle.seeded_weights() if seeded else WeightsChoice(find_checkpoint(handle.spec, n, roots))
+        for n in handle.spec.networks
+    }
+    profile = profile or handle.spec.accuracy.profile
+    dims = {**handle.spec.profiles[profile].dims, "batch": handle.spec.profiles[profile].batch_sizes[0]}
+    return weights, data_paths(handle.spec, roots), dims
+
+
+def _fingerprint(handle: ModelHandle, backend_name: str, weights, paths, dims, oracles) -> dict[str, Any]:
+    # Content, not size and mtime: a checkpoint copied with cp -p, an image replaced in place or
+    # an edit to shared code must not resume a stale score.
+    return {
+        "backend": backend_name,
+        "code": handle.backend_code_digest(handle.ws.backend(backend_name), *SCORING_CODE),
+        "weights": {n: w.label for n, w in weights.items()},
+        "checkpoints": {n: content_digest(w.path) for n, w in weights.items() if w.path},
+        "data": {name: content_digest(p) for name, p in paths.items()},
+        "dims": dims,
+        "exporters": handle.ws.options.exporters,
+        "oracles": sorted(oracles),
+    }
+
+
+def _pass_dir(handle: ModelHandle, fingerprint: dict[str, Any]) -> Path:
+    run_id = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return handle.ws.roots.cache_dir / "runs" / handle.spec.name / run_id

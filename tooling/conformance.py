@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from tooling import planning
-from tooling.accuracy import AccuracyInputsMissing, run_accuracy
+from tooling.accuracy import AccuracyInputsMissing, moves_against_reference, run_accuracy
 from tooling.arrays import read_arrays
 from tooling.backends import BACKENDS
 from tooling.compare import ComparisonError, assert_outputs_match, compare_outputs
@@ -258,6 +258,13 @@ class ConformanceSuite:
         value = metrics[accuracy.metric]
         record(request, metrics=metrics, target=accuracy.target, **pass_records(handle.last_run_dir))
         print(f"{self.model} {accuracy.metric} = {value:.4f} on {accuracy_backend} (target {accuracy.target})")
+        moves = moves_against_reference(handle, accuracy_backend, metrics, zoo.options.accuracy_limit)
+        if moves:
+            record(request, **moves)
+        for backend, moved in ({accuracy_backend: moves["moves_vs_reference"]} if "moves_vs_reference" in moves
+                               else moves.get("deployed_moves", {})).items():
+            print(f"{self.model}: {backend} moved " + ", ".join(f"{m} {d:+.4g}" for m, d in moved.items())
+                  + f" from the torch eager reference on this set")
         if zoo.options.accuracy_limit is not None:
             pytest.skip(
                 f"quick look on the first {zoo.options.accuracy_limit} samples: {accuracy.metric}={value:.4f} "

@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 import pytest
 
 from tooling import planning
+from tooling.accuracy import REFERENCE_BACKEND
 from tooling.backends import BACKENDS
 from tooling.model_spec import Case, ModelSpec
 from tooling.shards import Shard, merge_id
@@ -34,8 +35,9 @@ class GateContext:
     cases: list[Case]
     exporters: tuple[str, ...] | None  # --exporter
     selected_backends: tuple[str, ...] | None  # --backends
-    accuracy_backend: str | None  # --accuracy-backend
+    accuracy_backend: str | None  # --accuracy-backend: a deployed backend, "torch" or "all"
     accuracy_shards: int = 1  # --accuracy-shards: parts of each dataset pass, merged by a last item
+    available: Callable[[str], bool] | None = None  # whether a backend runs on this host (None: unknown)
 
     @property
     def deployed(self) -> list[str]:
@@ -146,23 +148,37 @@ def _undeployed_case(spec: ModelSpec, network: str) -> Case:
     return Case(spec.name, network, profile, 1, net.default_exporter, net.default_variant, False)
 
 
+def default_accuracy_backends(runnable: Sequence[str], available: Sequence[str] | None) -> list[str]:
+    """Where a staged pass runs unless --accuracy-backend says: a full dataset pass is long, so on
+    one deployed backend. On an NPU host the OM; elsewhere the first deployed CPU backend that runs
+    here (ONNX Runtime, in registry order); else the first that runs here at all."""
+    here = [b for b in runnable if available is None or b in available]
+    if "om" in here:
+        return ["om"]
+    return [b for b in here if BACKENDS[b].marker is None][:1] or here[:1] or list(runnable[:1])
+
+
 def _params_accuracy(ctx: GateContext) -> Params:
-    """One row per deployed backend that serves the accuracy profile (its variants and its
-    ``exclude_backends`` both decide), or the one --accuracy-backend names. With
-    ``--accuracy-shards N`` (and a slice that splits its pass), each row becomes N shard items
-    that workers score at once and a merge item that computes the figure and holds the verdict."""
+    """The staged dataset pass: on the host's default backend (``default_accuracy_backends``), on
+    every deployed backend that serves the accuracy profile (``--accuracy-backend all``: its
+    variants and its ``exclude_backends`` both decide), on the one named, or on torch eager (the
+    reference pipeline, ``--accuracy-backend torch``). With ``--accuracy-shards N`` (and a slice
+    that splits its pass), each row becomes N shard items that workers score at once and a merge
+    item that computes the figure and holds the verdict."""
     spec = ctx.spec
     names = ("accuracy_backend", "accuracy_part")
     if spec.accuracy is None:
         return names, []
     profile_cases = [c for c in planning.cases(spec) if c.profile == spec.accuracy.profile]
     # The pass picks each sample's shape (DEKR: its ATC bucket), not the profile's dims.
-    runnable = [b for b in ctx.deployed if any(planning.case_runs_on(spec, c, b, at_profile_shape=False) for c in profile_cases)]
+    runnable = [b for b in ctx.deployed
+                if any(planning.case_runs_on(spec, c, b, at_profile_shape=False) for c in profile_cases)]
     chosen = ctx.accuracy_backend
-    if chosen is not None and chosen not in runnable:
+    if chosen is not None and chosen not in (*runnable, REFERENCE_BACKEND, "all"):
         reason = f"--accuracy-backend {chosen}: profile {spec.accuracy.profile} is not served by it (served by: {runnable})"
         return names, [pytest.param(chosen, None, id=chosen, marks=[pytest.mark.skip(reason=reason)])]
-    backends = runnable if chosen is None else [chosen]
+    backends = (default_accuracy_backends(runnable, ctx.available) if chosen is None
+                else runnable if chosen == "all" else [chosen])
     count = ctx.accuracy_shards
     if count > 1 and not splits_its_pass(spec.load_slice()):
         count = 1  # a slice that only overrides evaluate() scores its pass whole

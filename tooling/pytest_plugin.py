@@ -18,13 +18,14 @@ import torch
 
 from tooling import planning
 from tooling.backends import BACKENDS
-from tooling.backends.base import worker_device
+from tooling.accuracy import REFERENCE_BACKEND
+from tooling.backends.base import BackendConfig, worker_device
 from tooling.baseline import load_model_spec
 from tooling.cache import CacheError, check_cache_root
 from tooling.agreement import AgreementSet
 from tooling.conformance import ConformanceSuite
 from tooling.fleet import Fleet, fleet_gateway_alive
-from tooling.gates import GateContext, gate_of
+from tooling.gates import GateContext, default_accuracy_backends, gate_of
 from tooling.history.session import Recorded, history_path, inject, record_run
 from tooling.history.store import HistoryError
 from tooling.locations import ENV, Roots
@@ -44,6 +45,7 @@ _matrix_key = pytest.StashKey[ConformanceMatrix]()
 _nightly_deselected_key = pytest.StashKey[int]()
 _idle_required_key = pytest.StashKey[dict[str, str]]()
 _workspace_key = pytest.StashKey[Workspace]()
+_available_key = pytest.StashKey[tuple]()
 _run_id_key = pytest.StashKey[str]()
 _cache_note_key = pytest.StashKey[str]()
 _builds_reported_key = pytest.StashKey[int]()
@@ -98,9 +100,12 @@ def accuracy_shards(config: pytest.Config) -> int:
         return 1  # no xdist, or no workers asked for
 
 
-def _deployed_backend_name(raw: str) -> str:
+def _accuracy_backend_choice(raw: str) -> str:
+    """One deployed backend, ``torch`` (the reference pipeline) or ``all`` (every deployed one)."""
+    if raw in (REFERENCE_BACKEND, "all"):
+        return raw
     if "," in raw:
-        raise argparse.ArgumentTypeError(f"{raw!r}: name one backend")
+        raise argparse.ArgumentTypeError(f"{raw!r}: name one backend, {REFERENCE_BACKEND} or all")
     return _deployed_backend_names(raw)
 
 
@@ -122,8 +127,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--devices", help="NPU or GPU ids, comma-separated: xdist worker gwN uses id N modulo their count "
                     "(run with -n <count> for one worker per device)")
     group.addoption("--accuracy-limit", type=_positive_int, help="score only the first N samples (a quick look, not gated)")
-    group.addoption("--accuracy-backend", type=_deployed_backend_name,
-                    help="backend for the dataset accuracy gate (default: every deployed one)")
+    group.addoption("--accuracy-backend", type=_accuracy_backend_choice,
+                    help="backend for the staged dataset pass: a deployed one, torch (the reference "
+                         "pipeline) or all (default: the OM on an NPU host, else one deployed CPU backend)")
     group.addoption("--restart-accuracy", action="store_true", help="discard resumable accuracy results")
     group.addoption("--accuracy-shards", type=_shard_count, default=1,
                     help="split each dataset pass into N shards that xdist workers (devices, hosts) score at once, "
@@ -259,7 +265,38 @@ def _check_report_path(path: Path) -> None:
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
     note = config.stash.get(_cache_note_key, None)
-    return [f"zoo: {note}"] if note else []
+    return ([f"zoo: {note}"] if note else []) + [f"zoo: {_staged_accuracy_line(config)}"]
+
+
+def _available_deployed(config: pytest.Config) -> tuple[str, ...]:
+    """The selected deployed backends that run on this host (checked once per session)."""
+    if _available_key not in config.stash:
+        selected = _selected_backends(config)
+        threads = config.getoption("--threads")
+        config.stash[_available_key] = tuple(
+            name for name, cls in BACKENDS.items()
+            if cls.deployed and (selected is None or name in selected)
+            and cls(BackendConfig(threads=threads)).availability().ok
+        )
+    return config.stash[_available_key]
+
+
+def _staged_accuracy_line(config: pytest.Config) -> str:
+    """Which backends a staged accuracy pass runs on in this run, and why."""
+    chosen = config.getoption("--accuracy-backend")
+    if chosen == "all":
+        return "staged accuracy on every deployed backend that serves the profile (--accuracy-backend all)"
+    if chosen == REFERENCE_BACKEND:
+        return "staged accuracy on torch eager, the reference pipeline (--accuracy-backend torch)"
+    if chosen is not None:
+        return f"staged accuracy on {chosen} (--accuracy-backend)"
+    available = _available_deployed(config)
+    deployed = [n for n, cls in BACKENDS.items() if cls.deployed and (_selected_backends(config) is None
+                                                                       or n in _selected_backends(config))]
+    default = default_accuracy_backends(deployed, available)
+    host = "an NPU host" if default == ["om"] else "no NPU here"
+    return (f"staged accuracy on {', '.join(default) or 'no backend'} by default ({host}; one backend per "
+            f"pass; --accuracy-backend all|torch|<backend> to choose)")
 
 
 @pytest.fixture(scope="session")
@@ -366,6 +403,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         selected_backends=_selected_backends(metafunc.config),
         accuracy_backend=metafunc.config.getoption("--accuracy-backend"),
         accuracy_shards=accuracy_shards(metafunc.config),
+        available=_available_deployed(metafunc.config),
     )
     argnames, params = registered.parametrize(context)
     metafunc.parametrize(argnames, params)

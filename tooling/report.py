@@ -162,7 +162,8 @@ def _reason_class(detail: str) -> str:
     return detail.split(":", 1)[0].strip()[:100] if detail else "no reason given"
 
 
-LEGEND = ("cells: parity = worst |difference|; accuracy = metric; accuracy-agreement = Δ largest metric move vs torch eager; throughput = rate; cpu-speedup = "
+LEGEND = ("cells: parity = worst |difference|; accuracy = metric (Δ: its move from the torch eager reference's "
+          "score of the same staged set); accuracy-agreement = Δ largest metric move vs torch eager; throughput = rate; cpu-speedup = "
           "x torch eager (% of host GEMM peak); (x) = measured, not gated; * = upstream stand-in, see below; "
           "skip = see reasons; FAIL = see below; ERROR = a build fault, no verdict (see below); . = not a case; "
           "† = cached verdict, reused: its inputs did not change (run and commit: JSON report)")
@@ -242,7 +243,8 @@ def _short_figure(results: list[dict]) -> str:
             return "Δ0" if worst == 0 else "Δ" + f"{worst:.0e}".replace("e-0", "e-").replace("e+0", "e+")
         if "metrics" in result and result["metrics"]:
             name = next((k for k in result["metrics"] if "/" not in k), next(iter(result["metrics"])))
-            return f"{result['metrics'][name]:.4g}"
+            move = result.get("moves_vs_reference", {}).get(name)  # a staged pass vs the torch eager one
+            return f"{result['metrics'][name]:.4g}" + ("" if move is None else f" Δ{move:+.2g}")
         if "worst_max_abs" in result:
             worst = result["worst_max_abs"]
             return "0" if worst == 0 else f"{worst:.0e}".replace("e-0", "e-").replace("e+0", "e+")

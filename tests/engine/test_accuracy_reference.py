@@ -1,0 +1,78 @@
+"""The staged dataset pass on torch eager (``--accuracy-backend torch``, the reference pipeline) and a
+deployed pass over the same staged set showing how far it moved each gated metric from it, in the
+run's output, grid cell and JSON report; the default backends a staged pass runs on, per host.
+
+End to end: child pytest runs of the VideoPose3D suite on its generated set, written in the staged
+layout (Human3.6M-like npz files and a hand-built checkpoint), with the real network exported.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tooling.gates import default_accuracy_backends
+from tooling.models.videopose3d.slice import write_known_answer
+
+PROJECT = Path(__file__).resolve().parents[2]
+
+
+def _staged_pass(answer, tmp_path: Path, name: str, *options: str) -> tuple[subprocess.CompletedProcess, dict]:
+    report = tmp_path / f"{name}.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:xdist", "-p", "no:cacheprovider", "-q", "-s",
+         "tests/models/test_videopose3d.py", "-m", "videopose3d and accuracy", "-k", "staged",
+         "--data-root", str(answer.data_root), "--weights-root", str(answer.weights_root),
+         "--cache-dir", str(tmp_path / "cache"), "--zoo-report", str(report), *options],
+        cwd=PROJECT, env={**os.environ, "PYTHONPATH": str(PROJECT)}, capture_output=True, text=True, timeout=900,
+    )
+    rows = json.loads(report.read_text())["rows"] if report.is_file() else []
+    staged = [r for r in rows if r.get("gate") == "accuracy"]
+    assert len(staged) == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    return done, staged[0]
+
+
+def _results(row: dict) -> dict:
+    merged: dict = {}
+    for result in row.get("results", []):
+        merged.update(result)
+    return merged
+
+
+@pytest.mark.accuracy
+@pytest.mark.videopose3d
+def test_reference_pass_then_a_deployed_pass_shows_its_move(tmp_path):
+    answer = write_known_answer(tmp_path / "staged")
+    reference, row = _staged_pass(answer, tmp_path, "reference", "--accuracy-backend", "torch")
+    assert reference.returncode == 0, reference.stdout[-3000:] + reference.stderr[-3000:]
+    assert "staged accuracy on torch eager, the reference pipeline" in reference.stdout
+    assert row["backend"] == "torch" and row["outcome"] == "passed"
+    torch_mpjpe = _results(row)["metrics"]["mpjpe_p1_mm"]
+
+    deployed, row = _staged_pass(answer, tmp_path, "deployed")  # the host's default: ONNX Runtime here
+    assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
+    assert "staged accuracy on onnxruntime by default (no NPU here" in deployed.stdout
+    assert row["backend"] == "onnxruntime"
+    results = _results(row)
+    assert results["reference_metrics"]["mpjpe_p1_mm"] == torch_mpjpe
+    move = results["moves_vs_reference"]["mpjpe_p1_mm"]
+    assert move == results["metrics"]["mpjpe_p1_mm"] - torch_mpjpe and abs(move) < 0.1
+    assert "onnxruntime moved mpjpe_p1_mm" in deployed.stdout
+    grid_line = next(line for line in deployed.stdout.splitlines() if line.strip().startswith("accuracy "))
+    assert " Δ" in grid_line, grid_line
+
+    again, row = _staged_pass(answer, tmp_path, "reference-again", "--accuracy-backend", "torch")
+    assert again.returncode == 0
+    assert set(_results(row)["deployed_moves"]) == {"onnxruntime"}  # the reference row lists the stored moves
+
+
+def test_default_staged_backends_per_host():
+    deployed = ["onnxruntime", "openvino", "om"]
+    assert default_accuracy_backends(deployed, ("onnxruntime", "openvino", "om")) == ["om"]
+    assert default_accuracy_backends(deployed, ("onnxruntime", "openvino")) == ["onnxruntime"]
+    assert default_accuracy_backends(deployed, ("openvino",)) == ["openvino"]
+    assert default_accuracy_backends(deployed, ()) == ["onnxruntime"]  # it will skip, saying why
