@@ -53,12 +53,18 @@ def test_an_unregistered_gate_label_is_refused_at_import_time():
 
 
 def test_accuracy_rows_honour_the_profiles_exclude_backends():
-    _, params = GATES["accuracy"].parametrize(context())
+    _, params = GATES["accuracy"].parametrize(context(accuracy_backend="all"))
     assert ids(params) == ["onnxruntime", "openvino"]  # aoti excluded by profile smoke
     raw = copy.deepcopy(TOY)
     raw["accuracy"]["profile"] = "deploy"
-    _, params = GATES["accuracy"].parametrize(context(raw))
+    _, params = GATES["accuracy"].parametrize(context(raw, accuracy_backend="all"))
     assert ids(params) == ["onnxruntime", "openvino", "aoti"]
+
+
+def test_a_staged_pass_runs_on_one_backend_by_default_or_on_the_reference():
+    assert ids(GATES["accuracy"].parametrize(context())[1]) == ["onnxruntime"]
+    assert ids(GATES["accuracy"].parametrize(context(available=("openvino",)))[1]) == ["openvino"]
+    assert ids(GATES["accuracy"].parametrize(context(accuracy_backend="torch"))[1]) == ["torch"]
 
 
 def test_an_excluded_accuracy_backend_asked_for_by_name_is_skipped_with_the_reason():

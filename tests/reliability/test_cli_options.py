@@ -27,8 +27,8 @@ def _parse(*args: str):
     (("--backends", "onnx"), "'onnx' is a reference every case runs anyway, not a deployed backend"),
     (("--backends", "nosuch"), "unknown backend 'nosuch'"),
     (("--backends", "onnxruntime,"), "has an empty entry"),
-    (("--accuracy-backend", "torch"), "'torch' is a reference"),
-    (("--accuracy-backend", "onnxruntime,openvino"), "name one backend"),
+    (("--accuracy-backend", "onnx"), "'onnx' is a reference"),
+    (("--accuracy-backend", "onnxruntime,openvino"), "name one backend, torch or all"),
     (("--threads", "0"), "--threads: 0 must be at least 1"),
     (("--threads", "two"), "--threads: 'two' is not a whole number"),
     (("--accuracy-limit", "-1"), "--accuracy-limit: -1 must be at least 1"),
@@ -42,6 +42,8 @@ def test_bad_option_is_a_usage_error(args, message):
 def test_good_options_parse():
     options = _parse("--backends", "onnxruntime,openvino", "--threads", "2", "--accuracy-limit", "5")
     assert (options.backends, options.threads, options.accuracy_limit) == ("onnxruntime,openvino", 2, 5)
+    assert [_parse("--accuracy-backend", name).accuracy_backend for name in ("torch", "all", "openvino")] == [
+        "torch", "all", "openvino"]
 
 
 def _run_pytest(*args: str) -> subprocess.CompletedProcess:
