@@ -148,14 +148,16 @@ def _undeployed_case(spec: ModelSpec, network: str) -> Case:
     return Case(spec.name, network, profile, 1, net.default_exporter, net.default_variant, False)
 
 
-def default_accuracy_backends(runnable: Sequence[str], available: Sequence[str] | None) -> list[str]:
+def default_accuracy_backends(runnable: Sequence[str], available: Callable[[str], bool] | None) -> list[str]:
     """Where a staged pass runs unless --accuracy-backend says: a full dataset pass is long, so on
     one deployed backend. On an NPU host the OM; elsewhere the first deployed CPU backend that runs
-    here (ONNX Runtime, in registry order); else the first that runs here at all."""
-    here = [b for b in runnable if available is None or b in available]
-    if "om" in here:
+    here (ONNX Runtime, in registry order); else the first that runs here at all. Backends are
+    asked in that order and no further than needed (some availability checks take seconds)."""
+    here = available or (lambda name: True)
+    if "om" in runnable and here("om"):
         return ["om"]
-    return [b for b in here if BACKENDS[b].marker is None][:1] or here[:1] or list(runnable[:1])
+    ordered = [b for b in runnable if BACKENDS[b].marker is None] + [b for b in runnable if BACKENDS[b].marker]
+    return next(([b] for b in ordered if b != "om" and here(b)), list(runnable[:1]))
 
 
 def _params_accuracy(ctx: GateContext) -> Params:

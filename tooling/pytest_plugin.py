@@ -45,7 +45,7 @@ _matrix_key = pytest.StashKey[ConformanceMatrix]()
 _nightly_deselected_key = pytest.StashKey[int]()
 _idle_required_key = pytest.StashKey[dict[str, str]]()
 _workspace_key = pytest.StashKey[Workspace]()
-_available_key = pytest.StashKey[tuple]()
+_available_key = pytest.StashKey[Callable[[str], bool]]()
 _run_id_key = pytest.StashKey[str]()
 _cache_note_key = pytest.StashKey[str]()
 _builds_reported_key = pytest.StashKey[int]()
@@ -268,16 +268,18 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     return ([f"zoo: {note}"] if note else []) + [f"zoo: {_staged_accuracy_line(config)}"]
 
 
-def _available_deployed(config: pytest.Config) -> tuple[str, ...]:
-    """The selected deployed backends that run on this host (checked once per session)."""
+def _available_deployed(config: pytest.Config) -> Callable[[str], bool]:
+    """Whether a selected deployed backend runs on this host, each checked at most once a session."""
     if _available_key not in config.stash:
-        selected = _selected_backends(config)
-        threads = config.getoption("--threads")
-        config.stash[_available_key] = tuple(
-            name for name, cls in BACKENDS.items()
-            if cls.deployed and (selected is None or name in selected)
-            and cls(BackendConfig(threads=threads)).availability().ok
-        )
+        selected, threads, known = _selected_backends(config), config.getoption("--threads"), {}
+
+        def available(name: str) -> bool:
+            if name not in known:
+                known[name] = (selected is None or name in selected) and \
+                    BACKENDS[name](BackendConfig(threads=threads)).availability().ok
+            return known[name]
+
+        config.stash[_available_key] = available
     return config.stash[_available_key]
 
 

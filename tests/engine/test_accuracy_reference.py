@@ -71,8 +71,15 @@ def test_reference_pass_then_a_deployed_pass_shows_its_move(tmp_path):
 
 
 def test_default_staged_backends_per_host():
-    deployed = ["onnxruntime", "openvino", "om"]
-    assert default_accuracy_backends(deployed, ("onnxruntime", "openvino", "om")) == ["om"]
-    assert default_accuracy_backends(deployed, ("onnxruntime", "openvino")) == ["onnxruntime"]
-    assert default_accuracy_backends(deployed, ("openvino",)) == ["openvino"]
-    assert default_accuracy_backends(deployed, ()) == ["onnxruntime"]  # it will skip, saying why
+    deployed = ["onnxruntime", "openvino", "aoti", "om"]
+
+    def host(*names):
+        asked = []
+        return (lambda name: asked.append(name) or name in names), asked
+
+    npu, asked = host("onnxruntime", "openvino", "om")
+    assert default_accuracy_backends(deployed, npu) == ["om"] and asked == ["om"]
+    cpu, asked = host("onnxruntime", "openvino", "aoti")
+    assert default_accuracy_backends(deployed, cpu) == ["onnxruntime"] and asked == ["om", "onnxruntime"]
+    assert default_accuracy_backends(deployed, host("openvino")[0]) == ["openvino"]
+    assert default_accuracy_backends(deployed, host()[0]) == ["onnxruntime"]  # it will skip, saying why
