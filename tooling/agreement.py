@@ -177,18 +177,23 @@ class AgreementSet:
         return result
 
 
-def perturb_initializer(source: Path, target: Path, name: str, relative: float, seed: int = 0) -> float:
-    """Copy the ONNX graph ``source`` to ``target`` with initializer ``name`` multiplied elementwise
-    by (1 + relative * N(0, 1)) (seeded); returns the relative L2 change made. An unknown name is
-    an error listing the initializers there are."""
+def perturb_initializer(source: Path, target: Path, which: str | tuple[int, ...], relative: float,
+                        seed: int = 0) -> float:
+    """Copy the ONNX graph ``source`` to ``target`` with one initializer multiplied elementwise by
+    (1 + relative * N(0, 1)) (seeded); returns the relative L2 change made. ``which`` is its name,
+    or its shape where the exporter renamed it (a convolution folded with its batch norm) and that
+    shape is unique. No match, or several, is an error listing the named initializers."""
     model = onnx.load(str(source))
-    found = [t for t in model.graph.initializer if t.name == name]
-    if not found:
+    if isinstance(which, str):
+        found = [t for t in model.graph.initializer if t.name == which]
+    else:
+        found = [t for t in model.graph.initializer if tuple(t.dims) == tuple(which)]
+    if len(found) != 1:
         names = sorted(t.name for t in model.graph.initializer if not t.name.startswith("onnx::"))
-        raise KeyError(f"{source}: no initializer {name!r}; named ones: {names[:40]}")
+        raise KeyError(f"{source}: {len(found)} initializers match {which!r}; named ones: {names[:40]}")
     values = numpy_helper.to_array(found[0])
     noise = np.random.default_rng(seed).standard_normal(values.shape)
     changed = (values * (1.0 + relative * noise)).astype(values.dtype)
-    found[0].CopyFrom(numpy_helper.from_array(changed, name))
+    found[0].CopyFrom(numpy_helper.from_array(changed, found[0].name))
     onnx.save(model, str(target))
     return float(np.linalg.norm(changed - values) / max(np.linalg.norm(values), 1e-30))

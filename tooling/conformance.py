@@ -256,11 +256,9 @@ class ConformanceSuite:
             print(f"{self.model} accuracy {shard.label} on {accuracy_backend}: {metrics}")
             return
         value = metrics[accuracy.metric]
-        record(request, metrics=metrics, target=accuracy.target, **pass_records(handle.last_run_dir))
-        print(f"{self.model} {accuracy.metric} = {value:.4f} on {accuracy_backend} (target {accuracy.target})")
         moves = moves_against_reference(handle, accuracy_backend, metrics, zoo.options.accuracy_limit)
-        if moves:
-            record(request, **moves)
+        record(request, metrics=metrics, target=accuracy.target, **moves, **pass_records(handle.last_run_dir))
+        print(f"{self.model} {accuracy.metric} = {value:.4f} on {accuracy_backend} (target {accuracy.target})")
         for backend, moved in ({accuracy_backend: moves["moves_vs_reference"]} if "moves_vs_reference" in moves
                                else moves.get("deployed_moves", {})).items():
             print(f"{self.model}: {backend} moved " + ", ".join(f"{m} {d:+.4g}" for m, d in moved.items())

@@ -19,15 +19,19 @@ from tooling.gates import default_accuracy_backends
 from tooling.models.videopose3d.slice import write_known_answer
 
 PROJECT = Path(__file__).resolve().parents[2]
+# A quick look on the first sequences keeps each pass to seconds: figures and moves are recorded
+# as for a full pass (and compared only with a pass over the same samples), the target not gated.
+SEQUENCES = 2
 
 
 def _staged_pass(answer, tmp_path: Path, name: str, *options: str) -> tuple[subprocess.CompletedProcess, dict]:
     report = tmp_path / f"{name}.json"
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:xdist", "-p", "no:cacheprovider", "-q", "-s",
+        [sys.executable, "-m", "pytest", "-p", "no:xdist", "-p", "no:cacheprovider", "-s",
          "tests/models/test_videopose3d.py", "-m", "videopose3d and accuracy", "-k", "staged",
          "--data-root", str(answer.data_root), "--weights-root", str(answer.weights_root),
-         "--cache-dir", str(tmp_path / "cache"), "--zoo-report", str(report), *options],
+         "--cache-dir", str(tmp_path / "cache"), "--zoo-report", str(report), "--accuracy-limit", str(SEQUENCES),
+         *options],
         cwd=PROJECT, env={**os.environ, "PYTHONPATH": str(PROJECT)}, capture_output=True, text=True, timeout=900,
     )
     rows = json.loads(report.read_text())["rows"] if report.is_file() else []
@@ -50,7 +54,7 @@ def test_reference_pass_then_a_deployed_pass_shows_its_move(tmp_path):
     reference, row = _staged_pass(answer, tmp_path, "reference", "--accuracy-backend", "torch")
     assert reference.returncode == 0, reference.stdout[-3000:] + reference.stderr[-3000:]
     assert "staged accuracy on torch eager, the reference pipeline" in reference.stdout
-    assert row["backend"] == "torch" and row["outcome"] == "passed"
+    assert row["backend"] == "torch" and "quick look on the first 2 samples" in row["detail"]
     torch_mpjpe = _results(row)["metrics"]["mpjpe_p1_mm"]
 
     deployed, row = _staged_pass(answer, tmp_path, "deployed")  # the host's default: ONNX Runtime here
