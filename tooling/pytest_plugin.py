@@ -462,8 +462,9 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         return  # an xdist worker forwards the structured records to the controller untouched
     durations = _CONFIG[0].stash.get(_durations_key, None) if _CONFIG else None
     if durations is not None:  # a reused verdict counts what computing it took, for the next cold run
-        cached = dict(report.user_properties).get("zoo_cached")
-        durations.add(report.nodeid, cached["seconds"] if cached else report.duration)
+        properties = dict(report.user_properties)
+        cached = properties.get("zoo_cached") or {"seconds": properties.get("zoo.cached.seconds")}
+        durations.add(report.nodeid, float(cached["seconds"]) if cached["seconds"] is not None else report.duration)
     builds = [b for k, v in report.user_properties if k == "zoo_builds" for b in v]
     matrix = _current_matrix()
     if builds and matrix is not None:

@@ -42,7 +42,7 @@ from packaging.requirements import Requirement
 from tooling import baseline, planning
 from tooling import model_spec as model_specs
 from tooling.backends import BACKENDS
-from tooling.fingerprint import content_digest, file_digest, source_files, source_label
+from tooling.fingerprint import ENGINE_PACKAGE, content_digest, file_digest, source_files, source_label
 from tooling.gates import GATES
 from tooling.locations import Roots, data_paths, find_checkpoint
 from tooling.sources import patches_digest
@@ -113,6 +113,37 @@ def verdict_key(instance: GateInstance, workspace) -> VerdictKey:
     return VerdictKey(hashlib.sha256(blob).hexdigest()[:32], inputs, gate.timed)
 
 
+def slice_test_key(nodeid: str, params: Mapping[str, Any], test_files: tuple[Path, ...], workspace) -> VerdictKey:
+    """The key of a slice's own test (tests/models/<model>/: ports, processing, export variants),
+    which no gate registry describes: conservatively, everything the suite could read. Every
+    engine source file, every baseline, fixture and patch, the test module and conftests, the
+    library versions, every backend's state and the options; the caller reuses such a verdict
+    only when nothing is staged (no data, weights or upstream root), since those are not hashed."""
+    inputs = {
+        "format": FORMAT,
+        "node": nodeid,
+        "params": _plain(dict(params)),
+        "code": code_digests(ENGINE_PACKAGE, test_files),
+        "project": project_digests(),
+        "environment": {k: v for k, v in sorted(os.environ.items()) if k.startswith("ZOO_")},
+        "options": _plain(dataclasses.asdict(workspace.options) | {"run_id": None}),
+        "libraries": library_versions(),
+        "backends": {name: backend_state(workspace, name) for name in BACKENDS},
+    }
+    inputs = _plain(inputs)
+    blob = json.dumps(inputs, sort_keys=True).encode()
+    return VerdictKey(hashlib.sha256(blob).hexdigest()[:32], inputs, False)
+
+
+def project_digests() -> dict[str, str | None]:
+    """Baselines, fixtures and patches, by content (once per process)."""
+    if not _project_digests:
+        for name, path in (("baselines", baseline.BASELINES_DIR), ("fixtures", model_specs.FIXTURES_DIR),
+                           ("patches", model_specs.PATCHES_DIR)):
+            _project_digests[name] = content_digest(path)
+    return dict(_project_digests)
+
+
 def networks_used(spec, params: Mapping[str, Any]) -> list[str]:
     """The networks a row runs: its case's, its golden's, its chain's, or (accuracy) all."""
     case = params.get("case")
@@ -177,6 +208,7 @@ def code_digests(slice_module: str, test_files: tuple[Path, ...]) -> dict[str, s
 
 
 _code_digests: dict[tuple, dict[str, str]] = {}
+_project_digests: dict[str, str | None] = {}
 _backend_states: dict[tuple, dict[str, Any]] = {}
 
 
@@ -187,6 +219,7 @@ def forget() -> None:
     from tooling import fingerprint
 
     _code_digests.clear()
+    _project_digests.clear()
     _backend_states.clear()
     fingerprint._digests.clear()
 

@@ -16,9 +16,11 @@ from pathlib import Path
 import pytest
 
 from tooling.gates import gate_of
+from tooling.locations import Roots
 from tooling.verdict_cache import DamagedEntry, VerdictCache
-from tooling.verdict_key import GateInstance, VerdictKey, verdict_key
+from tooling.verdict_key import GateInstance, VerdictKey, slice_test_key, verdict_key
 
+SLICE_TESTS = "tests/models"  # the slices' own tests, below the model test modules
 CACHED = "zoo_cached"  # user property of a replayed row: its provenance
 NOTE = "zoo.verdict_note"  # user property: why a stored verdict was not reused
 _pending = pytest.StashKey[tuple]()
@@ -58,42 +60,67 @@ def _mode(config: pytest.Config) -> str:
     return "reuse"
 
 
-def _instance(item: pytest.Item) -> GateInstance | None:
-    cell = dict(item.user_properties).get("zoo_cell")
-    registered = gate_of(getattr(item, "function", None))
-    if cell is None or registered is None:
-        return None
+def _test_files(item: pytest.Item) -> tuple[Path, ...]:
+    """The test module, the conftest files above it and the pytest config: code a row runs too."""
     root = Path(item.config.rootpath)
     files = [Path(item.path)] + [d / "conftest.py" for d in Path(item.path).parents
                                  if d == root or d.is_relative_to(root)]
     if item.config.inipath:
         files.append(Path(item.config.inipath))
+    return tuple(f for f in files if f.is_file())
+
+
+def _key(item: pytest.Function) -> tuple[str, VerdictKey] | None:
+    """(where its entry lives, its key) for a gate row or a slice's own test; None: not cached."""
     params = dict(getattr(getattr(item, "callspec", None), "params", {}))
-    return GateInstance(cell["model"], registered.label, params, item.nodeid, tuple(f for f in files if f.is_file()))
+    cell = dict(item.user_properties).get("zoo_cell")
+    registered = gate_of(getattr(item, "function", None))
+    if cell is not None and registered is not None:
+        workspace = item.funcargs.get("zoo")
+        if workspace is None:
+            return None
+        instance = GateInstance(cell["model"], registered.label, params, item.nodeid, _test_files(item))
+        return cell["model"], verdict_key(instance, workspace)
+    if not Path(item.path).is_relative_to(Path(item.config.rootpath) / SLICE_TESTS):
+        return None
+    workspace = item.funcargs.get("zoo") or _session_workspace(item.config)
+    roots = workspace.roots
+    if roots.data_root or roots.weights_root or roots.upstream_root:
+        return None  # staged inputs are not hashed for these: they always run
+    return "slice-tests", slice_test_key(item.nodeid, params, _test_files(item), workspace)
+
+
+def _session_workspace(config: pytest.Config):
+    from tooling.pytest_plugin import _workspace, _workspace_key
+
+    if _workspace_key not in config.stash:
+        config.stash[_workspace_key] = _workspace(config)
+    return config.stash[_workspace_key]
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_pyfunc_call(pyfuncitem: pytest.Function):
     config = pyfuncitem.config
-    mode = _mode(config)
-    instance = _instance(pyfuncitem) if mode != "off" else None
-    workspace = pyfuncitem.funcargs.get("zoo")
-    if instance is None or workspace is None:
+    if _mode(config) == "off":
         return None
     benchmark = pyfuncitem.funcargs.get("benchmark")
     if benchmark is not None and benchmark.disabled:
         return None  # the timed gate skips here (xdist pass): nothing to reuse or store
     try:
-        key = verdict_key(instance, workspace)
-    except Exception as exc:  # noqa: BLE001 - without a key the gate simply runs
+        found = _key(pyfuncitem)
+    except Exception as exc:  # noqa: BLE001 - without a key the test simply runs
         _note(pyfuncitem, f"no verdict key ({type(exc).__name__}: {exc}); computed")
         return None
-    cache = VerdictCache(workspace.roots.cache_dir)
-    pyfuncitem.stash[_pending] = (instance.model, key, cache, time.perf_counter())
+    if found is None:
+        return None
+    model, key = found
+    mode = _mode(config)
+    cache = VerdictCache(Roots.resolve(cache_dir=config.getoption("--cache-dir")).cache_dir)
+    pyfuncitem.stash[_pending] = (model, key, cache, time.perf_counter())
     if mode != "reuse":
         return None
     try:
-        stored = cache.load(instance.model, key)
+        stored = cache.load(model, key)
     except DamagedEntry as exc:
         _note(pyfuncitem, f"damaged cache entry, recomputed: {exc}")
         return None
@@ -132,12 +159,17 @@ def pytest_runtest_makereport(item: pytest.Item, call):
 def _store(item: pytest.Item, model: str, key: VerdictKey, cache: VerdictCache, seconds: float) -> None:
     results = [v for k, v in item.user_properties if k == "zoo_result"]
     relabels = [v for k, v in item.user_properties if k == "zoo_relabel"]
-    workspace = item.funcargs.get("zoo")
     try:
         cache.store(model, key, nodeid=item.nodeid, results=results, relabels=relabels,
-                    run=getattr(workspace.options, "run_id", None) or "unknown", seconds=seconds)
+                    run=_run_id(item.config), seconds=seconds)
     except (OSError, TypeError, ValueError) as exc:
         _note(item, f"verdict not stored ({type(exc).__name__}: {exc})")
+
+
+def _run_id(config: pytest.Config) -> str:
+    from tooling.pytest_plugin import _run_id_key
+
+    return config.stash.get(_run_id_key, "unknown")
 
 
 def is_cached(report: pytest.TestReport) -> bool:
@@ -151,10 +183,17 @@ def pytest_report_teststatus(report: pytest.TestReport, config: pytest.Config):
     return None
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Collect the notes for the summary; a reused slice test (no grid row, whose properties the
+    conformance plugin flattens) gets the flat JUnit properties here, before junitxml reads them."""
     config = _config[0] if _config else None
     if config is None or hasattr(config, "workerinput"):
         return
+    properties = dict(report.user_properties)
+    if CACHED in properties and "zoo_cell" not in properties:
+        report.user_properties = [(k, v) for k, v in report.user_properties if k != CACHED] + [
+            ("zoo.verdict", "cached")] + [(f"zoo.cached.{k}", str(v)) for k, v in properties[CACHED].items()]
     for key, value in report.user_properties:
         if key == NOTE:
             config.stash[_notes].append(f"{report.nodeid}: {value}")

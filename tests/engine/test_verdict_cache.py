@@ -102,6 +102,31 @@ def test_speed_verdicts_are_reused_only_up_to_the_max_age(toy_project):
     _assert_outcomes(nightly, passed=1)
 
 
+def test_a_slices_own_test_is_reused_until_anything_the_suite_reads_changes(toy_project, tmp_path):
+    """A test below tests/models/ outside the gate registry: reused while every engine file,
+    baseline, fixture and version is unchanged, never when something is staged (not hashed)."""
+    (toy_project.path / "tests" / "models" / "toynet").mkdir(parents=True)
+    (toy_project.path / "fixtures" / "toynet").mkdir(parents=True)
+    table = toy_project.path / "fixtures" / "toynet" / "table.txt"
+    table.write_text("2\n")
+    (toy_project.path / "tests" / "models" / "toynet" / "test_table.py").write_text(
+        "import os\n"
+        "def test_table_doubles():\n"
+        "    assert int(open(os.environ['ZOO_FIXTURES_DIR'] + '/toynet/table.txt').read()) == 2\n")
+    args = ("-p", "tooling.pytest_plugin", "-p", "no:cacheprovider", "-o", "markers=toynet", "tests/models",
+            f"--junitxml={toy_project.path / 'junit.xml'}")
+    _assert_outcomes(toy_project.runpytest_subprocess(*args), passed=1)
+    _assert_outcomes(toy_project.runpytest_subprocess(*args), cached=1)
+    properties = {p.get("name"): p.get("value") for p in
+                  ElementTree.parse(toy_project.path / "junit.xml").getroot().iter("property")}
+    assert properties["zoo.verdict"] == "cached" and properties["zoo.cached.run"]
+    table.write_text("3\n")  # a fixture file: recomputed (and now failing)
+    _assert_outcomes(toy_project.runpytest_subprocess(*args), failed=1)
+    table.write_text("2\n")
+    staged = toy_project.runpytest_subprocess(*args, "--weights-root", str(tmp_path))
+    _assert_outcomes(staged, passed=1)  # a staged root is not hashed: the test runs
+
+
 def test_a_bad_max_age_is_a_usage_error(toy_project):
     result = toy_project.runpytest_subprocess(*COMMON, "--verdict-cache-max-age", "soon", "--collect-only")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
