@@ -31,6 +31,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import shutil
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -117,7 +118,7 @@ def slice_test_key(nodeid: str, params: Mapping[str, Any], test_files: tuple[Pat
     """The key of a slice's own test (tests/models/<model>/: ports, processing, export variants),
     which no gate registry describes: conservatively, everything the suite could read. Every
     engine source file, every baseline, fixture and patch, the test module and conftests, the
-    library versions, every backend's state and the options; the caller reuses such a verdict
+    library versions, runtimes and toolchains, and the options; the caller reuses such a verdict
     only when nothing is staged (no data, weights or upstream root), since those are not hashed."""
     inputs = {
         "format": FORMAT,
@@ -128,7 +129,10 @@ def slice_test_key(nodeid: str, params: Mapping[str, Any], test_files: tuple[Pat
         "environment": {k: v for k, v in sorted(os.environ.items()) if k.startswith("ZOO_")},
         "options": _plain(dataclasses.asdict(workspace.options) | {"run_id": None}),
         "libraries": library_versions(),
-        "backends": {name: backend_state(workspace, name) for name in BACKENDS},
+        # Runtimes and toolchains by version and path, not by asking each backend (AOTInductor's
+        # availability check alone imports Inductor: seconds for every process).
+        "runtimes": {name: _installed(name) for name in RUNTIMES_KEYED_BY_BACKEND},
+        "tools": {tool: shutil.which(tool) for tool in ("g++", "clang++", "atc", "npu-smi", "nvidia-smi")},
     }
     inputs = _plain(inputs)
     blob = json.dumps(inputs, sort_keys=True).encode()
@@ -233,13 +237,14 @@ def library_versions() -> dict[str, str]:
     pyproject = tomllib.loads((model_specs.PROJECT_ROOT / "pyproject.toml").read_text())["project"]
     names = [Requirement(r).name for r in pyproject.get("dependencies", [])]
     names += [Requirement(r).name for r in pyproject.get("optional-dependencies", {}).get("upstream", [])]
-    versions = {}
-    for name in sorted(set(names) - set(RUNTIMES_KEYED_BY_BACKEND)):
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
+    return {name: _installed(name) for name in sorted(set(names) - set(RUNTIMES_KEYED_BY_BACKEND))}
+
+
+def _installed(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 # Distributions whose version a backend's ``versions()`` reports: keying them only on the rows
