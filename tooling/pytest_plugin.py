@@ -26,7 +26,7 @@ from tooling.agreement import AgreementSet
 from tooling.conformance import ConformanceSuite
 from tooling.fleet import Fleet, fleet_gateway_alive
 from tooling.gates import GateContext, default_accuracy_backends, gate_of
-from tooling.history.session import Recorded, history_path, inject, record_run
+from tooling.history.session import Recorded, history_path, inject, record_run, warm_up
 from tooling.history.store import HistoryError
 from tooling.locations import ENV, Roots
 from tooling.model_spec import EXPORTERS, Case, ChainCase
@@ -226,6 +226,8 @@ def pytest_configure(config: pytest.Config) -> None:
     set_live_sink(_terminal_progress(config))
     config.stash[_matrix_key] = ConformanceMatrix()
     config.stash[_started_key] = time.time()
+    if not hasattr(config, "workerinput") and history_path(config.getoption("--history"), Path(config.rootpath)):
+        warm_up()
     # xdist workers share the controller's run id: --rebuild then rebuilds once per run.
     config.stash[_run_id_key] = getattr(config, "workerinput", {}).get("testrunuid") or uuid.uuid4().hex
     cache_dir = Roots.resolve(cache_dir=config.getoption("--cache-dir")).cache_dir
