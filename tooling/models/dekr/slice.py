@@ -208,10 +208,11 @@ class DekrSlice(ModelSlice):
 # readout leaves joint errors of a few pixels (OKS about 0.74 on the agreement image).
 CALIBRATION_SIGMA = 1.0
 CALIBRATION_PEAK_WEIGHT = 10.0
-# Height of the fitted Gaussians: above the decoder's centre threshold (0.01), and small enough
-# that the readout's rounding stays inside the absolute heatmap tolerances set on seeded outputs
-# (with unit peaks, ONNX Runtime differed by 2.3e-4 at the canvas border).
-CALIBRATION_PEAK = 0.1
+# Height of the fitted Gaussians: the readout's centre peak (about a third of it) stays above the
+# decoder's centre threshold (0.01), and its rounding inside the absolute heatmap tolerances set on
+# seeded outputs: at height 1, ONNX Runtime differed by 2.3e-4 at the canvas border; at 0.1,
+# OpenVINO by 1.3e-4 (atol 1e-4).
+CALIBRATION_PEAK = 0.05
 CALIBRATION_CENTRE_RADIUS = 12
 OFFSET_READOUT_CHANNELS = STAGE_CHANNELS[-1][0]
 
