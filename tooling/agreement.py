@@ -24,6 +24,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from tooling import planning
 from tooling.accuracy import run_accuracy
 from tooling.compare import ComparisonError, assert_outputs_match, compare_outputs
 from tooling.locations import find_checkpoint
@@ -151,10 +152,9 @@ class AgreementSet:
             result.calls += 1
             if not compare_calls:
                 return
-            key = zoo.backend(backend).tolerance_key(spec, network)  # om@<precision>, say
-            checks = [({o: spec.tolerance(network, o, key) for o in expected}, outputs, expected, "raw")]
+            checks = [(planning.tolerances(spec, network, backend), outputs, expected, "raw")]  # om@<precision>, say
             if net.decoded:
-                decoded = {n: spec.decoded_tolerance(network, n, key) for n in net.decoded}
+                decoded = planning.tolerances(spec, network, backend, decoded=True)
                 checks.append((decoded, handle.slice.decode(network, feeds, outputs),
                                handle.slice.decode(network, feeds, expected), "decoded"))
             deviation = max((s.max_abs / s.atol if s.atol > 0 else s.max_abs)

@@ -60,7 +60,7 @@ def verify_golden(args: argparse.Namespace) -> int:
         if variant is not None:
             case = replace(case, variant=variant)
         actual = handle.session(args.backend, case, weights).run(feeds)
-    stats = compare_outputs(actual, expected, {o: spec.tolerance(args.network, o, args.backend) for o in net.outputs})
+    stats = compare_outputs(actual, expected, planning.tolerances(spec, args.network, args.backend))
     for s in stats:
         print(s.line())
     return 0 if all(s.passed for s in stats) else 1
@@ -97,7 +97,7 @@ def triage(args: argparse.Namespace) -> int:
     handle = Workspace(roots, Options(weights=args.weights, salt=args.salt)).model(args.model)
     availability = handle.ws.availability(args.backend)
     if not availability.ok:
-        print(f"{args.backend} unavailable: {availability.reason}", file=sys.stderr)
+        print(availability.describe(args.backend), file=sys.stderr)
         return 2
     try:
         report = triage_case(handle, cases[args.case], args.backend)

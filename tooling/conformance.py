@@ -16,10 +16,9 @@ import pytest
 from tooling import planning
 from tooling.accuracy import AccuracyInputsMissing, moves_against_reference, run_accuracy
 from tooling.arrays import read_arrays
-from tooling.backends import BACKENDS
-from tooling.compare import ComparisonError, assert_outputs_match, compare_outputs
-from tooling.gates import gate
-from tooling.model_spec import Case, ChainCase, ModelSpec
+from tooling.compare import ComparisonError, assert_outputs_match
+from tooling.gates import GATES, gate, serving_backends
+from tooling.model_spec import Case, ChainCase
 from tooling.pictures import png_bytes
 from tooling.progress import SAMPLE_FIGURES
 from tooling.report import ThroughputEntry
@@ -36,17 +35,6 @@ from tooling.workspace import Workspace
 # how many blocks it measures before it fails: noise only ever slows a round down.
 SPEEDUP_MIN_ROUNDS = 10
 SPEEDUP_ATTEMPTS = 3
-
-
-def require_backend(zoo: Workspace, name: str) -> None:
-    """Skip when ``name`` cannot run on this host, or fail when the run requires it
-    (``--require-backends``: a nightly host whose NPU toolkit broke must not go green)."""
-    availability = zoo.availability(name)
-    if not availability.ok:
-        message = f"{name} unavailable: {availability.reason}"
-        if name in zoo.options.required_backends:
-            pytest.fail(f"{message} (required by --require-backends)", pytrace=False)
-        pytest.skip(message)
 
 
 def call_seconds(session, rounds: int, host_mean_s: float, host_min_s: float) -> tuple[float, float]:
@@ -124,7 +112,6 @@ def triaged(failure: ComparisonError, request, handle, case: Case, backend: str,
 class ConformanceSuite:
     model: str = ""
 
-    @pytest.mark.parity
     @gate("golden")
     def test_port_matches_golden(self, zoo: Workspace, golden: dict):
         """The port reproduces outputs the upstream code computed under the seeded init."""
@@ -141,7 +128,6 @@ class ConformanceSuite:
         actual = TorchSession(module, net.input_names, net.output_names).run(feeds)
         assert_outputs_match(actual, expected, net.outputs, f"{self.model}/{net.name} port vs {path.name}")
 
-    @pytest.mark.parity
     @gate("onnx-vs-torch")
     def test_onnx_matches_torch(self, zoo: Workspace, case: Case, request):
         handle = zoo.model(self.model)
@@ -153,18 +139,15 @@ class ConformanceSuite:
             raise triaged(failure, request, handle, case, "onnx", handle.feeds(case)) from None
         record(request, worst_max_abs=max(s.max_abs for s in stats), outputs=output_figures(stats))
 
-    @pytest.mark.parity
     @gate("deployed-vs-onnx")
     def test_deployed_matches_onnx(self, zoo: Workspace, case: Case, deployed_backend: str, request):
-        require_backend(zoo, deployed_backend)
         handle = zoo.model(self.model)
         feeds = handle.feeds(case)
         # A variant no ONNX runtime here can execute (an Ascend custom node) is held to torch instead.
         onnx_runs = handle.spec.networks[case.network].variant(case.variant).runs_on("onnxruntime")
         expected = handle.session("onnx", case).run(feeds) if onnx_runs else handle.reference(case)
         actual = handle.session(deployed_backend, case).run(feeds)
-        key = zoo.backend(deployed_backend).tolerance_key(handle.spec, case.network)
-        tolerances = {o: handle.spec.tolerance(case.network, o, key) for o in expected}
+        tolerances = planning.tolerances(handle.spec, case.network, deployed_backend)
         reference = "ONNX" if onnx_runs else "torch (no ONNX runtime for this variant)"
         try:
             stats = assert_outputs_match(actual, expected, tolerances, f"{case.id}: {deployed_backend} vs {reference}")
@@ -172,36 +155,28 @@ class ConformanceSuite:
             raise triaged(failure, request, handle, case, deployed_backend, feeds) from None
         record(request, worst_max_abs=max(s.max_abs for s in stats), outputs=output_figures(stats))
 
-    @pytest.mark.parity
     @gate("decoded-vs-torch")
     def test_decoded_outputs_agree(self, zoo: Workspace, case: Case, deployed_backend: str):
         """What the task reports (poses, keypoints, flow) agrees, not only the raw tensors."""
-        require_backend(zoo, deployed_backend)
         handle = zoo.model(self.model)
         feeds = handle.feeds(case)
         expected = handle.slice.decode(case.network, feeds, handle.reference(case))
         actual = handle.slice.decode(case.network, feeds, handle.session(deployed_backend, case).run(feeds))
-        key = zoo.backend(deployed_backend).tolerance_key(handle.spec, case.network)
-        decoded = {n: handle.spec.decoded_tolerance(case.network, n, key) for n in handle.spec.networks[case.network].decoded}
+        decoded = planning.tolerances(handle.spec, case.network, deployed_backend, decoded=True)
+        key = planning.tolerance_key(handle.spec, case.network, deployed_backend)
         assert_outputs_match(actual, expected, decoded, f"{case.id}: decoded {deployed_backend} vs torch ({key})")
 
-    @pytest.mark.parity
     @gate("chain-vs-torch")
     def test_chain_matches_torch(self, zoo: Workspace, chain_case: ChainCase, deployed_backend: str, request):
         """Networks that feed each other (yaml ``chains``), each deployed, agree with the same chain
         in torch eager: what one backend's first network outputs is what its next one consumes."""
-        require_backend(zoo, deployed_backend)
         handle = zoo.model(self.model)
         expected = handle.run_chain(chain_case, "torch", served_by=deployed_backend)
         actual = handle.run_chain(chain_case, deployed_backend)
-        # The last network produces what the chain reports; its precision settings key the bounds.
-        key = zoo.backend(deployed_backend).tolerance_key(handle.spec, handle.spec.chains[chain_case.chain].networks[-1])
-        tolerances = {o: handle.spec.chain_tolerance(chain_case.chain, o, key) for o in expected}
+        tolerances = planning.chain_tolerances(handle.spec, chain_case.chain, deployed_backend)
         stats = assert_outputs_match(actual, expected, tolerances, f"{chain_case.id}: {deployed_backend} vs torch")
         record(request, worst_max_abs=max(s.max_abs for s in stats), outputs=output_figures(stats))
 
-    @pytest.mark.parity
-    @pytest.mark.upstream
     @gate("port-vs-upstream")
     def test_port_matches_upstream(self, zoo: Workspace, case: Case, request):
         """The port matches the pinned upstream code under the same seeded weights. Upstream not
@@ -235,14 +210,12 @@ class ConformanceSuite:
                upstream_stand_ins=stand_ins, upstream_checkout=checkout.root.name,
                upstream_absent_files=list(checkout.absent))
 
-    @pytest.mark.accuracy
     @gate("accuracy")
     def test_accuracy_on_staged_dataset(self, zoo: Workspace, accuracy_backend: str, accuracy_part, request):
         """The guide's dataset metric meets its target. Under --accuracy-shards N the pass is N
         shard items (each scores its part, resumable on its own, possibly on another device or
         host) and a merge item that computes the figure from every shard's records and holds the
         verdict; a shard missing or damaged at the merge is named and fails it."""
-        require_backend(zoo, accuracy_backend)
         handle = zoo.model(self.model)
         accuracy = handle.spec.accuracy
         shard = accuracy_part if isinstance(accuracy_part, Shard) else None
@@ -257,7 +230,8 @@ class ConformanceSuite:
             return
         value = metrics[accuracy.metric]
         moves = moves_against_reference(handle, accuracy_backend, metrics, zoo.options.accuracy_limit)
-        record(request, metrics=metrics, target=accuracy.target, **moves, **pass_records(handle.last_run_dir))
+        record(request, metrics=metrics, metric=accuracy.metric, target=accuracy.target, **moves,
+               **pass_records(handle.last_run_dir))
         print(f"{self.model} {accuracy.metric} = {value:.4f} on {accuracy_backend} (target {accuracy.target})")
         for backend, moved in ({accuracy_backend: moves["moves_vs_reference"]} if "moves_vs_reference" in moves
                                else moves.get("deployed_moves", {})).items():
@@ -276,28 +250,25 @@ class ConformanceSuite:
         for name, target in accuracy.extra_targets.items():
             assert accuracy.passes_extra(name, metrics[name]), f"{self.model} {name} = {metrics[name]:.4f} vs {target}"
 
-    @pytest.mark.accuracy
     @gate("accuracy-known-answer")
     def test_accuracy_pipeline_known_answer(self, zoo: Workspace, known_answers, tmp_path, request):
         """The accuracy path (reader, preprocessing, postprocessing, metric) on generated data whose
         correct score is known in advance. Where the slice's answer replaces a network by an oracle
         (ideal heatmaps, say), no export or deployed run of that network happens, and the row is
         labelled ``accuracy-oracle``; otherwise the network runs exported, on ONNX Runtime."""
-        require_backend(zoo, "onnxruntime")
         answer = known_answers(self.model)
         if answer.oracles:
             relabel(request, gate="accuracy-oracle", backend="oracle:" + "+".join(sorted(answer.oracles)))
-        staged = zoo.with_roots(data_root=answer.data_root, weights_root=answer.weights_root)
+        handle = zoo.with_roots(data_root=answer.data_root, weights_root=answer.weights_root).model(self.model)
         metrics = run_accuracy(
-            staged.model(self.model), "onnxruntime", profile=answer.profile, label=f"{self.model} known answer",
-            oracles=answer.oracles,
-            run_dir=tmp_path / "run",
+            handle, "onnxruntime", profile=answer.profile, label=f"{self.model} known answer",
+            oracles=answer.oracles, run_dir=tmp_path / "run",
         )
-        record(request, metrics=metrics, expected=answer.expected, **pass_records(tmp_path / "run"))
+        record(request, metrics=metrics, metric=handle.spec.accuracy.metric, expected=answer.expected,
+               **pass_records(tmp_path / "run"))
         for name, want in answer.expected.items():
             assert metrics[name] == pytest.approx(want, abs=answer.tolerance), f"{name}: got {metrics[name]}, want {want}"
 
-    @pytest.mark.accuracy
     @gate("accuracy-agreement")
     def test_accuracy_agrees_with_torch(self, zoo: Workspace, deployed_backend: str, known_answers,
                                         agreement_references, tmp_path, request):
@@ -307,7 +278,6 @@ class ConformanceSuite:
         outputs (backend tolerances) and decoded outputs (``decoded`` tolerances) agree with torch
         eager on the same feeds, and no metric moves further from the torch eager pipeline's than
         ``accuracy.agreement`` allows: the deployed backend must not move AP or MPJPE."""
-        require_backend(zoo, deployed_backend)
         spec = zoo.model(self.model).spec
         assert spec.accuracy and spec.accuracy.agreement, (
             f"baselines/{self.model}.yaml: accuracy.agreement names no metric bound for the deployed backends"
@@ -326,14 +296,12 @@ class ConformanceSuite:
         failure = result.failure()
         assert failure is None, failure
 
-    @pytest.mark.benchmark
     @gate("throughput")
     def test_throughput(self, zoo: Workspace, case: Case, backend: str, benchmark, request):
         """A device backend (NPU, GPU) against the guide's floor for this device class and shape.
         CPU backends are timed, interleaved with torch eager, by the speed-up gate instead."""
         if benchmark.disabled:
             pytest.skip("benchmarks run in the separate -n 0 pass (pytest-benchmark is off under xdist)")
-        require_backend(zoo, backend)
         handle = zoo.model(self.model)
         spec = handle.spec
         session = handle.session(backend, case)
@@ -359,7 +327,6 @@ class ConformanceSuite:
                         f"measured no {device} figure at {case.profile} b{case.batch}, so this shape is not gated")
         assert entry.rate >= floor, f"{backend} on {device}: {entry.rate:.1f} {spec.throughput.unit} < floor {floor}"
 
-    @pytest.mark.benchmark
     @gate("cpu-speedup")
     def test_cpu_speedup_over_torch(self, zoo: Workspace, case: Case, benchmark, request):
         """On CPU runners the best deployed backend must beat torch eager. Every contender runs on
@@ -371,7 +338,7 @@ class ConformanceSuite:
         handle = zoo.model(self.model)
         spec = handle.spec
         contenders, unavailable = {}, {}
-        for name in cpu_speed_contenders(spec, case):
+        for name in serving_backends(spec, case, GATES["cpu-speedup"], zoo.options.backends):
             availability = zoo.availability(name)
             if availability.ok:
                 contenders[name] = handle.session(name, case)
@@ -432,8 +399,3 @@ def attach_roofline(zoo: Workspace, handle, case: Case, entry: ThroughputEntry) 
     peak = host_peak_gflops(zoo.options.threads) if entry.device == "cpu" else None
     entry.attach_roofline(flops.total, peak)
 
-
-def cpu_speed_contenders(spec: ModelSpec, case: Case) -> list[str]:
-    """The deployed CPU backends that serve ``case``: what the speed-up gate times against torch."""
-    return [name for name, cls in BACKENDS.items()
-            if cls.deployed and cls.marker is None and planning.case_runs_on(spec, case, name)]

@@ -1,10 +1,14 @@
-"""The registry of conformance gates: for each gate, its label in the conformance grid, how it is
-parametrized from a model's yaml, and which backend a row names when no parameter does.
+"""The registry of conformance gates. Each gate is defined once here: its label in the grid, JSON
+report and JUnit properties; the pytest markers its rows carry; what kind of figure its rows record
+(which fixes how the report shows their cells, tooling/report.py ``FIGURES``); how it is
+parametrized from a model's yaml; which backends its rows run on; and whether the plugin skips a
+row whose backend this host lacks (or fails it, under --require-backends).
 
-A test in ``ConformanceSuite`` declares its gate with ``@gate("label")``; the pytest plugin finds
-the gate through that mark, never through the test's name, so renaming a test changes neither
-what is collected nor how it is labelled. A test with no ``@gate`` is a plain test: the plugin
-leaves it alone.
+A test in ``ConformanceSuite`` declares its gate with ``@gate("label")``, which also applies the
+gate's markers; the pytest plugin finds the gate through that mark, never through the test's name,
+so renaming a test changes neither what is collected nor how it is labelled. A test with no
+``@gate`` is a plain test: the plugin leaves it alone. The README's gate table lists the same
+labels (tests/engine/test_gates.py holds them together).
 
 To add a gate: write a ``_params_<x>(ctx)`` function below returning ``(argnames, params)``,
 register it in ``GATES``, and decorate the test with ``@gate("<label>")``.
@@ -18,13 +22,60 @@ import pytest
 
 from tooling import planning
 from tooling.accuracy import REFERENCE_BACKEND
-from tooling.backends import BACKENDS
+from tooling.backends import BACKENDS, Backend
 from tooling.model_spec import Case, ModelSpec
 from tooling.shards import Shard, merge_id
 from tooling.slice import splits_its_pass
 from tooling.sources import upstream_source
 
 ATTRIBUTE = "zoo_gate"
+
+Params = tuple[str | Sequence[str], list[Any]]
+
+# Which deployed backends a gate's rows may run on. A backend with no device marker runs on the host CPU.
+SERVES: dict[str, Callable[[type[Backend]], bool]] = {
+    "deployed": lambda backend: True,
+    "cpu": lambda backend: backend.marker is None,
+    "device": lambda backend: backend.marker is not None,  # NPU, GPU
+}
+
+
+@dataclass(frozen=True)
+class Gate:
+    label: str  # the gate's name in the grid, the JSON report and JUnit properties
+    markers: tuple[str, ...]  # pytest markers of every row (the model's, slow and npu/gpu come per row)
+    kind: str  # what a row records: parity, accuracy, agreement, throughput or speedup (its cell's figure)
+    parametrize: Callable[["GateContext"], Params] | None  # None: one row per model
+    backend_arg: str | None  # the parameter holding a row's backend, if any
+    default_backend: str  # the backend a row names when no parameter holds one
+    serves: str | None = None  # the deployed backends its rows run on (a SERVES key); None: references only
+    checks_backend: bool = False  # a row whose backend is unavailable here is skipped by the plugin
+    shown_as: tuple[str, ...] = ()  # other labels a row may take once it ran (tooling.conformance.relabel)
+    # What a verdict depends on besides code, yaml and fixtures (tooling/verdict_key.py): the
+    # references it runs besides the row's own backend (and serving_backends for a gate without a
+    # backend parameter), the staged inputs it reads, and whether it is a timing (host-dependent).
+    uses: tuple[str, ...] = ()
+    reads: tuple[str, ...] = ()  # checkpoints, data, upstream
+    timed: bool = False
+
+    def row_backend(self, params: dict[str, Any]) -> str:
+        """The backend a row names: its backend parameter, else the gate's default."""
+        value = params.get(self.backend_arg) if self.backend_arg else None
+        return value if isinstance(value, str) else self.default_backend
+
+
+def gate_backends(gate: Gate, selected: tuple[str, ...] | None) -> list[str]:
+    """The deployed backends ``gate`` runs on, as far as --backends (``selected``) keeps them."""
+    if gate.serves is None:
+        return []
+    return [name for name, cls in BACKENDS.items() if cls.deployed and SERVES[gate.serves](cls)
+            and (selected is None or name in selected)]
+
+
+def serving_backends(spec: ModelSpec, case: Case, gate: Gate, selected: tuple[str, ...] | None = None) -> list[str]:
+    """The deployed backends that ``gate`` runs ``case`` on: the gate's kind of backend, kept by
+    --backends, serving the case (its variant, profile and shape)."""
+    return [b for b in gate_backends(gate, selected) if planning.case_runs_on(spec, case, b)]
 
 
 @dataclass(frozen=True)
@@ -39,37 +90,15 @@ class GateContext:
     accuracy_shards: int = 1  # --accuracy-shards: parts of each dataset pass, merged by a last item
     available: Callable[[str], bool] | None = None  # whether a backend runs on this host (None: unknown)
 
-    @property
-    def deployed(self) -> list[str]:
-        return [n for n, b in BACKENDS.items() if b.deployed and (self.selected_backends is None or n in self.selected_backends)]
+    def backends(self, label: str) -> list[str]:
+        return gate_backends(GATES[label], self.selected_backends)
 
-    @property
-    def cpu_deployed(self) -> list[str]:
-        return [n for n in self.deployed if BACKENDS[n].marker is None]
+    def serving_backends(self, case: Case, label: str) -> list[str]:
+        return serving_backends(self.spec, case, GATES[label], self.selected_backends)
 
     def timed(self, case: Case) -> bool:
         """One artifact per shape is enough to time: the default exporter unless --exporter says."""
         return bool(self.exporters) or case.exporter == self.spec.networks[case.network].default_exporter
-
-    def compared_on_cpu(self, case: Case) -> bool:
-        return any(planning.case_runs_on(self.spec, case, b) for b in self.cpu_deployed)
-
-
-Params = tuple[str | Sequence[str], list[Any]]
-
-
-@dataclass(frozen=True)
-class Gate:
-    label: str  # the gate's name in the grid, the JSON report and JUnit properties
-    parametrize: Callable[[GateContext], Params] | None  # None: one row per model
-    backend_arg: str | None  # the parameter holding a row's backend, if any
-    default_backend: str  # the backend a row names when no parameter holds one
-    # What a verdict depends on besides code, yaml and fixtures (tooling/verdict_key.py): the
-    # backends it runs besides the row's own ("cpu-deployed": every deployed CPU backend serving
-    # the case), the staged inputs it reads, and whether it is a timing (host-dependent).
-    uses: tuple[str, ...] = ()
-    reads: tuple[str, ...] = ()  # checkpoints, data, upstream
-    timed: bool = False
 
 
 def backend_marks(backend: str) -> list:
@@ -103,14 +132,14 @@ def _params_onnx_vs_torch(ctx: GateContext) -> Params:
 
 
 def _params_deployed(ctx: GateContext) -> Params:
-    pairs = [(c, b) for c in ctx.cases for b in ctx.deployed if planning.case_runs_on(ctx.spec, c, b)]
+    pairs = [(c, b) for c in ctx.cases for b in ctx.serving_backends(c, "deployed-vs-onnx")]
     return ("case", "deployed_backend"), case_backend_params(pairs)
 
 
 def _params_decoded(ctx: GateContext) -> Params:
     pairs = [
         (c, b) for c in ctx.cases if ctx.spec.networks[c.network].decoded
-        for b in ctx.deployed if planning.case_runs_on(ctx.spec, c, b)
+        for b in ctx.serving_backends(c, "decoded-vs-torch")
     ]
     return ("case", "deployed_backend"), case_backend_params(pairs)
 
@@ -120,7 +149,7 @@ def _params_chain(ctx: GateContext) -> Params:
     that serves each of them."""
     params = [
         pytest.param(c, b, id=f"{c.id}-{b}", marks=[pytest.mark.slow] * c.slow + backend_marks(b))
-        for c in planning.chain_cases(ctx.spec) for b in ctx.deployed
+        for c in planning.chain_cases(ctx.spec) for b in ctx.backends("chain-vs-torch")
         if planning.chain_runs_on(ctx.spec, c, b)
     ]
     return ("chain_case", "deployed_backend"), params
@@ -156,7 +185,8 @@ def default_accuracy_backends(runnable: Sequence[str], available: Callable[[str]
     here = available or (lambda name: True)
     if "om" in runnable and here("om"):
         return ["om"]
-    ordered = [b for b in runnable if BACKENDS[b].marker is None] + [b for b in runnable if BACKENDS[b].marker]
+    on_cpu = SERVES["cpu"]
+    ordered = [b for b in runnable if on_cpu(BACKENDS[b])] + [b for b in runnable if not on_cpu(BACKENDS[b])]
     return next(([b] for b in ordered if b != "om" and here(b)), list(runnable[:1]))
 
 
@@ -173,7 +203,7 @@ def _params_accuracy(ctx: GateContext) -> Params:
         return names, []
     profile_cases = [c for c in planning.cases(spec) if c.profile == spec.accuracy.profile]
     # The pass picks each sample's shape (DEKR: its ATC bucket), not the profile's dims.
-    runnable = [b for b in ctx.deployed
+    runnable = [b for b in ctx.backends("accuracy")
                 if any(planning.case_runs_on(spec, c, b, at_profile_shape=False) for c in profile_cases)]
     chosen = ctx.accuracy_backend
     if chosen is not None and chosen not in (*runnable, REFERENCE_BACKEND, "all"):
@@ -196,44 +226,47 @@ def _params_agreement(ctx: GateContext) -> Params:
     known-answer set's profile is known only once the slice has written it."""
     if ctx.spec.accuracy is None:
         return "deployed_backend", []
-    return "deployed_backend", [pytest.param(b, id=b, marks=backend_marks(b)) for b in ctx.deployed]
+    return "deployed_backend", [pytest.param(b, id=b, marks=backend_marks(b)) for b in ctx.backends("accuracy-agreement")]
 
 
 def _params_throughput(ctx: GateContext) -> Params:
     """Device backends (NPU, GPU) against the guides' floors; CPU backends are timed against torch
     eager, interleaved, by the speed-up gate, so none of them is a throughput row."""
-    pairs = [
-        (case, backend) for case in filter(ctx.timed, ctx.cases) for backend in ctx.deployed
-        if BACKENDS[backend].marker is not None and planning.case_runs_on(ctx.spec, case, backend)
-    ]
+    pairs = [(case, backend) for case in filter(ctx.timed, ctx.cases) for backend in ctx.serving_backends(case, "throughput")]
     return ("case", "backend"), case_backend_params(pairs)
 
 
 def _params_cpu_speedup(ctx: GateContext) -> Params:
-    return "case", case_params([c for c in ctx.cases if ctx.timed(c) and ctx.compared_on_cpu(c)])
+    return "case", case_params([c for c in ctx.cases if ctx.timed(c) and ctx.serving_backends(c, "cpu-speedup")])
 
 
 GATES: dict[str, Gate] = {
     g.label: g
     for g in (
-        Gate("golden", _params_golden, None, "torch", uses=("torch",)),
-        Gate("onnx-vs-torch", _params_onnx_vs_torch, None, "onnx", uses=("torch", "onnx"), reads=("checkpoints",)),
-        Gate("deployed-vs-onnx", _params_deployed, "deployed_backend", "onnxruntime", uses=("torch", "onnx"),
-             reads=("checkpoints",)),
-        Gate("decoded-vs-torch", _params_decoded, "deployed_backend", "onnxruntime", uses=("torch",),
-             reads=("checkpoints",)),
-        Gate("chain-vs-torch", _params_chain, "deployed_backend", "onnxruntime", uses=("torch",),
-             reads=("checkpoints",)),
+        Gate("golden", ("parity",), "parity", _params_golden, None, "torch", uses=("torch",)),
         # The upstream import may stand in ONNX Runtime kernels (DEKR's DeformConv2d).
-        Gate("port-vs-upstream", _params_upstream, None, "torch", uses=("torch", "onnx"), reads=("upstream",)),
-        Gate("accuracy", _params_accuracy, "accuracy_backend", "onnxruntime", uses=("torch",),
-             reads=("checkpoints", "data")),
+        Gate("port-vs-upstream", ("parity", "upstream"), "parity", _params_upstream, None, "torch",
+             uses=("torch", "onnx"), reads=("upstream",)),
+        Gate("onnx-vs-torch", ("parity",), "parity", _params_onnx_vs_torch, None, "onnx", uses=("torch", "onnx"),
+             reads=("checkpoints",)),
+        Gate("deployed-vs-onnx", ("parity",), "parity", _params_deployed, "deployed_backend", "onnxruntime",
+             serves="deployed", checks_backend=True, uses=("torch", "onnx"), reads=("checkpoints",)),
+        Gate("decoded-vs-torch", ("parity",), "parity", _params_decoded, "deployed_backend", "onnxruntime",
+             serves="deployed", checks_backend=True, uses=("torch",), reads=("checkpoints",)),
+        Gate("chain-vs-torch", ("parity",), "parity", _params_chain, "deployed_backend", "onnxruntime",
+             serves="deployed", checks_backend=True, uses=("torch",), reads=("checkpoints",)),
+        Gate("accuracy", ("accuracy",), "accuracy", _params_accuracy, "accuracy_backend", "onnxruntime",
+             serves="deployed", checks_backend=True, uses=("torch",), reads=("checkpoints", "data")),
         # Generated data and weights only: nothing staged is read.
-        Gate("accuracy-known-answer", None, None, "onnxruntime", uses=("torch", "onnxruntime")),
-        Gate("accuracy-agreement", _params_agreement, "deployed_backend", "onnxruntime", uses=("torch",)),
-        Gate("throughput", _params_throughput, "backend", "torch", reads=("checkpoints",), timed=True),
-        Gate("cpu-speedup", _params_cpu_speedup, None, "best-cpu", uses=("torch", "cpu-deployed"),
-             reads=("checkpoints",), timed=True),
+        Gate("accuracy-known-answer", ("accuracy",), "accuracy", None, None, "onnxruntime", checks_backend=True,
+             shown_as=("accuracy-oracle",), uses=("torch", "onnxruntime")),
+        Gate("accuracy-agreement", ("accuracy",), "agreement", _params_agreement, "deployed_backend", "onnxruntime",
+             serves="deployed", checks_backend=True, uses=("torch",)),
+        Gate("throughput", ("benchmark",), "throughput", _params_throughput, "backend", "torch",
+             serves="device", checks_backend=True, reads=("checkpoints",), timed=True),
+        # Its backends are every deployed CPU one that serves the case (serving_backends).
+        Gate("cpu-speedup", ("benchmark",), "speedup", _params_cpu_speedup, None, "best-cpu", serves="cpu",
+             uses=("torch",), reads=("checkpoints",), timed=True),
     )
 }
 
@@ -245,6 +278,8 @@ def gate(label: str) -> Callable[[Callable], Callable]:
 
     def mark(function: Callable) -> Callable:
         setattr(function, ATTRIBUTE, GATES[label])
+        for marker in GATES[label].markers:
+            function = getattr(pytest.mark, marker)(function)
         return function
 
     return mark

@@ -1,16 +1,17 @@
-"""Case planning: which artifacts a model's yaml declares (network x profile x batch x exporter x
-variant, and chains) and which backend serves which of them.
+"""What a model's spec means for each backend: which artifacts the yaml declares (network x
+profile x batch x exporter x variant, and chains), which backend serves which of them, and the
+tolerances each backend is held to.
 
 This is the layer between the spec (tooling/model_spec.py, plain facts that import no backend)
 and the gates (tooling/gates.py): it asks the backend registry whether a backend's artifact can
-take a case's shape (an OM's --dynamic_dims gears).
+take a case's shape (an OM's --dynamic_dims gears) and which tolerance key its settings pick.
 """
 from __future__ import annotations
 
 import itertools
 
 from tooling.backends import BACKENDS
-from tooling.model_spec import EXPORTERS, Case, ChainCase, ModelSpec
+from tooling.model_spec import EXPORTERS, Case, ChainCase, ModelSpec, Tolerance
 
 
 def cases(spec: ModelSpec, *, exporters: tuple[str, ...] | None = None) -> list[Case]:
@@ -67,3 +68,25 @@ def chain_member(spec: ModelSpec, chain_case: ChainCase, network: str, backend: 
 
 def chain_runs_on(spec: ModelSpec, chain_case: ChainCase, backend: str) -> bool:
     return all(chain_member(spec, chain_case, n, backend) for n in spec.chains[chain_case.chain].networks)
+
+
+def tolerance_key(spec: ModelSpec, network: str, backend: str) -> str:
+    """The ``backend_tolerances`` key ``backend`` is held to for ``network`` (``om@force_fp16``,
+    say); a name outside the registry is taken as a key itself."""
+    return BACKENDS[backend].tolerance_key(spec, network) if backend in BACKENDS else backend
+
+
+def tolerances(spec: ModelSpec, network: str, backend: str, *, decoded: bool = False) -> dict[str, Tolerance]:
+    """Per output of ``network`` (raw, or decoded: what the task reports), the tolerance ``backend``
+    is held to: its ``backend_tolerances`` entry where the yaml gives one, else the network's."""
+    key = tolerance_key(spec, network, backend)
+    if decoded:
+        return {name: spec.decoded_tolerance(network, name, key) for name in spec.networks[network].decoded}
+    return {name: spec.tolerance(network, name, key) for name in spec.networks[network].outputs}
+
+
+def chain_tolerances(spec: ModelSpec, chain: str, backend: str) -> dict[str, Tolerance]:
+    """Per chain output, the tolerance ``backend`` is held to; the chain's last network produces
+    what the chain reports, so its precision settings pick the key."""
+    key = tolerance_key(spec, spec.chains[chain].networks[-1], backend)
+    return {name: spec.chain_tolerance(chain, name, key) for name in spec.chains[chain].outputs}

@@ -39,8 +39,6 @@ from tooling.workspace import Options, Workspace
 
 # The verdict cache's hooks live in their own module (reuse of passes whose inputs did not change).
 pytest_plugins = ("tooling.verdict_plugin",)
-
-MODEL_MARKERS = ("videopose3d", "transpose", "dekr", "gma", "fomm")
 _matrix_key = pytest.StashKey[ConformanceMatrix]()
 _nightly_deselected_key = pytest.StashKey[int]()
 _idle_required_key = pytest.StashKey[dict[str, str]]()
@@ -54,6 +52,8 @@ _history_key = pytest.StashKey["Recorded | str"]()
 _report_written_key = pytest.StashKey[str]()
 _fleet_key = pytest.StashKey[Fleet]()
 _durations_key = pytest.StashKey[Durations]()
+_required_missing_key = pytest.StashKey[str]()
+_empty_gates_key = pytest.StashKey[set]()  # (suite class, test name) of gates with no row for a model
 
 
 def _positive_int(raw: str) -> int:
@@ -222,6 +222,7 @@ def _terminal_progress(config: pytest.Config):
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    config.pluginmanager.register(BackendCheck(), "zoo-backend-check")
     _required_backends(config)  # a usage error before collection, not in the first test
     set_live_sink(_terminal_progress(config))
     config.stash[_matrix_key] = ConformanceMatrix()
@@ -303,11 +304,16 @@ def _staged_accuracy_line(config: pytest.Config) -> str:
             f"pass; --accuracy-backend all|torch|<backend> to choose)")
 
 
+def _session_workspace(config: pytest.Config) -> Workspace:
+    """The process's one workspace: the ``zoo`` fixture's, and the one the backend check asks."""
+    if _workspace_key not in config.stash:
+        config.stash[_workspace_key] = _workspace(config)
+    return config.stash[_workspace_key]
+
+
 @pytest.fixture(scope="session")
 def zoo(pytestconfig) -> Workspace:
-    workspace = _workspace(pytestconfig)
-    pytestconfig.stash[_workspace_key] = workspace
-    return workspace
+    return _session_workspace(pytestconfig)
 
 
 @pytest.fixture(scope="session")
@@ -411,6 +417,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     )
     argnames, params = registered.parametrize(context)
     metafunc.parametrize(argnames, params)
+    if not params:  # nothing to check for this model (no chains, say): no row at all, not a skip
+        metafunc.config.stash.setdefault(_empty_gates_key, set()).add((metafunc.cls, metafunc.function.__name__))
 
 
 def nightly_tier_selected(config: pytest.Config) -> bool:
@@ -430,6 +438,8 @@ def _deselect_nightly_tier(config: pytest.Config, items: list[pytest.Item]) -> N
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    empty = config.stash.get(_empty_gates_key, set())
+    items[:] = [item for item in items if (getattr(item, "cls", None), getattr(item, "originalname", None)) not in empty]
     _deselect_nightly_tier(config, items)
     for item in items:
         model = _suite_model(getattr(item, "cls", None))
@@ -439,19 +449,45 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         item.add_marker(getattr(pytest.mark, model))
         params = getattr(getattr(item, "callspec", None), "params", {})
         case = params["case"] if "case" in params else params.get("chain_case")
-        backend = params.get(registered.backend_arg) if registered.backend_arg else None
-        backend = backend if isinstance(backend, str) else None  # an empty parameter set leaves NOTSET
-        golden = params.get("golden")
-        # An empty parameter set (say, a model without goldens) leaves pytest's NOTSET marker here.
-        label = case.id if isinstance(case, (Case, ChainCase)) else golden["file"] if isinstance(golden, dict) else "-"
+        label = case.id if isinstance(case, (Case, ChainCase)) else params["golden"]["file"] if "golden" in params else "-"
         gate_label = registered.label
         part = params.get("accuracy_part")
         if isinstance(part, Shard):  # a shard only scores; the merge item holds the verdict
             gate_label, label = "accuracy-shard", part.label
         elif isinstance(part, str):
             label = f"merge of {parse_merge(part)} shards"
-        cell = {"model": model, "gate": gate_label, "backend": backend or registered.default_backend, "case": label}
+        cell = {"model": model, "gate": gate_label, "backend": registered.row_backend(params), "case": label,
+                "kind": registered.kind}
         item.user_properties.append(("zoo_cell", cell))
+
+
+class BackendCheck:
+    """A gate row whose backend this host lacks, or the run left out, is skipped before any fixture
+    runs (one that --require-backends names fails instead, when the test would run), as the ONNX
+    backend test runner skips what its backend does not support; the reason travels with the row,
+    so the grid can tell "not on this host" from "not selected"."""
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_setup(self, item: pytest.Item) -> None:
+        registered = gate_of(getattr(item, "function", None))
+        if registered is None or not registered.checks_backend or _suite_model(getattr(item, "cls", None)) is None:
+            return
+        backend = registered.row_backend(getattr(getattr(item, "callspec", None), "params", {}))
+        workspace = _session_workspace(item.config)
+        availability = workspace.availability(backend)
+        if availability.ok:
+            return
+        if backend in workspace.options.required_backends:  # a failed gate, not a setup error: at call time
+            item.stash[_required_missing_key] = f"{availability.describe(backend)} (required by --require-backends)"
+            return
+        item.user_properties.append(("zoo_unavailable", {"reason": availability.reason, "selected": availability.selected}))
+        pytest.skip(availability.describe(backend))
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_call(self, item: pytest.Item) -> None:
+        message = item.stash.get(_required_missing_key, None)
+        if message is not None:
+            pytest.fail(message, pytrace=False)
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -479,7 +515,8 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     cached = dict(report.user_properties).get("zoo_cached")
     _add_matrix_row(report, cell, results, cached)
     others = [(k, v) for k, v in report.user_properties if k not in ("zoo_cell", "zoo_result", "zoo_warnings",
-                                                                        "zoo_build_error", "zoo_cached")]
+                                                                        "zoo_build_error", "zoo_cached",
+                                                                        "zoo_unavailable")]
     report.user_properties = others + flat_properties(cell, report.outcome, results, cached)
 
 
@@ -504,15 +541,18 @@ def _add_matrix_row(report: pytest.TestReport, cell: dict, results: list[dict], 
             first = diverging[0]
             module = f"module {first['module']!r}, " if first.get("module") else ""
             detail += f" [first diverging {module}node {first['node']!r} ({first['op_type']})]"
+        unavailable = None
         for key, value in report.user_properties:
             if key == "zoo_relabel":
                 cell = {**cell, **value}
+            elif key == "zoo_unavailable":
+                unavailable = value
         outcome = report.outcome
         if report.failed and any(k == "zoo_build_error" for k, _ in report.user_properties):
             outcome = "error"
         caught = list(dict.fromkeys(w for k, v in report.user_properties if k == "zoo_warnings" for w in v))
         matrix.add(MatrixRow(**cell, outcome=outcome, detail=detail, nodeid=report.nodeid, results=results,
-                             warnings=caught, cached=cached))
+                             warnings=caught, cached=cached, unavailable=unavailable))
 
 
 _CONFIG: list[pytest.Config] = []

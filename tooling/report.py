@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from tooling import jsonio
 from tooling.roofline import roofline
@@ -55,6 +55,8 @@ class MatrixRow:
     results: list[dict] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)  # warnings raised while it ran ("Category: message")
     cached: dict | None = None  # a reused verdict: the run and commit that computed it
+    kind: str = ""  # the gate's result kind (tooling/gates.py): which figure its cell shows, FIGURES
+    unavailable: dict | None = None  # skipped for its backend: {"reason", "selected": False if --backends left it out}
 
 
 @dataclass
@@ -96,27 +98,29 @@ class ConformanceMatrix:
         folded into one line per reason, failures listed with their message. Full detail: JSON."""
         if not self.rows:
             return []
-        unavailable = {r.backend: _unavailable_reason(r) for r in self.rows if _unavailable_reason(r)}
-        usable = {r.backend for r in self.rows if not _unavailable_reason(r)}
-        folded = {b: why for b, why in unavailable.items() if b not in usable}
+        usable = {r.backend for r in self.rows if not r.unavailable}
+        # A backend none of whose rows could run is folded out of the grid into one line per reason.
+        folded = {r.backend: r.unavailable for r in self.rows if r.unavailable and r.backend not in usable}
         lines: list[str] = []
         for model in sorted({r.model for r in self.rows}):
             lines.extend(_model_grid(model, [r for r in self.rows if r.model == model], set(folded), self.marks))
-        by_reason: dict[str, list[str]] = {}
-        for backend, why in folded.items():
-            by_reason.setdefault(why, []).append(backend)
-        for why, backends in sorted(by_reason.items()):
-            lines.append(f"not on this host: {', '.join(sorted(backends))}: {why}")
+        by_reason: dict[tuple[bool, str], list[str]] = {}
+        for backend, unavailable in folded.items():
+            by_reason.setdefault((unavailable["selected"], unavailable["reason"]), []).append(backend)
+        for (selected, why), backends in sorted(by_reason.items(), key=lambda kv: (not kv[0][0], kv[0][1])):
+            where = "not on this host" if selected else "not selected"
+            lines.append(f"{where}: {', '.join(sorted(backends))}: {why}")
         counts = self.counts()
-        elsewhere = sum(1 for r in self.rows if r.backend in folded)
+        elsewhere = sum(1 for r in self.rows if r.backend in folded and folded[r.backend]["selected"])
         cached = sum(1 for r in self.rows if r.cached)
         lines.append(f"total: {counts['passed']} passed" + (f" ({cached} cached {CACHED_MARK})" if cached else "")
                      + f", {counts['failed']} failed, {counts['skipped']} skipped"
                      + (f", {counts['error']} build errors" if counts["error"] else "")
                      + (f" ({elsewhere} on backends not on this host)" if elsewhere else ""))
-        for reason, n in self.skip_reasons().most_common():
-            if not any(reason.startswith(f"{b} unavailable") for b in folded):
-                lines.append(f"  skipped x{n}: {reason}")
+        shown = Counter(_reason_class(r.detail) for r in self.rows
+                        if r.outcome == "skipped" and not (r.unavailable and r.backend in folded))
+        for reason, n in shown.most_common():
+            lines.append(f"  skipped x{n}: {reason}")
         for r in self.rows:
             for stand_in in (s for result in r.results for s in result.get("upstream_stand_ins", ())):
                 lines.append(f"  * {r.model} {r.gate} {r.case}: {stand_in}")
@@ -162,18 +166,8 @@ def _reason_class(detail: str) -> str:
     return detail.split(":", 1)[0].strip()[:100] if detail else "no reason given"
 
 
-LEGEND = ("cells: parity = worst |difference|; accuracy = metric (Δ: its move from the torch eager reference's "
-          "score of the same staged set); accuracy-agreement = Δ largest metric move vs torch eager; throughput = rate; cpu-speedup = "
-          "x torch eager (% of host GEMM peak); (x) = measured, not gated; * = upstream stand-in, see below; "
-          "skip = see reasons; FAIL = see below; ERROR = a build fault, no verdict (see below); . = not a case; "
-          "† = cached verdict, reused: its inputs did not change (run and commit: JSON report)")
 CACHED_MARK = "†"
 BACKEND_ORDER = ("torch", "onnx", "best-cpu")  # references first, then deployed backends as met
-
-
-def _unavailable_reason(row: MatrixRow) -> str:
-    prefix = f"{row.backend} unavailable: "
-    return row.detail.removeprefix(prefix) if row.outcome == "skipped" and row.detail.startswith(prefix) else ""
 
 
 def _model_grid(model: str, rows: list[MatrixRow], folded: set[str],
@@ -214,7 +208,7 @@ def _cell_figures(row: MatrixRow) -> dict[str, str]:
     if row.outcome == "skipped" and not row.results:
         return {row.backend: "skip"}
     speedups = next((r for r in row.results if "speedups" in r), None)
-    if speedups is not None:
+    if row.kind == "speedup" and speedups is not None:
         cells = {"torch": "1x"}
         peaks = {r["throughput"]["backend"]: r["throughput"].get("peak_fraction") for r in row.results if "throughput" in r}
         for backend, ratio in speedups["speedups"].items():
@@ -223,7 +217,7 @@ def _cell_figures(row: MatrixRow) -> dict[str, str]:
         if row.outcome == "failed":
             cells[speedups["best"]] = "FAIL " + cells[speedups["best"]]
         return {b: text + CACHED_MARK * bool(row.cached) for b, text in cells.items()}
-    figure = _short_figure(row.results)
+    figure = FIGURES[row.kind][0](row.results) if row.kind in FIGURES else ""
     if row.outcome == "error":
         return {row.backend: "ERROR"}
     if row.outcome == "failed":
@@ -234,21 +228,52 @@ def _cell_figures(row: MatrixRow) -> dict[str, str]:
     return {row.backend: (figure or "ok") + "*" * stand_ins + CACHED_MARK * bool(row.cached)}
 
 
-def _short_figure(results: list[dict]) -> str:
-    for result in results:
-        if "throughput" in result:
-            return f"{result['throughput']['rate']:.4g}"
-        if result.get("metric_deltas"):  # agreement: how far the backend moved any gated metric
-            worst = max(result["metric_deltas"].values())
-            return "Δ0" if worst == 0 else "Δ" + f"{worst:.0e}".replace("e-0", "e-").replace("e+0", "e+")
-        if "metrics" in result and result["metrics"]:
-            name = next((k for k in result["metrics"] if "/" not in k), next(iter(result["metrics"])))
-            move = result.get("moves_vs_reference", {}).get(name)  # a staged pass vs the torch eager one
-            return f"{result['metrics'][name]:.4g}" + ("" if move is None else f" Δ{move:+.2g}")
-        if "worst_max_abs" in result:
-            worst = result["worst_max_abs"]
-            return "0" if worst == 0 else f"{worst:.0e}".replace("e-0", "e-").replace("e+0", "e+")
-    return ""
+def _exponent(value: float) -> str:
+    return f"{value:.0e}".replace("e-0", "e-").replace("e+0", "e+")
+
+
+def _parity_figure(results: list[dict]) -> str:
+    worst = next((r["worst_max_abs"] for r in results if "worst_max_abs" in r), None)
+    return "" if worst is None else "0" if worst == 0 else _exponent(worst)
+
+
+def _accuracy_figure(results: list[dict]) -> str:
+    """The gated metric (``metric``), not whichever the slice happened to return first."""
+    scored = next((r for r in results if r.get("metrics") and r.get("metric") in r["metrics"]), None)
+    if scored is None:
+        return ""
+    move = scored.get("moves_vs_reference", {}).get(scored["metric"])  # a staged pass vs the torch eager one
+    return f"{scored['metrics'][scored['metric']]:.4g}" + ("" if move is None else f" Δ{move:+.2g}")
+
+
+def _agreement_figure(results: list[dict]) -> str:
+    """How far the backend moved any gated metric from torch eager's."""
+    deltas = next((r["metric_deltas"] for r in results if r.get("metric_deltas")), None)
+    if deltas is None:
+        return ""
+    worst = max(deltas.values())
+    return "Δ0" if worst == 0 else "Δ" + _exponent(worst)
+
+
+def _throughput_figure(results: list[dict]) -> str:
+    rate = next((r["throughput"]["rate"] for r in results if "throughput" in r), None)
+    return "" if rate is None else f"{rate:.4g}"
+
+
+# Per result kind (a gate's ``kind``, tooling/gates.py): its cell's figure and what the legend says
+# of it. A speed-up row fills one cell per contender instead (_cell_figures).
+FIGURES: dict[str, tuple[Callable[[list[dict]], str], str]] = {
+    "parity": (_parity_figure, "parity = worst |difference|"),
+    "accuracy": (_accuracy_figure, "accuracy = gated metric (Δ: its move from the torch eager reference's "
+                 "score of the same staged set)"),
+    "agreement": (_agreement_figure, "accuracy-agreement = Δ largest metric move vs torch eager"),
+    "throughput": (_throughput_figure, "throughput = rate"),
+    "speedup": (lambda results: "", "cpu-speedup = x torch eager (% of host GEMM peak)"),
+}
+LEGEND = ("cells: " + "; ".join(text for _, text in FIGURES.values()) + "; (x) = measured, not gated; "
+          "* = upstream stand-in, see below; skip = see reasons; FAIL = see below; "
+          "ERROR = a build fault, no verdict (see below); . = not a case; "
+          "† = cached verdict, reused: its inputs did not change (run and commit: JSON report)")
 
 
 # Figures per sample, per round or per picture: kept in the JSON report and the history, left out of

@@ -33,6 +33,7 @@ import numpy as np
 import onnx
 import torch
 
+from tooling import planning
 from tooling.compare import OutputStats, compare_array
 from tooling.model_spec import Tolerance
 
@@ -307,7 +308,7 @@ def triage_export(handle, case, feeds: Mapping[str, np.ndarray] | None = None,
     def export(wrapper: torch.nn.Module, names: list[str], path: Path) -> None:
         export_onnx(wrapper, feeds, names, path, exporter=case.exporter, opset=opset, extras=extras)
 
-    tolerance = node_tolerance({o: handle.spec.tolerance(case.network, o, "onnx") for o in net.output_names})
+    tolerance = node_tolerance(planning.tolerances(handle.spec, case.network, "onnx"))
     what = (f"{handle.spec.name} {case.id}: ONNX Runtime with no graph rewrites vs torch eager, per module "
             f"(a {case.exporter} export probing every submodule output)")
     return probe_modules(module, feeds, list(net.output_names), tolerance, export, what, perturb)
@@ -334,8 +335,7 @@ def triage_case(handle, case, backend_name: str, feeds: Mapping[str, np.ndarray]
     feeds = dict(feeds if feeds is not None else handle.feeds(case))
     model = onnx.load(str(handle.onnx(case, dynamic_dims=backend.dynamic_input_dims(handle.compile_request(case)))))
     request = handle.compile_request(case)
-    key = backend.tolerance_key(handle.spec, case.network)  # the gate's tolerances (om@<precision mode>)
-    tolerances = {o: handle.spec.tolerance(case.network, o, key) for o in net.output_names}
+    tolerances = planning.tolerances(handle.spec, case.network, backend.name)  # the gate's (om@<precision mode>)
     reference_backend = ws.backend("onnx")
 
     def reference(path: Path):

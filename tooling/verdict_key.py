@@ -40,11 +40,11 @@ from typing import Any, Mapping
 import yaml
 from packaging.requirements import Requirement
 
-from tooling import baseline, planning
+from tooling import baseline
 from tooling import model_spec as model_specs
 from tooling.backends import BACKENDS
 from tooling.fingerprint import ENGINE_PACKAGE, content_digest, file_digest, source_files, source_label
-from tooling.gates import GATES
+from tooling.gates import GATES, gate_backends, serving_backends
 from tooling.locations import Roots, data_paths, find_checkpoint
 from tooling.sources import patches_digest
 
@@ -163,16 +163,15 @@ def networks_used(spec, params: Mapping[str, Any]) -> list[str]:
 
 
 def backends_used(gate, spec, params: Mapping[str, Any]) -> list[str]:
-    """What the gate runs on: its fixed references, the row's backend and, for ``cpu-deployed``,
-    every deployed CPU backend that serves the case (the speed-up gate's contenders)."""
-    names = [b for b in gate.uses if b != "cpu-deployed"]
+    """What the gate runs on: its fixed references, the row's backend and, for a gate whose rows
+    name no backend (the speed-up gate), every deployed backend it runs the case on."""
+    names = list(gate.uses)
     row = params.get(gate.backend_arg) if gate.backend_arg else None
     if isinstance(row, str):
         names.append(row)
-    if "cpu-deployed" in gate.uses:
+    if gate.serves and not gate.backend_arg:
         case = params.get("case")
-        names += [n for n, cls in BACKENDS.items() if cls.deployed and cls.marker is None
-                  and (case is None or planning.case_runs_on(spec, case, n))]
+        names += serving_backends(spec, case, gate) if case is not None else gate_backends(gate, None)
     return list(dict.fromkeys(names))
 
 

@@ -72,7 +72,7 @@ class Workspace:
 
     def availability(self, name: str) -> Availability:
         if self.options.backends is not None and name not in self.options.backends and name not in ("torch", "onnx"):
-            return Availability(False, f"backend {name} not selected (--backends {','.join(self.options.backends)})")
+            return Availability(False, f"--backends {','.join(self.options.backends)}", selected=False)
         return self.backend(name).availability()
 
     def with_roots(self, **changes: Path | None) -> "Workspace":

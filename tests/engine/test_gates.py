@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+from pathlib import Path
 
 import pytest
 
@@ -101,3 +102,32 @@ def test_upstream_rows_cover_each_network_an_upstream_builds_at_its_first_case()
     assert ids(params) == ["net-smoke-b1-torchscript", "scorer-dims:box=24-b1-torchscript"]
     del raw["upstream"]
     assert GATES["port-vs-upstream"].parametrize(context(raw))[1] == []
+
+
+def test_the_readme_gate_table_lists_exactly_the_registered_gates_in_order():
+    """The README's table of gates is the user's view of the registry: every label a row can carry
+    (a relabelled row's too, such as accuracy-oracle), once each, in registry order."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    table = readme.split("| gate | what it proves |", 1)[1].split("\n\n", 1)[0]
+    listed = [line.split("|")[1].strip().strip("`") for line in table.strip().splitlines()[1:]]
+    registered = [label for g in GATES.values() for label in (g.label, *g.shown_as)]
+    assert listed == registered
+
+
+def test_each_gate_applies_its_own_markers_to_its_test():
+    tests = [fn for _, fn in inspect.getmembers(ConformanceSuite, inspect.isfunction) if gate_of(fn)]
+    for fn in tests:
+        marks = {m.name for m in getattr(fn, "pytestmark", [])}
+        assert marks == set(gate_of(fn).markers), fn.__name__
+
+
+def test_serving_backends_apply_the_gates_kind_of_backend_and_the_backends_option():
+    ctx = context(selected_backends=None)
+    case = next(c for c in ctx.cases if c.profile == "deploy")
+    cpu = ctx.serving_backends(case, "cpu-speedup")
+    device = ctx.serving_backends(case, "throughput")
+    assert "onnxruntime" in cpu and "om" not in cpu and "om" in device and "onnxruntime" not in device
+    assert set(ctx.serving_backends(case, "deployed-vs-onnx")) == set(cpu) | set(device)
+    assert context(selected_backends=("openvino",)).serving_backends(case, "deployed-vs-onnx") == ["openvino"]
+    smoke = next(c for c in ctx.cases if c.profile == "smoke")
+    assert "aoti" in cpu and "aoti" not in ctx.serving_backends(smoke, "cpu-speedup")  # profile excludes it

@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import re
+import shutil
 
 import pytest
 import yaml
 
-from tooling import planning
+from tooling import fingerprint, planning
 from tooling.baseline import BASELINES_DIR, load_model_spec, model_names, parse_model_spec, validate_baseline
 from tooling.model_spec import ModelSpecError
+from tooling.workspace import EXPORT_CODE
 
 MINIMAL = {
     "model": "toy",
@@ -251,3 +253,30 @@ def test_a_typo_in_a_baseline_file_names_that_file(tmp_path, monkeypatch):
             load_model_spec("videopose3d")
     finally:
         load_model_spec.cache_clear()
+
+
+@pytest.fixture
+def engine_copy(tmp_path, monkeypatch):
+    """A copy of the engine's sources that content digests read instead of the real ones."""
+    root = tmp_path / "tooling"
+    shutil.copytree(fingerprint.ENGINE_ROOT, root, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(fingerprint, "ENGINE_ROOT", root)
+    fingerprint._closure.cache_clear()
+    yield root
+    fingerprint._closure.cache_clear()
+
+
+def test_an_edit_to_a_backend_module_changes_no_models_onnx_artifact_key(engine_copy):
+    """ONNX artifacts are keyed by the slice's and the export code's sources (ModelHandle.port_digest):
+    the spec layer imports no backend, so editing any backend re-exports no model's graph."""
+    def port_digests() -> dict[str, str]:
+        fingerprint._closure.cache_clear()
+        return {name: fingerprint.source_digest(load_model_spec(name).slice_module, *EXPORT_CODE) for name in model_names()}
+
+    before = port_digests()
+    for backend_file in (engine_copy / "backends").glob("*.py"):
+        backend_file.write_text(backend_file.read_text() + "\n# edited\n")
+    assert port_digests() == before
+    (engine_copy / "export.py").write_text((engine_copy / "export.py").read_text() + "\n# edited\n")
+    after_export_edit = port_digests()
+    assert all(after_export_edit[name] != before[name] for name in before)  # the digest does see edits

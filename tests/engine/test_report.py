@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from tooling.jsonio import strict_json, to_json, write_json
+from tooling.gates import GATES
 from tooling.report import ConformanceMatrix, MatrixRow, flat_properties
 
 OM_REASON = "atc not on PATH (source set_env.sh)"
@@ -15,7 +16,15 @@ CUDA_REASON = "torch 2.13.0+cpu is a CPU-only build"
 
 
 def row(gate, backend, case, outcome="passed", detail="", **result) -> MatrixRow:
-    return MatrixRow("toy", gate, backend, case, outcome, detail, results=[result] if result else [])
+    return MatrixRow("toy", gate, backend, case, outcome, detail, results=[result] if result else [],
+                     kind=GATES[gate].kind)
+
+
+def unavailable_row(gate, backend, case, reason, selected=True) -> MatrixRow:
+    """A row the plugin skipped for its backend, as it records one."""
+    detail = f"{backend} unavailable: {reason}" if selected else f"{backend} not selected: {reason}"
+    return MatrixRow("toy", gate, backend, case, "skipped", detail, kind=GATES[gate].kind,
+                     unavailable={"reason": reason, "selected": selected})
 
 
 def speedup_row(outcome="passed") -> MatrixRow:
@@ -26,7 +35,8 @@ def speedup_row(outcome="passed") -> MatrixRow:
         {"speedups": {"onnxruntime": 2.07, "openvino": 2.61}, "best": "openvino", "floor": 1.3},
     ]
     return MatrixRow("toy", "cpu-speedup", "best-cpu", "net-b1", outcome,
-                     "" if outcome == "passed" else "best deployed CPU backend 1.1x; floor 1.3x", results=results)
+                     "" if outcome == "passed" else "best deployed CPU backend 1.1x; floor 1.3x", results=results,
+                     kind="speedup")
 
 
 def matrix(*rows) -> ConformanceMatrix:
@@ -42,7 +52,7 @@ def test_grid_has_one_row_per_gate_and_case_and_one_column_per_backend():
         row("deployed-vs-onnx", "onnxruntime", "net-b1", worst_max_abs=1.1e-6),
         row("deployed-vs-onnx", "openvino", "net-b1", worst_max_abs=3.0e-5),
         row("deployed-vs-onnx", "openvino", "net-b4", "failed", "net-b4: openvino vs ONNX: out max_abs 0.3 > 1e-4"),
-        row("accuracy-known-answer", "onnxruntime", "-", metrics={"AP": 1.0, "AP/easy": 1.0}),
+        row("accuracy-known-answer", "onnxruntime", "-", metrics={"AP": 1.0, "AP/easy": 1.0}, metric="AP"),
         speedup_row(),
     ).render()
     text = "\n".join(lines)
@@ -70,9 +80,9 @@ def test_agreement_cells_show_how_far_the_backend_moved_a_metric_not_the_metric(
 def test_backends_unavailable_here_fold_into_one_line_per_reason():
     lines = matrix(
         row("deployed-vs-onnx", "onnxruntime", "net-b1", worst_max_abs=1e-6),
-        row("deployed-vs-onnx", "om", "net-b1", "skipped", f"om unavailable: {OM_REASON}"),
-        row("deployed-vs-onnx", "onnxruntime-cuda", "net-b1", "skipped", f"onnxruntime-cuda unavailable: {CUDA_REASON}"),
-        row("deployed-vs-onnx", "torch-cuda", "net-b1", "skipped", f"torch-cuda unavailable: {CUDA_REASON}"),
+        unavailable_row("deployed-vs-onnx", "om", "net-b1", OM_REASON),
+        unavailable_row("deployed-vs-onnx", "onnxruntime-cuda", "net-b1", CUDA_REASON),
+        unavailable_row("deployed-vs-onnx", "torch-cuda", "net-b1", CUDA_REASON),
         row("accuracy", "onnxruntime", "-", "skipped", "toy accuracy needs staged inputs: /data/x"),
     ).render()
     assert lines[1].split() == ["gate", "case", "onnxruntime"]  # no column for what cannot run here
@@ -83,6 +93,24 @@ def test_backends_unavailable_here_fold_into_one_line_per_reason():
     assert not any("skipped x" in line and "unavailable" in line for line in lines)
     grid = {tuple(line.split()[:2]): line.split()[2:] for line in lines[2:4]}
     assert grid[("accuracy", "-")] == ["skip"]
+
+
+def test_a_backend_left_out_with_backends_is_not_listed_as_missing_from_this_host():
+    lines = matrix(
+        row("deployed-vs-onnx", "openvino", "net-b1", worst_max_abs=1e-6),
+        unavailable_row("accuracy-known-answer", "onnxruntime", "-", "--backends openvino", selected=False),
+        unavailable_row("deployed-vs-onnx", "om", "net-b1", OM_REASON),
+    ).render()
+    assert lines[1].split() == ["gate", "case", "openvino"]
+    assert "not selected: onnxruntime: --backends openvino" in lines
+    assert f"not on this host: om: {OM_REASON}" in lines
+    assert not any(line.startswith("not on this host") and "onnxruntime" in line for line in lines)
+    assert "total: 1 passed, 0 failed, 2 skipped (1 on backends not on this host)" in lines
+
+
+def test_an_accuracy_cell_shows_the_gated_metric_not_the_first_one():
+    lines = matrix(row("accuracy", "onnxruntime", "-", metrics={"AP .5": 0.97, "AP": 0.7412}, metric="AP")).render()
+    assert lines[2].split() == ["accuracy", "-", "0.7412"]
 
 
 def test_a_failed_speed_gate_marks_its_best_backend():

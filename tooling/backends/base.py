@@ -29,6 +29,11 @@ class BackendError(RuntimeError):
 class Availability:
     ok: bool
     reason: str = ""
+    selected: bool = True  # False: the run left it out (--backends), whatever this host has
+
+    def describe(self, backend: str) -> str:
+        """Why ``backend`` does not run, as skips, failures and the CLI say it."""
+        return f"{backend} unavailable: {self.reason}" if self.selected else f"{backend} not selected: {self.reason}"
 
 
 class Session(Protocol):
