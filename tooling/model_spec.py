@@ -136,9 +136,6 @@ class Profile:
     def runs_on(self, backend: str) -> bool:
         return backend not in self.exclude_backends
 
-    def label(self) -> str:
-        return self.name
-
 
 @dataclass(frozen=True)
 class Case:

@@ -30,7 +30,7 @@ from tooling.backends.npu import NpuSmiError, parse_npu_smi_info
 from tooling.backends.om import OmBackend
 from tooling.backends.om_session import call_duration_ms
 from tooling.backends.onnx_rewrites import ONNX_REWRITES, apply_onnx_rewrites, int64_to_int32
-from tooling.baseline import load_model_spec, model_names, parse_model_spec
+from tooling.baseline import BASELINES_DIR, load_model_spec, model_names, parse_model_spec
 from tooling.cache import ArtifactCache, ArtifactKey
 from tooling.compare import assert_outputs_match
 from tooling.conformance import call_seconds
@@ -56,78 +56,6 @@ def make_spec(model: str, networks: dict, om: dict | None = None):
         "om": om or {},
     }
     return parse_model_spec(raw, f"inline {model}")
-
-
-# What each guide's ATC step needs, written as an om: section would say it. These exercise the
-# generator's features (dynamic dims, config files, omitted defaults, model-level flags) before
-# those models' baselines exist; once they do, test_atc_command_matches_guide checks them too.
-FUSION_SWITCH = """{
-    "Switch": {
-        "GraphFusion": {
-            "ReshapeTransposeFusionPass": "off",
-            "TransposeReshapeFusionPass": "off"
-        }
-    }
-}
-"""
-GUIDE_FEATURE_SPECS = {
-    "dekr": make_spec("dekr", {
-        "hrnet_dekr": {
-            "inputs": {"image": {"shape": ["batch", 3, "height", "width"]}},
-            "outputs": {"heatmap": TOLERANCE, "offset": TOLERANCE},
-            "om": {
-                "output": "dekr_bs{batch}",
-                "input_format": "ND",
-                "dynamic_dims": {
-                    "dims": ["height", "width"],
-                    "buckets": [[512, 768], [512, 512], [768, 512], [512, 1024], [1024, 512]],
-                },
-            },
-        },
-    }),
-    "transpose": make_spec("transpose", {
-        "transpose_r": {
-            "inputs": {"input": {"shape": ["batch", 3, 256, 192]}},
-            "outputs": {"output": TOLERANCE},
-            "om": {
-                "output": "tp_r_256x192_enc3_d256_h1024_mh8_bs{batch}",
-                "files": {"fusion_switch_file": {"name": "fusion_switch.cfg", "content": FUSION_SWITCH}},
-                "onnx_rewrites": ["onnxsim"],
-            },
-        },
-    }),
-    "gma": make_spec("gma", {
-        "gma": {
-            "inputs": {"image1": {"shape": ["batch", 3, "height", "width"]},
-                       "image2": {"shape": ["batch", 3, "height", "width"]}},
-            "outputs": {"out1": TOLERANCE},
-            "om": {
-                "output": "GMA_bs{batch}",
-                "input_format": None,
-                "log": None,
-                "files": {"keep_dtype": {"name": "keep.cfg", "content": "OpType::InstanceNorm\n"}},
-            },
-        },
-    }),
-    "fomm": make_spec("fomm", {
-        "generator": {
-            "inputs": {
-                "source_imgs": {"shape": ["batch", 3, 256, 256]},
-                "kp_driving_value": {"shape": ["batch", 10, 2]},
-                "kp_driving_jac": {"shape": ["batch", 10, 2, 2]},
-                "kp_source_value": {"shape": ["batch", 10, 2]},
-                "kp_source_jac": {"shape": ["batch", 10, 2, 2]},
-            },
-            "outputs": {"output": TOLERANCE},
-            "om": {"output": "taichi-gen-bs{batch}"},
-        },
-        "kp_detector": {
-            "inputs": {"input": {"shape": ["batch", 3, 256, 256]}},
-            "outputs": {"output": TOLERANCE},
-            "om": {"output": "taichi-kp-bs{batch}"},
-        },
-    }, om={"flags": {"buffer_optimize": "off_optimize"}}),
-}
 
 
 # -- ATC commands against the guides ----------------------------------------------------------------
@@ -188,14 +116,10 @@ def test_atc_command_matches_guide(spec, entry, batch, dims):
     _check_against_guide(spec, entry, batch, dims)
 
 
-@pytest.mark.parametrize(("spec", "entry", "batch", "dims"),
-                         [p for s in GUIDE_FEATURE_SPECS.values() for p in guide_params(s)])
-def test_atc_features_reproduce_guide_commands(spec, entry, batch, dims):
-    _check_against_guide(spec, entry, batch, dims)
-
-
 def test_guide_comparison_notices_a_wrong_flag():
-    spec = GUIDE_FEATURE_SPECS["dekr"]
+    raw = yaml.safe_load((BASELINES_DIR / "dekr.yaml").read_text())
+    raw["networks"]["hrnet_dekr"]["om"]["input_format"] = "NCHW"  # the guide writes ND
+    spec = parse_model_spec(raw, "dekr.yaml")
     entry = yaml.safe_load((OM_FIXTURES / "dekr.yaml").read_text())["atc"][0]
     argv = atc_command(spec, "hrnet_dekr", {"batch": 1}, model=Path("m.onnx"), output_dir=Path("out"),
                        soc_version="Ascend310")
