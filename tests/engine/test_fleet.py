@@ -33,11 +33,11 @@ SOCKET_SERVER = Path(execnet.__file__).parent / "script" / "socketserver.py"
 RUN_TIMEOUT_S = 240
 START_TIMEOUT_S = 30
 
-# The new-model test's toy network, slice and yaml; here its pass is split into samples (one per
+# The engine tests' toy network, slice and yaml (tests/engine/conftest.py); here its pass is split into samples (one per
 # image) and merged, so it can be sharded, and each sample can be held while a host is killed.
-NEW_MODEL = runpy.run_path(str(Path(__file__).with_name("test_new_model.py")))
-YAML = NEW_MODEL["YAML"]
-SLICE = NEW_MODEL["SLICE"] + '''
+TOY = runpy.run_path(str(Path(__file__).with_name("conftest.py")))
+YAML = TOY["TOY_YAML"]
+SLICE = TOY["TOY_SLICE"] + '''
 import os
 import time
 from pathlib import Path

@@ -93,7 +93,7 @@ def test_run_without_a_row_replaces_the_previous_report(toy):
     result = _run(toy, "--zoo-report", str(report), "-k", "nothing_matches")
     assert result.ret == pytest.ExitCode.NO_TESTS_COLLECTED
     payload = _strict(report.read_text())
-    assert payload["rows"] == [] and payload["counts"] == {} and "no conformance row" in payload["note"]
+    assert payload["rows"] == [] and not any(payload["counts"].values()) and "no conformance row" in payload["note"]
     assert payload["run"]["interrupted"] is False and payload["run"]["id"]
     result.stdout.fnmatch_lines(["*conformance report: *report.json (no conformance row in this run)"])
 
