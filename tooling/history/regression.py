@@ -145,15 +145,15 @@ def _speed(cell: CellRecord, history: list[CellRecord], min_effect: float, alpha
 
 
 def _worst_figures(cell: CellRecord) -> dict[str, tuple[float, float | None]]:
-    """name -> (worst difference, its absolute tolerance if recorded): per output where the gate
-    recorded outputs, else the row's single worst."""
+    """output name -> (worst difference, its absolute tolerance if recorded): per output where the
+    gate recorded outputs, else the row's single worst under the name ``""``."""
     per_output = {name.removeprefix("outputs.").removesuffix(".max_abs"): value
                   for name, value in cell.figures.items()
                   if name.startswith("outputs.") and name.endswith(".max_abs") and value is not None}
     if per_output:
         return {o: (v, cell.figures.get(f"outputs.{o}.atol")) for o, v in per_output.items()}
     worst = cell.figures.get("worst_max_abs")
-    return {"worst": (worst, None)} if worst is not None else {}
+    return {"": (worst, None)} if worst is not None else {}
 
 
 def _drift(cell: CellRecord, history: list[CellRecord]) -> list[Change]:
@@ -168,7 +168,8 @@ def _drift(cell: CellRecord, history: list[CellRecord]) -> list[Change]:
         if now >= DRIFT_FACTOR * reference:
             within = f", tolerance {atol:.1e}" if atol else ""
             grew = f"grew {now / max(before):.3g}x" if max(before) > 0 else "grew from exactly 0"
-            changes.append(_change(cell, "drift", True, "↑", f"worst |difference| of {output} {grew}: "
+            of_output = f" of {output}" if output else ""
+            changes.append(_change(cell, "drift", True, "↑", f"worst |difference|{of_output} {grew}: "
                                                                 f"{max(before):.2e} -> {now:.2e}{within}"))
     return changes
 
