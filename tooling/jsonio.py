@@ -38,6 +38,14 @@ def strict_json(value: Any, default: Default = None) -> tuple[Any, dict[str, str
     return _clean(value, "", replaced, default), replaced
 
 
+def finite_or_none(value: Any) -> float | None:
+    """A number as strict JSON and SQLite can hold it: NaN and infinities become None (null, NULL)."""
+    if value is None:
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
 def _clean(value: Any, path: str, replaced: dict[str, str], default: Default) -> Any:
     if isinstance(value, dict):
         return {str(k): _clean(v, f"{path}.{k}" if path else str(k), replaced, default) for k, v in value.items()}
@@ -50,11 +58,10 @@ def _clean(value: Any, path: str, replaced: dict[str, str], default: Default) ->
     if isinstance(value, (int, np.integer)):
         return int(value)
     if isinstance(value, (float, np.floating)):
-        number = float(value)
-        if math.isfinite(number):
-            return number
-        replaced[path or "."] = "nan" if number != number else ("inf" if number > 0 else "-inf")
-        return None
+        number = finite_or_none(value)
+        if number is None:
+            replaced[path or "."] = "nan" if value != value else ("inf" if value > 0 else "-inf")
+        return number
     if value is None or isinstance(value, str):
         return value
     if default is None:

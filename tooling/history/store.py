@@ -14,16 +14,28 @@ Schema versions (``PRAGMA user_version``); each step is a migration in ``MIGRATI
 from __future__ import annotations
 
 import json
-import math
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from tooling.jsonio import finite_or_none
+
 APPLICATION_ID = 0x5A4F4F48  # "ZOOH": marks a file as a zoo-conformance history
 SCHEMA_VERSION = 3
 SQLITE_MAGIC = b"SQLite format 3\x00"
 
+
+def _cell_table(name: str, columns: str, key: str) -> str:
+    """DDL of a table of named values per run and grid cell: every such table starts with the run
+    and the cell's model and gate, and is keyed by them plus ``key``."""
+    return (f"CREATE TABLE {name} (\n    run_id TEXT NOT NULL, model TEXT NOT NULL, gate TEXT NOT NULL, {columns},\n"
+            f"    PRIMARY KEY (run_id, model, gate, {key})\n) WITHOUT ROWID;\n")
+
+
+# What each version created; a file of any version must end with the same tables, so the text is
+# only assembled here, never changed.
+_BY_CASE = "case_id TEXT NOT NULL, backend TEXT NOT NULL, name TEXT NOT NULL"
 _V1 = """
 CREATE TABLE runs (
     run_id TEXT PRIMARY KEY, started REAL NOT NULL, finished REAL NOT NULL, exit_status INTEGER,
@@ -35,33 +47,16 @@ CREATE TABLE cells (
     case_id TEXT NOT NULL, backend TEXT NOT NULL, outcome TEXT NOT NULL, detail TEXT NOT NULL,
     PRIMARY KEY (run_id, model, gate, case_id, backend)
 ) WITHOUT ROWID;
-CREATE TABLE figures (
-    run_id TEXT NOT NULL, model TEXT NOT NULL, gate TEXT NOT NULL, case_id TEXT NOT NULL,
-    backend TEXT NOT NULL, name TEXT NOT NULL, value REAL,
-    PRIMARY KEY (run_id, model, gate, case_id, backend, name)
-) WITHOUT ROWID;
-"""
-_V2 = """
-CREATE TABLE series (
-    run_id TEXT NOT NULL, model TEXT NOT NULL, gate TEXT NOT NULL, case_id TEXT NOT NULL,
-    backend TEXT NOT NULL, name TEXT NOT NULL, "values" TEXT NOT NULL,
-    PRIMARY KEY (run_id, model, gate, case_id, backend, name)
-) WITHOUT ROWID;
-CREATE TABLE samples (
-    run_id TEXT NOT NULL, model TEXT NOT NULL, gate TEXT NOT NULL, backend TEXT NOT NULL,
-    sample TEXT NOT NULL, name TEXT NOT NULL, value REAL,
-    PRIMARY KEY (run_id, model, gate, backend, sample, name)
-) WITHOUT ROWID;
-"""
+""" + _cell_table("figures", f"{_BY_CASE}, value REAL", "case_id, backend, name")
+_V2 = (
+    _cell_table("series", f'{_BY_CASE}, "values" TEXT NOT NULL', "case_id, backend, name")
+    + _cell_table("samples", "backend TEXT NOT NULL, sample TEXT NOT NULL, name TEXT NOT NULL, value REAL",
+                  "backend, sample, name")
+)
 _V3 = """
 ALTER TABLE runs ADD COLUMN environment TEXT NOT NULL DEFAULT '{}';
 ALTER TABLE cells ADD COLUMN text TEXT NOT NULL DEFAULT '';
-CREATE TABLE pictures (
-    run_id TEXT NOT NULL, model TEXT NOT NULL, gate TEXT NOT NULL, backend TEXT NOT NULL,
-    caption TEXT NOT NULL, png BLOB NOT NULL,
-    PRIMARY KEY (run_id, model, gate, backend, caption)
-) WITHOUT ROWID;
-"""
+""" + _cell_table("pictures", "backend TEXT NOT NULL, caption TEXT NOT NULL, png BLOB NOT NULL", "backend, caption")
 # MIGRATIONS[v] takes a database at version v to v + 1 (version 0: an empty new file).
 MIGRATIONS = {0: _V1, 1: _V2, 2: _V3}
 TABLES = ("runs", "cells", "figures", "series", "samples", "pictures")
@@ -132,14 +127,6 @@ def run_label(run_id: str, started: float, commit: str | None) -> str:
 
     stamp = time.strftime("%Y-%m-%d %H:%M", time.gmtime(started))
     return f"{stamp} UTC ({(commit or 'no commit')[:10]}, run {run_id[:8]})"
-
-
-def finite_or_none(value: Any) -> float | None:
-    """A figure as SQLite and strict JSON can hold it: NaN and infinities become NULL."""
-    if value is None:
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else None
 
 
 class History:
