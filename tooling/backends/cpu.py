@@ -1,6 +1,7 @@
 """CPU backends: torch eager (the reference), ONNX Runtime and OpenVINO."""
 from __future__ import annotations
 
+import importlib
 import importlib.util
 from pathlib import Path
 from typing import Mapping
@@ -72,21 +73,26 @@ class OrtSession:
         return dict(zip(self.output_names, values))
 
 
-class OnnxReferenceBackend(Backend):
+class PackageBackend(Backend):
+    """A backend that is one pip package: here when it is installed; its version keys artifacts."""
+
+    package: str = ""
+
+    def availability(self) -> Availability:
+        if importlib.util.find_spec(self.package) is None:
+            return Availability(False, f"{self.package} is not installed (pip install {self.package})")
+        return Availability(True)
+
+    def versions(self) -> dict[str, str]:
+        return {self.package: importlib.import_module(self.package).__version__}
+
+
+class OnnxReferenceBackend(PackageBackend):
     """The ONNX graph as written, executed without graph rewrites: what "ONNX" means in a parity gate."""
 
     name = "onnx"
     deployed = False
-
-    def availability(self) -> Availability:
-        if importlib.util.find_spec("onnxruntime") is None:
-            return Availability(False, "onnxruntime is not installed (pip install onnxruntime)")
-        return Availability(True)
-
-    def versions(self) -> dict[str, str]:
-        import onnxruntime
-
-        return {"onnxruntime": onnxruntime.__version__}
+    package = "onnxruntime"
 
     def load(self, artifact: Path, request: CompileRequest) -> OrtSession:
         return OrtSession(artifact, self.config.threads, optimize=False, providers=["CPUExecutionProvider"])
@@ -128,18 +134,9 @@ class OpenVinoSession:
         return outputs
 
 
-class OpenVinoBackend(Backend):
+class OpenVinoBackend(PackageBackend):
     name = "openvino"
-
-    def availability(self) -> Availability:
-        if importlib.util.find_spec("openvino") is None:
-            return Availability(False, "openvino is not installed (pip install openvino)")
-        return Availability(True)
-
-    def versions(self) -> dict[str, str]:
-        import openvino
-
-        return {"openvino": openvino.__version__}
+    package = "openvino"
 
     def load(self, artifact: Path, request: CompileRequest) -> OpenVinoSession:
         return OpenVinoSession(artifact, self.config.threads, request.expected_output_shapes())
