@@ -225,6 +225,15 @@ def build_lock(target: Path, what: str, not_writable: Callable[[str], Exception]
         yield held
 
 
+def read_manifest(path: Path) -> dict:
+    """A build's manifest as recorded, or {} when it is missing or damaged (the build's check says why)."""
+    try:
+        recorded = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return recorded if isinstance(recorded, dict) else {}
+
+
 def remove_stale_staging(target: Path) -> list[Path]:
     """Delete the staging folders of ``target`` that killed builds left (call with its lock held)."""
     stale = sorted(target.parent.glob(f"{target.name}{STAGING_MARK}*"))
@@ -314,17 +323,9 @@ class ArtifactCache:
 
     def _problem(self, key: ArtifactKey, target: Path) -> str | None:
         problem = self.verify(target)
-        if problem is None and self.rebuild and self._manifest(target).get("run") != self.run_id:
+        if problem is None and self.rebuild and read_manifest(target / MANIFEST).get("run") != self.run_id:
             return "forced rebuild (--rebuild)"
         return problem
-
-    @staticmethod
-    def _manifest(target: Path) -> dict:
-        try:
-            recorded = json.loads((target / MANIFEST).read_text())
-        except (OSError, ValueError):
-            return {}
-        return recorded if isinstance(recorded, dict) else {}
 
     def verify(self, target: Path) -> str | None:
         """None when the artifact is complete and intact, else why it must be rebuilt."""

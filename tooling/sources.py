@@ -43,7 +43,7 @@ from typing import Mapping
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from tooling.cache import build_lock, check_tree, remove_stale_staging, tree_files
+from tooling.cache import build_lock, check_tree, read_manifest, remove_stale_staging, tree_files
 from tooling.model_spec import PATCHES_DIR, PROJECT_ROOT
 from tooling.tools import ToolTimeout, run_tool
 
@@ -306,7 +306,7 @@ class UpstreamSource:
         hooks = [p for p in patch_files(self.patches_dir) if p.suffix == ".py"]
         # An intact checkout needs no lock, so a read-only cache still serves it.
         def forced() -> bool:
-            return rebuild and (run_id is None or self._recorded(target).get("run") != run_id)
+            return rebuild and (run_id is None or read_manifest(target / MANIFEST).get("run") != run_id)
 
         if forced() or self._problem(target, digest) is not None:
             def not_writable(why: str) -> UpstreamError:
@@ -321,7 +321,8 @@ class UpstreamSource:
                     shutil.rmtree(target, ignore_errors=True)
                     self._build(origin, target, digest, run_id)
         self.check_dependencies()
-        return UpstreamCheckout(target, self.commit, hooks, absent=tuple(self._recorded(target).get("absent", ())))
+        absent = tuple(read_manifest(target / MANIFEST).get("absent", ()))
+        return UpstreamCheckout(target, self.commit, hooks, absent=absent)
 
     def check_dependencies(self) -> None:
         """Raise UpstreamDependencyMissing naming each missing package and the command installing it."""
@@ -332,14 +333,6 @@ class UpstreamSource:
                 f"install with `{install_command(missing)}` (all upstream dependencies: "
                 f"`pip install -e '.[{UPSTREAM_EXTRA}]'`)"
             )
-
-    @staticmethod
-    def _recorded(target: Path) -> dict:
-        try:
-            recorded = json.loads((target / MANIFEST).read_text())
-        except (OSError, ValueError):
-            return {}
-        return recorded if isinstance(recorded, dict) else {}
 
     def _problem(self, target: Path, digest: str) -> str | None:
         """None when the cached checkout is the pinned, patched tree with every file intact."""
