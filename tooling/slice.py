@@ -83,10 +83,15 @@ class AccuracyContext:
 
 class ModelSlice:
     name: str = ""
+    # Networks that are the same graph in every export variant: name -> builder. A slice whose
+    # networks change with the variant overrides build_network instead.
+    builders: Mapping[str, Callable[[], torch.nn.Module]] = {}
 
     # -- networks -------------------------------------------------------------------------------
     def build_network(self, network: str, variant: str = "default") -> torch.nn.Module:
-        raise NotImplementedError(f"{type(self).__name__} builds no network {network!r}")
+        if network not in self.builders:
+            raise KeyError(f"{self.name} has no network {network!r}")
+        return self.builders[network]()
 
     def adapt_state_dict(self, network: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Map a checkpoint's state_dict onto the port's keys and layouts (default: drop ``module.``)."""

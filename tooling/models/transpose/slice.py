@@ -33,11 +33,7 @@ UPSTREAM_EXPERIMENT = "experiments/coco/transpose_r/TP_R_256x192_d256_h1024_enc3
 
 class TransPoseSlice(ModelSlice):
     name = "transpose"
-
-    def build_network(self, network: str, variant: str = "default") -> torch.nn.Module:
-        if network != "transpose_r":
-            raise KeyError(f"transpose has no network {network!r}")
-        return build_transpose_r()
+    builders = {"transpose_r": build_transpose_r}
 
     def build_upstream_network(self, network: str, checkout) -> torch.nn.Module:
         """The upstream model built from its own experiment yaml (needs yacs, as upstream does)."""

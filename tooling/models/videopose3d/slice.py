@@ -55,11 +55,7 @@ def _is_temporal_conv_weight(key: str) -> bool:
 
 class VideoPose3DSlice(ModelSlice):
     name = "videopose3d"
-
-    def build_network(self, network: str, variant: str = "default") -> torch.nn.Module:
-        if network != "vp3d":
-            raise KeyError(f"videopose3d has no network {network!r}")
-        return build_vp3d()
+    builders = {"vp3d": build_vp3d}
 
     def adapt_state_dict(self, network: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Accept DataParallel prefixes and the upstream Conv1d layout (3-D conv weights)."""
