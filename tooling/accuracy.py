@@ -19,7 +19,7 @@ from tooling.fingerprint import content_digest
 from tooling.jsonio import write_json
 from tooling.locations import Roots, data_paths, find_checkpoint, missing_accuracy_inputs
 from tooling.progress import SAMPLE_FIGURES, ProgressReporter, ResultStore, owned_run, run_lock, say
-from tooling.shards import DONE, Shard, ids_digest, merge_id, read_shard, split, write_done
+from tooling.shards import DONE, Shard, ids_digest, merge_id, parse_merge, read_shard, split, write_done
 from tooling.slice import AccuracyContext, score_samples, splits_its_pass
 from tooling.weights import WeightsChoice
 from tooling.workspace import ModelHandle
@@ -105,7 +105,7 @@ def run_accuracy(handle: ModelHandle, backend_name: str, *, roots: Roots | None 
             write_json(folder / SAMPLE_FIGURES, ctx.sample_figures)
         handle.last_run_dir = folder  # where the gate finds the per-sample figures of this pass
         return metrics
-    return _sharded_pass(handle, run_dir, fingerprint, label, shard or shards, context, scoring)
+    return _sharded_pass(handle, run_dir, fingerprint, label, shard or shards, limit, context, scoring)
 
 
 def writable(folder: Path, make: Callable[[], Any]) -> Any:
@@ -120,18 +120,19 @@ def writable(folder: Path, make: Callable[[], Any]) -> Any:
 
 
 def _sharded_pass(handle: ModelHandle, run_dir: Path, fingerprint: dict, label: str, part: Shard | int,
-                  context: Callable[..., AccuracyContext], scoring: Callable) -> dict[str, float]:
+                  limit: int | None, context: Callable[..., AccuracyContext], scoring: Callable) -> dict[str, float]:
     """Score one shard (``part`` a Shard) or merge ``part`` shards (an int) of the pass. Each
     shard scores into its own folder under the run's, held by one process at a time (a merge
     waits for a shard another process is scoring, and takes a dead host's over after its lease
-    times out)."""
+    times out). A quick look on the first ``limit`` samples splits those: its shards and merge
+    are kept apart from the full pass's."""
     model_slice = handle.slice
     if not splits_its_pass(model_slice):
         raise TypeError(f"{handle.spec.name}: its slice scores the pass whole (evaluate only), so it cannot be sharded")
     count = part.count if isinstance(part, Shard) else part
     samples = model_slice.accuracy_samples(context(run_dir, None, lambda *_: None))
     parts = split(samples, count)
-    shards_dir = run_dir / "shards"
+    shards_dir = shards_folder(run_dir, limit)
 
     def score(which: Shard, restart: bool) -> None:
         folder = shards_dir / which.id
@@ -167,7 +168,7 @@ def _sharded_pass(handle: ModelHandle, run_dir: Path, fingerprint: dict, label: 
         folder = writable(merge_dir, lambda: stack.enter_context(owned_run(merge_dir, f"merge {label}")))
         ctx = context(folder, None, lambda *_: None)
         metrics = model_slice.merge_records(ctx, samples, records)
-        write_json(folder / "metrics.json", metrics)
+        write_json(folder / metrics_file(limit), metrics)
         write_json(folder / SAMPLE_FIGURES, {s.id: model_slice.sample_figures(r) for s, r in zip(samples, records)})
     handle.last_run_dir = folder
     return metrics
@@ -175,13 +176,19 @@ def _sharded_pass(handle: ModelHandle, run_dir: Path, fingerprint: dict, label: 
 
 def stored_metrics(handle: ModelHandle, backend_name: str, *, limit: int | None = None) -> dict[str, float] | None:
     """The metrics a finished pass on ``backend_name`` left in the cache for the same staged data,
-    checkpoints, profile and limit (what the other backends' rows compare with), or None."""
+    checkpoints, profile and limit (what the other backends' rows compare with), whether it ran
+    whole or sharded (any shard count: a merge gives the unsharded figures), or None."""
     try:
         weights, paths, dims = _pass_inputs(handle, handle.ws.roots, None, False)
     except AccuracyInputsMissing:
         return None
-    path = _pass_dir(handle, _fingerprint(handle, backend_name, weights, paths, dims, {})) / metrics_file(limit)
-    return json.loads(path.read_text()) if path.is_file() else None
+    run_dir = _pass_dir(handle, _fingerprint(handle, backend_name, weights, paths, dims, {}))
+    shards_dir = shards_folder(run_dir, limit)
+    merges = sorted(p for p in shards_dir.iterdir() if parse_merge(p.name) is not None) if shards_dir.is_dir() else []
+    for path in [run_dir / metrics_file(limit), *(m / metrics_file(limit) for m in merges)]:
+        if path.is_file():
+            return json.loads(path.read_text())
+    return None
 
 
 def gated_metrics(handle: ModelHandle) -> list[str]:
@@ -213,6 +220,11 @@ def moves_against_reference(handle: ModelHandle, backend_name: str, metrics: Map
 def metrics_file(limit: int | None) -> str:
     """Where a pass keeps its figures: a quick look on the first N samples is not the full pass's."""
     return "metrics.json" if limit is None else f"metrics-first-{limit}.json"
+
+
+def shards_folder(run_dir: Path, limit: int | None) -> Path:
+    """Where a sharded pass keeps its shards and merges: a quick look splits other samples."""
+    return run_dir / ("shards" if limit is None else f"shards-first-{limit}")
 
 
 def _pass_inputs(handle: ModelHandle, roots: Roots, profile: str | None, seeded: bool):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tooling.accuracy import REFERENCE_BACKEND, moves_against_reference, run_accuracy
 from tooling.gates import default_accuracy_backends
 from tooling.models.videopose3d.slice import write_known_answer
 
@@ -72,6 +73,31 @@ def test_reference_pass_then_a_deployed_pass_shows_its_move(tmp_path):
     again, row = _staged_pass(answer, tmp_path, "reference-again", "--accuracy-backend", "torch")
     assert again.returncode == 0
     assert set(_results(row)["deployed_moves"]) == {"onnxruntime"}  # the reference row lists the stored moves
+
+
+@pytest.mark.accuracy
+@pytest.mark.videopose3d
+def test_sharded_passes_show_the_move_an_unsharded_pass_shows(zoo, tmp_path):
+    """``--accuracy-shards`` merges find the reference and are found by it: a sharded torch eager
+    pass is the reference of a deployed pass, whole or sharded, and a sharded deployed pass
+    records the same move against it as the whole pass (one lookup, ``stored_metrics``)."""
+    answer = write_known_answer(tmp_path / "staged")
+    handle = zoo.with_roots(data_root=answer.data_root, weights_root=answer.weights_root,
+                            cache_dir=tmp_path / "cache").model("videopose3d")
+    deployed = "onnxruntime"
+    assert moves_against_reference(handle, deployed, {"mpjpe_p1_mm": 1.0}, SEQUENCES) == {}  # nothing stored yet
+
+    reference = run_accuracy(handle, REFERENCE_BACKEND, limit=SEQUENCES, shards=2)
+    sharded = run_accuracy(handle, deployed, limit=SEQUENCES, shards=2)
+    moved = moves_against_reference(handle, deployed, sharded, SEQUENCES)
+    assert moved["reference_metrics"] == reference
+    assert moved["moves_vs_reference"]["mpjpe_p1_mm"] == sharded["mpjpe_p1_mm"] - reference["mpjpe_p1_mm"]
+    whole = run_accuracy(handle, deployed, limit=SEQUENCES)
+    assert whole == sharded and moves_against_reference(handle, deployed, whole, SEQUENCES) == moved
+    listed = moves_against_reference(handle, REFERENCE_BACKEND, reference, SEQUENCES)["deployed_moves"]
+    assert listed == {deployed: moved["moves_vs_reference"]}
+    # A quick look and the full pass keep their merges apart: the full set has no reference yet.
+    assert moves_against_reference(handle, deployed, sharded, None) == {}
 
 
 def test_default_staged_backends_per_host():
