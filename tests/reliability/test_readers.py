@@ -5,7 +5,9 @@ names the error types a damaged input must raise. Every file role of a reader ge
 damages (``missing``, ``empty``, ``truncated`` to 60 %, ``garbage`` text); ``specific`` adds the
 damages only that format can suffer (flipped bytes in a CRC-checked archive, wrong type, missing
 part, NaN), each with a regex the message must match. For every probe the error must name the
-damaged file and say more than its name; ``test_valid_input_reads`` keeps the probes honest.
+damaged file and say more than its name. ``check`` holds what the reader returns for the valid
+input against what ``write`` wrote (counts, ids, shapes, values), which keeps the probes honest: a
+reader that fails on good input, or reads it wrong, fails ``test_valid_input_reads``.
 
 Adding a reader (a new model's dataset format, e.g. GMA's ``.flo`` flow files and Sintel PNGs, or
 FOMM's mp4 videos) takes a few lines: write a ``_write_<format>(folder) -> {role: path}`` function
@@ -13,6 +15,7 @@ producing a tiny valid input, then append
 
     Reader("sintel-flo", roles=("flow",), write=_write_flo,
            read=lambda files: read_flo(files["flow"]), errors=(FlowFormatError,),
+           check=lambda files, flow: np.testing.assert_array_equal(flow, FLOW),
            specific={"wrong-magic": ("flow", _overwrite(0, b"XXXX"), "magic"),
                      "nan": ("flow", _nan_flow, "NaN")})
 
@@ -56,6 +59,7 @@ class Reader:
     write: Callable[[Path], Files]  # writes a small valid input below the folder
     read: Callable[[Files], Any]  # reads it through the suite's reader
     errors: tuple[type[BaseException], ...]  # what a damaged input must raise
+    check: Callable[[Files, Any], None]  # asserts that what was read is what write() wrote
     specific: dict[str, tuple[str, Damage, str]] = field(default_factory=dict)  # variant: (role, damage, regex)
     generic: tuple[str, ...] = ("missing", "empty", "truncated", "garbage")
 
@@ -101,7 +105,9 @@ class TinyNet(torch.nn.Module):
 
 
 def _state(**changes) -> dict[str, torch.Tensor]:
-    state = {k: torch.rand_like(v) if v.is_floating_point() else v for k, v in TinyNet().state_dict().items()}
+    generator = torch.Generator().manual_seed(0)
+    state = {k: torch.rand(v.shape, generator=generator) if v.is_floating_point() else v
+             for k, v in TinyNet().state_dict().items()}
     state.update(changes)
     return {k: v for k, v in state.items() if v is not None}
 
@@ -116,8 +122,17 @@ def _resave(**changes) -> Damage:
     return lambda path: torch.save({"state_dict": _state(**changes)}, path)
 
 
-def _read_checkpoint(files: Files):
-    return apply_weights(TinyNet(), WeightsChoice(files["checkpoint"]), ModelSlice(), "net", ("state_dict",))
+def _read_checkpoint(files: Files) -> TinyNet:
+    model = TinyNet()
+    apply_weights(model, WeightsChoice(files["checkpoint"]), ModelSlice(), "net", ("state_dict",))
+    return model
+
+
+def _check_checkpoint(files: Files, model: TinyNet) -> None:
+    loaded, saved = model.state_dict(), _state()
+    assert list(loaded) == list(saved)
+    for key, value in saved.items():
+        assert torch.equal(loaded[key], value), key
 
 
 # -- Human3.6M --------------------------------------------------------------------------------------
@@ -145,6 +160,18 @@ def _write_h36m(folder: Path, **kw) -> Files:
     return files
 
 
+def _check_h36m(files: Files, sequences) -> None:
+    """One sequence per camera of every written entry, numbered as the guide numbers them, with
+    the entry's frame count and 17 joints."""
+    by_action = [("S9", "Walking"), ("S11", "Walking"), ("S9", "Eating 1")]  # actions in order of first appearance
+    assert [(s.subject, s.entry, s.camera) for s in sequences] == [(s, e, c) for s, e in by_action for c in range(4)]
+    assert [s.stem for s in sequences] == [f"{k:03d}_{s.action}" for k, s in enumerate(sequences, 1)]
+    for s in sequences:
+        frames = H36M_ENTRIES[s.subject][s.entry]
+        assert s.keypoints_2d.shape == (frames, 17, 2) and s.positions_3d.shape == (frames, 17, 3)
+        assert np.isfinite(s.keypoints_2d).all() and np.isfinite(s.positions_3d).all()
+
+
 def _rewrite_h36m(role: str, **kw) -> Damage:
     def damage(path: Path) -> None:
         p3, p2 = _h36m(**kw)
@@ -159,6 +186,17 @@ def _rewrite_h36m(role: str, **kw) -> Damage:
 def _write_coco(folder: Path) -> Files:
     dataset = write_synthetic_coco(folder, seed=1, num_images=4, image_size=(96, 64))
     return {"annotations": dataset.annotation_path}
+
+
+def _check_coco(files: Files, coco) -> None:
+    written = json.loads(files["annotations"].read_text())
+    assert len(written["images"]) == 4
+    assert sorted(coco.getImgIds()) == sorted(image["id"] for image in written["images"])
+    assert {i: (v["width"], v["height"]) for i, v in coco.imgs.items()} == {i: (96, 64) for i in coco.getImgIds()}
+    assert sorted(coco.getAnnIds()) == sorted(a["id"] for a in written["annotations"])
+    for annotation in written["annotations"]:
+        assert coco.anns[annotation["id"]]["keypoints"] == annotation["keypoints"]
+    assert coco.getCatIds() == [1]
 
 
 def _edit_coco(edit: Callable[[dict], None]) -> Damage:
@@ -179,27 +217,61 @@ def _set_first_annotation(key: str, value) -> Callable[[dict], None]:
     return lambda data: data["annotations"][0].__setitem__(key, value)
 
 
+def _smooth_image(height: int, width: int, shift: int = 0) -> np.ndarray:
+    """Gradients: what a lossy codec (JPEG, mp4) keeps to within a few levels, unlike noise."""
+    y, x = np.mgrid[0:height, 0:width] + shift
+    return np.stack([x * 3, y * 4, (x + y) * 2], axis=-1).clip(0, 255).astype(np.uint8)
+
+
+IMAGE = _smooth_image(48, 64)  # BGR, as OpenCV writes and read_image returns it
+
+
 def _write_image(suffix: str, role: str = "image") -> Callable[[Path], Files]:
     def write(folder: Path) -> Files:
-        rng = np.random.default_rng(2)
         path = folder / f"000000000042{suffix}"
-        cv2.imwrite(str(path), rng.integers(0, 255, (48, 64, 3), dtype=np.uint8))
+        cv2.imwrite(str(path), IMAGE)
         return {role: path}
     return write
 
 
+def _check_pixels(expected: np.ndarray, lossy: bool) -> Callable[[Files, np.ndarray], None]:
+    def check(files: Files, image: np.ndarray) -> None:
+        assert image.shape == expected.shape and image.dtype == expected.dtype
+        if lossy:
+            # mp4v loses ~2.5 levels on average here, JPEG ~0.6; a frame out of order ~9
+            assert np.abs(image.astype(int) - expected.astype(int)).mean() < 5.0
+        else:
+            np.testing.assert_array_equal(image, expected)
+    return check
+
+
 # -- goldens ----------------------------------------------------------------------------------------
+GOLDEN_ARRAYS = {
+    "x": np.random.default_rng(3).standard_normal((2, 64)).astype(np.float32),
+    "y": np.random.default_rng(4).standard_normal((2, 8)).astype(np.float32),
+}
+
+
 def _write_golden(folder: Path) -> Files:
     path = folder / "golden.npz"
-    rng = np.random.default_rng(3)
-    np.savez(path, x=rng.standard_normal((2, 64)).astype(np.float32), y=rng.standard_normal((2, 8)).astype(np.float32))
+    np.savez(path, **GOLDEN_ARRAYS)
     return {"golden": path}
 
 
+def _check_golden(files: Files, arrays: dict[str, np.ndarray]) -> None:
+    assert list(arrays) == list(GOLDEN_ARRAYS)
+    for name, value in GOLDEN_ARRAYS.items():
+        assert arrays[name].dtype == value.dtype
+        np.testing.assert_array_equal(arrays[name], value)
+
+
 # -- GMA: Sintel flow and frames; FOMM: mp4 clips ------------------------------------------------------
+FLOW = np.random.default_rng(4).standard_normal((6, 8, 2)).astype(np.float32)
+
+
 def _write_flo(folder: Path) -> Files:
     path = folder / "frame_0001.flo"
-    write_flo(path, np.random.default_rng(4).standard_normal((6, 8, 2)).astype(np.float32))
+    write_flo(path, FLOW)
     return {"flow": path}
 
 
@@ -217,9 +289,12 @@ def _nan_flow(path: Path) -> None:
     write_flo(path, flow)
 
 
+CLIP = np.stack([_smooth_image(64, 64, shift=4 * t) for t in range(12)])  # RGB, moving 4 px a frame
+
+
 def _write_mp4(folder: Path) -> Files:
     path = folder / "clip.mp4"
-    write_mp4(path, np.random.default_rng(6).integers(0, 255, (12, 64, 64, 3), dtype=np.uint8))
+    write_mp4(path, CLIP)
     return {"clip": path}
 
 
@@ -231,7 +306,7 @@ def _npy_bytes(array: np.ndarray) -> bytes:
 
 READERS = [
     Reader(
-        "checkpoint", ("checkpoint",), _write_checkpoint, _read_checkpoint, (CheckpointError,),
+        "checkpoint", ("checkpoint",), _write_checkpoint, _read_checkpoint, (CheckpointError,), _check_checkpoint,
         specific={
             "flipped-tensor-bytes": ("checkpoint", _flip_in_member("data/0"), "CRC"),
             "int64-where-float": ("checkpoint", _resave(**{"conv.weight": torch.ones(4, 2, 3, 3, dtype=torch.int64)}),
@@ -247,6 +322,7 @@ READERS = [
     ),
     Reader(
         "human36m", ("3d", "2d"), _write_h36m, lambda f: load_test_sequences(f["3d"], f["2d"]), (DatasetError,),
+        _check_h36m,
         specific={
             "3d-flipped-bytes": ("3d", _flip_in_member(), "not a readable"),
             "2d-flipped-bytes": ("2d", _flip_in_member(), "not a readable"),
@@ -262,6 +338,7 @@ READERS = [
     ),
     Reader(
         "coco-annotations", ("annotations",), _write_coco, lambda f: load_coco(f["annotations"]), (CocoFormatError,),
+        _check_coco,
         specific={
             "top-level-list": ("annotations", _wrap_in_list, "top level is a list"),
             "no-annotations": ("annotations", _edit_coco(lambda d: d.__delitem__("annotations")), "'annotations' must be a list"),
@@ -273,10 +350,13 @@ READERS = [
             "dangling-image-id": ("annotations", _edit_coco(_set_first_annotation("image_id", -7)), "image_id -7"),
         },
     ),
-    Reader("jpeg-image", ("image",), _write_image(".jpg"), lambda f: read_image(f["image"]), (ImageReadError, FileNotFoundError)),
-    Reader("png-image", ("image",), _write_image(".png"), lambda f: read_image(f["image"]), (ImageReadError, FileNotFoundError)),
+    Reader("jpeg-image", ("image",), _write_image(".jpg"), lambda f: read_image(f["image"]),
+           (ImageReadError, FileNotFoundError), _check_pixels(IMAGE, lossy=True)),
+    Reader("png-image", ("image",), _write_image(".png"), lambda f: read_image(f["image"]),
+           (ImageReadError, FileNotFoundError), _check_pixels(IMAGE, lossy=False)),
     Reader(
         "gma-flo", ("flow",), _write_flo, lambda f: read_flo(f["flow"]), (FloError,),
+        lambda f, flow: np.testing.assert_array_equal(flow, FLOW),
         specific={
             "wrong-magic": ("flow", _overwrite(0, b"XXXX"), "magic"),
             "huge-header": ("flow", _overwrite(4, np.array([1 << 20], "<i4").tobytes()), "needs"),
@@ -284,10 +364,12 @@ READERS = [
         },
     ),
     Reader("sintel-png", ("frame",), _write_image(".png", role="frame"), lambda f: read_frame(f["frame"]),
-           (SintelLayoutError,)),
-    Reader("fomm-mp4", ("clip",), _write_mp4, lambda f: read_clip(f["clip"]), (VideoError,)),
+           (SintelLayoutError,), _check_pixels(IMAGE[..., ::-1].transpose(2, 0, 1).astype(np.float32), lossy=False)),
+    Reader("fomm-mp4", ("clip",), _write_mp4, lambda f: read_clip(f["clip"]), (VideoError,),
+           _check_pixels(CLIP, lossy=True)),
     Reader(
         "golden", ("golden",), _write_golden, lambda f: read_arrays(f["golden"], ["x", "y"]), (ArrayFileError,),
+        _check_golden,
         specific={
             "flipped-bytes": ("golden", _flip_in_member("x.npy"), "CRC"),
             "missing-array": ("golden", lambda p: np.savez(p, x=np.zeros(3)), r"lacks arrays \['y'\]"),
@@ -310,7 +392,8 @@ def _probes():
 
 @pytest.mark.parametrize("reader", [pytest.param(r, id=r.name) for r in READERS])
 def test_valid_input_reads(reader: Reader, tmp_path):
-    reader.read(reader.write(tmp_path))
+    files = reader.write(tmp_path)
+    reader.check(files, reader.read(files))
 
 
 @pytest.mark.parametrize(("reader", "role", "damage", "pattern"), list(_probes()))
