@@ -112,6 +112,7 @@ def parse_model_spec(raw: dict[str, Any], where: str) -> ModelSpec:
             benchmark_rounds=int(p.get("benchmark_rounds", 10)),
             networks=tuple(p["networks"]) if p.get("networks") else None,
             exclude_backends=tuple(p.get("exclude_backends", ())),
+            nightly_backends=tuple(p.get("nightly_backends", ())),
         )
     acc = raw.get("accuracy")
     accuracy = None

@@ -72,10 +72,14 @@ def gate_backends(gate: Gate, selected: tuple[str, ...] | None) -> list[str]:
             and (selected is None or name in selected)]
 
 
-def serving_backends(spec: ModelSpec, case: Case, gate: Gate, selected: tuple[str, ...] | None = None) -> list[str]:
+def serving_backends(spec: ModelSpec, case: Case, gate: Gate, selected: tuple[str, ...] | None = None,
+                     nightly: bool = True) -> list[str]:
     """The deployed backends that ``gate`` runs ``case`` on: the gate's kind of backend, kept by
-    --backends, serving the case (its variant, profile and shape)."""
-    return [b for b in gate_backends(gate, selected) if planning.case_runs_on(spec, case, b)]
+    --backends, serving the case (its variant, profile and shape); ``nightly=False`` (a run
+    without the nightly tier) leaves out those whose rows on a CPU-tier case are nightly-only
+    (``planning.nightly_only``)."""
+    return [b for b in gate_backends(gate, selected) if planning.case_runs_on(spec, case, b)
+            and (nightly or case.slow or not planning.nightly_only(spec, case, b))]
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,9 @@ class GateContext:
     def serving_backends(self, case: Case, label: str) -> list[str]:
         return serving_backends(self.spec, case, GATES[label], self.selected_backends)
 
+    def nightly_only(self, case: Case, backend: str) -> bool:
+        return planning.nightly_only(self.spec, case, backend, self.exporters)
+
     def timed(self, case: Case) -> bool:
         """One artifact per shape is enough to time: the default exporter unless --exporter says."""
         return bool(self.exporters) or case.exporter == self.spec.networks[case.network].default_exporter
@@ -110,9 +117,10 @@ def case_params(cases: Sequence[Case]) -> list:
     return [pytest.param(c, id=c.id, marks=[pytest.mark.slow] * c.slow) for c in cases]
 
 
-def case_backend_params(pairs: Sequence[tuple[Case, str]]) -> list:
+def case_backend_params(ctx: GateContext, pairs: Sequence[tuple[Case, str]]) -> list:
     return [
-        pytest.param(c, b, id=f"{c.id}-{b}", marks=[pytest.mark.slow] * c.slow + backend_marks(b)) for c, b in pairs
+        pytest.param(c, b, id=f"{c.id}-{b}", marks=[pytest.mark.slow] * ctx.nightly_only(c, b) + backend_marks(b))
+        for c, b in pairs
     ]
 
 
@@ -133,7 +141,7 @@ def _params_onnx_vs_torch(ctx: GateContext) -> Params:
 
 def _params_deployed(ctx: GateContext) -> Params:
     pairs = [(c, b) for c in ctx.cases for b in ctx.serving_backends(c, "deployed-vs-onnx")]
-    return ("case", "deployed_backend"), case_backend_params(pairs)
+    return ("case", "deployed_backend"), case_backend_params(ctx, pairs)
 
 
 def _params_decoded(ctx: GateContext) -> Params:
@@ -141,18 +149,25 @@ def _params_decoded(ctx: GateContext) -> Params:
         (c, b) for c in ctx.cases if ctx.spec.networks[c.network].decoded
         for b in ctx.serving_backends(c, "decoded-vs-torch")
     ]
-    return ("case", "deployed_backend"), case_backend_params(pairs)
+    return ("case", "deployed_backend"), case_backend_params(ctx, pairs)
 
 
 def _params_chain(ctx: GateContext) -> Params:
     """Each yaml chain at each profile that builds all its networks, on every deployed backend
     that serves each of them."""
     params = [
-        pytest.param(c, b, id=f"{c.id}-{b}", marks=[pytest.mark.slow] * c.slow + backend_marks(b))
+        pytest.param(c, b, id=f"{c.id}-{b}", marks=[pytest.mark.slow] * chain_nightly_only(ctx, c, b) + backend_marks(b))
         for c in planning.chain_cases(ctx.spec) for b in ctx.backends("chain-vs-torch")
         if planning.chain_runs_on(ctx.spec, c, b)
     ]
     return ("chain_case", "deployed_backend"), params
+
+
+def chain_nightly_only(ctx: GateContext, chain_case, backend: str) -> bool:
+    """A chain row is nightly-only where its profile is slow or any member's row on the backend is."""
+    return chain_case.slow or any(
+        ctx.nightly_only(planning.chain_member(ctx.spec, chain_case, n, backend, ctx.exporters), backend)
+        for n in ctx.spec.chains[chain_case.chain].networks)
 
 
 def _params_upstream(ctx: GateContext) -> Params:
@@ -233,7 +248,7 @@ def _params_throughput(ctx: GateContext) -> Params:
     """Device backends (NPU, GPU) against the guides' floors; CPU backends are timed against torch
     eager, interleaved, by the speed-up gate, so none of them is a throughput row."""
     pairs = [(case, backend) for case in filter(ctx.timed, ctx.cases) for backend in ctx.serving_backends(case, "throughput")]
-    return ("case", "backend"), case_backend_params(pairs)
+    return ("case", "backend"), case_backend_params(ctx, pairs)
 
 
 def _params_cpu_speedup(ctx: GateContext) -> Params:

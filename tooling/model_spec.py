@@ -132,6 +132,9 @@ class Profile:
     benchmark_rounds: int
     networks: tuple[str, ...] | None
     exclude_backends: tuple[str, ...] = ()  # e.g. a compile step too slow for this tier
+    # Backends whose rows at this profile run in the nightly tier only: a compile the CPU tier
+    # already pays once at another profile of the same network (AOTInductor at a second shape).
+    nightly_backends: tuple[str, ...] = ()
 
     def runs_on(self, backend: str) -> bool:
         return backend not in self.exclude_backends

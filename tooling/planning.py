@@ -45,6 +45,24 @@ def case_runs_on(spec: ModelSpec, case: Case, backend: str, *, at_profile_shape:
     )
 
 
+def nightly_only(spec: ModelSpec, case: Case, backend: str, exporters: tuple[str, ...] | None = None) -> bool:
+    """Whether ``backend``'s rows on ``case`` belong to the nightly tier (``slow``), and why not
+    to the CPU tier:
+
+    - the case's profile is slow (deploy shapes);
+    - the profile lists the backend in ``nightly_backends``: a compile the CPU tier pays once at
+      another profile of the network already (AOTInductor at a second shape);
+    - the backend compiles the torch network, not an ONNX graph, and the case is another exporter
+      than the network's default: it is the same artifact the default exporter's row checks in the
+      CPU tier, there held to the other exporter's graph (itself held to torch by onnx-vs-torch);
+      unless --exporter (``exporters``) chose the exporters, as for the speed gate's cases.
+    """
+    if case.slow or backend in spec.profiles[case.profile].nightly_backends:
+        return True
+    compiles_torch = backend in BACKENDS and BACKENDS[backend].consumes == "torch" and BACKENDS[backend].deployed
+    return compiles_torch and not exporters and case.exporter != spec.networks[case.network].default_exporter
+
+
 def chain_cases(spec: ModelSpec) -> list[ChainCase]:
     """Each chain at every profile (and batch) that builds all of its networks."""
     result = []

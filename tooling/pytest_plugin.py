@@ -41,6 +41,7 @@ from tooling.workspace import Options, Workspace
 pytest_plugins = ("tooling.verdict_plugin",)
 _matrix_key = pytest.StashKey[ConformanceMatrix]()
 _nightly_deselected_key = pytest.StashKey[int]()
+_slow_selected_key = pytest.StashKey[bool]()  # the run holds nightly-tier (slow) tests
 _idle_required_key = pytest.StashKey[dict[str, str]]()
 _workspace_key = pytest.StashKey[Workspace]()
 _available_key = pytest.StashKey[Callable[[str], bool]]()
@@ -194,7 +195,7 @@ def _workspace(config: pytest.Config) -> Workspace:
         weights=opt("--weights"), salt=opt("--salt"), device=device,
         accuracy_limit=opt("--accuracy-limit"), restart_accuracy=opt("--restart-accuracy"),
         required_backends=_required_backends(config),
-        run_id=config.stash[_run_id_key],
+        run_id=config.stash[_run_id_key], nightly=config.stash.get(_slow_selected_key, bool(opt("--nightly"))),
     )
     return Workspace(roots, options)
 
@@ -459,6 +460,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         cell = {"model": model, "gate": gate_label, "backend": registered.row_backend(params), "case": label,
                 "kind": registered.kind}
         item.user_properties.append(("zoo_cell", cell))
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Whether this run holds nightly-tier tests, once every deselection (-m, -k, the tier's own)
+    is done: the speed gate then times the backends whose rows are nightly-only, too."""
+    session.config.stash[_slow_selected_key] = bool(session.config.getoption("--nightly")) or any(
+        item.get_closest_marker("slow") is not None for item in session.items)
 
 
 class BackendCheck:

@@ -123,6 +123,7 @@ PROFILE = fields({
     "benchmark_rounds": {"type": "integer", "minimum": 1},
     "networks": list_of(NAME, 1),
     "exclude_backends": list_of(NAME),
+    "nightly_backends": list_of(NAME),
 })
 
 ACCURACY = fields(
@@ -260,6 +261,7 @@ def reference_errors(raw: dict[str, Any], backend_names: Iterable[str]) -> list[
         check(profile.get("networks", ()), networks, f"{where}.networks", "network")
         check(profile.get("exporters", ()), EXPORTER_NAMES, f"{where}.exporters", "exporter")
         check(profile.get("exclude_backends", ()), backends, f"{where}.exclude_backends", "backend")
+        check(profile.get("nightly_backends", ()), backends, f"{where}.nightly_backends", "backend")
     check(raw.get("backend_options", {}), backends, "backend_options", "backend")
     check([k.split("@", 1)[0] for k in raw.get("backend_tolerances", {})], backends, "backend_tolerances", "backend")
     for backend, outputs in raw.get("backend_tolerances", {}).items():

@@ -85,7 +85,7 @@ def verdict_key(instance: GateInstance, workspace) -> VerdictKey:
     spec = baseline.load_model_spec(instance.model)
     params = dict(instance.params)
     networks = networks_used(spec, params)
-    backends = backends_used(gate, spec, params)
+    backends = backends_used(gate, spec, params, options.nightly)
     inputs: dict[str, Any] = {
         "format": FORMAT,
         "node": instance.nodeid,
@@ -162,16 +162,17 @@ def networks_used(spec, params: Mapping[str, Any]) -> list[str]:
     return list(spec.networks)
 
 
-def backends_used(gate, spec, params: Mapping[str, Any]) -> list[str]:
+def backends_used(gate, spec, params: Mapping[str, Any], nightly: bool = True) -> list[str]:
     """What the gate runs on: its fixed references, the row's backend and, for a gate whose rows
-    name no backend (the speed-up gate), every deployed backend it runs the case on."""
+    name no backend (the speed-up gate), every deployed backend it runs the case on (in the tier
+    the run selected: ``nightly``)."""
     names = list(gate.uses)
     row = params.get(gate.backend_arg) if gate.backend_arg else None
     if isinstance(row, str):
         names.append(row)
     if gate.serves and not gate.backend_arg:
         case = params.get("case")
-        names += serving_backends(spec, case, gate) if case is not None else gate_backends(gate, None)
+        names += serving_backends(spec, case, gate, nightly=nightly) if case is not None else gate_backends(gate, None)
     return list(dict.fromkeys(names))
 
 

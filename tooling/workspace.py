@@ -45,6 +45,7 @@ class Options:
     restart_accuracy: bool = False
     required_backends: tuple[str, ...] = ()  # unavailable: the gate fails instead of skipping
     run_id: str | None = None  # shared by the processes of one run (xdist workers): --rebuild once per run
+    nightly: bool = False  # the nightly tier runs too: nightly-only backends join the speed gate's contenders
 
 
 @dataclass

@@ -11,7 +11,7 @@ import pytest
 from tooling import planning
 from tooling.baseline import parse_model_spec
 from tooling.conformance import ConformanceSuite
-from tooling.gates import GATES, GateContext, gate, gate_of
+from tooling.gates import GATES, GateContext, gate, gate_of, serving_backends
 
 TOY = {
     "model": "toy",
@@ -131,3 +131,28 @@ def test_serving_backends_apply_the_gates_kind_of_backend_and_the_backends_optio
     assert context(selected_backends=("openvino",)).serving_backends(case, "deployed-vs-onnx") == ["openvino"]
     smoke = next(c for c in ctx.cases if c.profile == "smoke")
     assert "aoti" in cpu and "aoti" not in ctx.serving_backends(smoke, "cpu-speedup")  # profile excludes it
+
+
+def test_nightly_only_rows_are_slow_and_leave_the_cpu_tiers_speed_gate():
+    """A profile's nightly_backends and a torch-compiling backend at a second exporter put those
+    rows in the nightly tier; the row on the same artifact at the default exporter, and every
+    other backend's row, stay in the CPU tier; the speed gate times nightly-only backends only in
+    a run that holds the nightly tier."""
+    raw = copy.deepcopy(TOY)
+    raw["profiles"] = {
+        "smoke": {"dims": {"height": 16}, "batch_sizes": [1], "exporters": ["torchscript", "dynamo"]},
+        "smoke_batched": {"dims": {"height": 16}, "batch_sizes": [4], "nightly_backends": ["aoti"]},
+    }
+    ctx = context(raw)
+    _, params = GATES["deployed-vs-onnx"].parametrize(ctx)
+    slow = {p.id for p in params if any(m.name == "slow" for m in p.marks)}
+    assert slow == {"net-smoke-b1-dynamo-aoti", "net-smoke_batched-b4-torchscript-aoti"}
+    assert {"net-smoke-b1-torchscript-aoti", "net-smoke-b1-dynamo-onnxruntime",
+            "net-smoke_batched-b4-torchscript-openvino"} <= set(ids(params)) - slow
+    batched = next(c for c in ctx.cases if c.profile == "smoke_batched")
+    assert "aoti" not in serving_backends(ctx.spec, batched, GATES["cpu-speedup"], nightly=False)
+    assert "aoti" in serving_backends(ctx.spec, batched, GATES["cpu-speedup"], nightly=True)
+    dynamo = next(c for c in ctx.cases if c.exporter == "dynamo")
+    # --exporter dynamo chose the exporter: its row on the torch-compiling backend is the CPU tier's.
+    assert not planning.nightly_only(ctx.spec, dynamo, "aoti", exporters=("dynamo",))
+    assert planning.nightly_only(ctx.spec, dynamo, "aoti") and not planning.nightly_only(ctx.spec, dynamo, "openvino")

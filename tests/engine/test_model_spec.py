@@ -162,6 +162,8 @@ def test_unknown_or_mistyped_key_names_file_and_key_path(mutate, message):
     [
         (lambda raw: raw["profiles"]["deploy"].update(exclude_backends=["aotii"]),
          r"profiles\.deploy\.exclude_backends: unknown backend 'aotii' \(known: .*aoti"),
+        (lambda raw: raw["profiles"]["deploy"].update(nightly_backends=["aotii"]),
+         r"profiles\.deploy\.nightly_backends: unknown backend 'aotii' \(known: .*aoti"),
         (lambda raw: raw["networks"]["net"]["variants"]["fancy"].update(backends=["onnxrt"]),
          r"networks\.net\.variants\.fancy\.backends: unknown backend 'onnxrt'"),
         (lambda raw: raw["networks"]["net"]["variants"]["fancy"].update(exporters=["jit"]),
