@@ -351,7 +351,8 @@ class ConformanceSuite:
         calls = {"torch": handle.session("torch", case), **contenders}
         for session in calls.values():
             session.run(feeds)  # first call pays one-off allocation and kernel selection
-        rounds = InterleavedRounds({name: partial(s.run, feeds) for name, s in calls.items()})
+        # That first call is each session's warm-up: every round is measured (a slow one moves no median).
+        rounds = InterleavedRounds({name: partial(s.run, feeds) for name, s in calls.items()}, warmup=0)
         per_block = max(spec.profiles[case.profile].benchmark_rounds, SPEEDUP_MIN_ROUNDS)
         benchmark.pedantic(rounds, rounds=per_block, warmup_rounds=rounds.warmup, iterations=1)
         floor = spec.throughput.cpu_speedup_vs_torch

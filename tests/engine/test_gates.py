@@ -156,3 +156,12 @@ def test_nightly_only_rows_are_slow_and_leave_the_cpu_tiers_speed_gate():
     # --exporter dynamo chose the exporter: its row on the torch-compiling backend is the CPU tier's.
     assert not planning.nightly_only(ctx.spec, dynamo, "aoti", exporters=("dynamo",))
     assert planning.nightly_only(ctx.spec, dynamo, "aoti") and not planning.nightly_only(ctx.spec, dynamo, "openvino")
+
+
+def test_the_cpu_tier_times_each_profile_at_its_first_batch_size():
+    raw = copy.deepcopy(TOY)
+    raw["profiles"]["smoke"]["batch_sizes"] = [1, 2]
+    _, params = GATES["cpu-speedup"].parametrize(context(raw))
+    slow = {p.id for p in params if any(m.name == "slow" for m in p.marks)}
+    assert set(ids(params)) == {"net-smoke-b1-torchscript", "net-smoke-b2-torchscript", "net-deploy-b8-torchscript"}
+    assert slow == {"net-smoke-b2-torchscript", "net-deploy-b8-torchscript"}
