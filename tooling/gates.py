@@ -126,7 +126,8 @@ def case_backend_params(ctx: GateContext, pairs: Sequence[tuple[Case, str]]) -> 
 
 def _params_golden(ctx: GateContext) -> Params:
     goldens = [
-        pytest.param({**g, "network": net.name}, id=f"{net.name}-{g['file'].removesuffix('.npz')}",
+        pytest.param({**g, "network": net.name}, id="-".join([net.name, g["file"].removesuffix(".npz")]
+                                                              + ([g["variant"]] if "variant" in g else [])),
                      marks=[pytest.mark.slow] if g.get("slow") else [])
         for net in ctx.spec.networks.values() for g in net.goldens
     ]

@@ -1,5 +1,5 @@
 """The two export variants' graphs (from the artifact cache the conformance gates fill) and the
-verify-golden command on the shipped goldens."""
+goldens through ONNX Runtime at their own shapes (the golden gate runs them on torch, both variants)."""
 from __future__ import annotations
 
 from collections import Counter
@@ -59,23 +59,7 @@ def test_inputs_and_output_are_named_as_the_guide_deploys_them(zoo):
     assert [(o.name, dims(o)) for o in graph.output] == [("out1", [1, 2, 128, 128])]
 
 
-@pytest.mark.parametrize("golden", ["gma_public.npz", "gma_b2odd_public.npz"])
-def test_verify_golden_accepts_the_goldens_on_torch(golden, capsys):
-    assert main(["verify-golden", "gma", "gma", str(GOLDEN / golden)]) == 0
-    assert capsys.readouterr().out.startswith("ok   out1")
-
-
-def test_verify_golden_rejects_another_salt(capsys):
-    assert main(["verify-golden", "gma", "gma", str(GOLDEN / "gma_public.npz"), "--salt", "other"]) == 1
-    assert "FAIL out1" in capsys.readouterr().out
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("golden", ["gma_public.npz", "gma_b2odd_public.npz", "gma_full_public.npz"])
 def test_verify_golden_accepts_the_goldens_on_onnxruntime(golden, capsys):
     assert main(["verify-golden", "gma", "gma", str(GOLDEN / golden), "--backend", "onnxruntime"]) == 0
-
-
-@pytest.mark.slow
-def test_verify_golden_accepts_the_full_size_golden_on_torch(capsys):
-    assert main(["verify-golden", "gma", "gma", str(GOLDEN / "gma_full_public.npz")]) == 0
