@@ -192,11 +192,7 @@ def _backend_state(workspace, name: str) -> dict[str, Any]:
     state = workspace.availability(name)
     if not state.ok:
         return {"available": False, "reason": state.reason}
-    try:
-        versions = workspace.backend(name).versions()
-    except Exception as exc:  # noqa: BLE001 - a tool that cannot say its version is keyed by that
-        versions = {"error": f"{type(exc).__name__}: {exc}"}
-    return {"available": True, "versions": versions}
+    return {"available": True, "versions": workspace.probe(name)[1]}
 
 
 def code_digests(slice_module: str, test_files: tuple[Path, ...]) -> dict[str, str]:

@@ -5,6 +5,8 @@ weights) into ready-to-run sessions through the artifact cache, memoising what a
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from functools import cached_property
@@ -21,6 +23,7 @@ from tooling.baseline import load_model_spec
 from tooling.cache import ArtifactCache, ArtifactKey, file_sha256
 from tooling.export import export_onnx
 from tooling.fingerprint import content_digest, source_digest
+from tooling.jsonio import to_json, write_json
 from tooling.locations import Roots, find_checkpoint
 from tooling.model_spec import Case, ChainCase, ModelSpec
 from tooling.roofline import GraphFlops, graph_flops
@@ -29,6 +32,7 @@ from tooling.sources import UpstreamCheckout, UpstreamError, patches_digest, ups
 from tooling.weights import WeightsChoice, apply_weights
 
 ONNX_FILE = "model.onnx"
+PROBES = "probes"  # <cache>/probes/<backend>.json: Workspace.probe
 OPEN_SESSIONS = 4
 
 
@@ -57,6 +61,7 @@ class Workspace:
         self.cache = ArtifactCache(self.roots.cache_dir, rebuild=self.options.rebuild, run_id=self.options.run_id)
         self._models: dict[str, ModelHandle] = {}
         self._backends: dict[str, Backend] = {}
+        self._probes: dict[str, tuple[Availability, dict[str, str] | None]] = {}
 
     def model(self, name: str) -> "ModelHandle":
         if name not in self._models:
@@ -74,13 +79,38 @@ class Workspace:
     def availability(self, name: str) -> Availability:
         if self.options.backends is not None and name not in self.options.backends and name not in ("torch", "onnx"):
             return Availability(False, f"--backends {','.join(self.options.backends)}", selected=False)
-        return self.backend(name).availability()
+        return self.probe(name)[0]
+
+    def probe(self, name: str) -> tuple[Availability, dict[str, str] | None]:
+        """Whether backend ``name`` runs on this host and, if it does, its ``versions()``: asked
+        once per process, and where the backend says what the answers depend on
+        (``Backend.probe_inputs``), kept in ``<cache>/probes/<name>.json`` under those inputs, so
+        a later process with the same inputs reads them instead of asking again."""
+        if name not in self._probes:
+            backend = self.backend(name)
+            inputs = backend.probe_inputs()
+            path = self.cache.root / PROBES / f"{name}.json"
+            stored = _read_probe(path) if inputs is not None else None
+            if stored is not None and stored.get("inputs") == json.loads(to_json(inputs)):
+                answer = (Availability(**stored["availability"]), stored["versions"])
+            else:
+                availability = backend.availability()
+                answer = (availability, _versions(backend) if availability.ok else None)
+                if inputs is not None:
+                    try:
+                        write_json(path, {"inputs": inputs, "availability": dataclasses.asdict(availability),
+                                          "versions": answer[1]})
+                    except OSError:
+                        pass  # a read-only cache: asked again next process
+            self._probes[name] = answer
+        return self._probes[name]
 
     def with_roots(self, **changes: Path | None) -> "Workspace":
         """A workspace over other staging roots that shares this one's cache and options."""
         other = Workspace(replace(self.roots, **changes), self.options)
         other.cache = self.cache
         other._backends = self._backends
+        other._probes = self._probes
         return other
 
 
@@ -347,6 +377,21 @@ class ModelHandle:
                     "torch": torch.__version__},
         )
         return self.ws.cache.get(key, lambda staging: self.slice.calibrate_agreement(answer, samples, staging))
+
+
+def _versions(backend: Backend) -> dict[str, str]:
+    try:
+        return backend.versions()
+    except Exception as exc:  # noqa: BLE001 - a tool that cannot say its version is described by that
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def _read_probe(path: Path) -> dict | None:
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # none yet, or damaged: asked again
+    return stored if isinstance(stored, dict) and {"inputs", "availability", "versions"} <= stored.keys() else None
 
 
 def _dims_label(dims: Mapping[str, int | str]) -> str:

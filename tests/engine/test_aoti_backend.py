@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tooling import planning
-from tooling.backends import BACKENDS, Backend, BackendError, CompileRequest
+from tooling.backends import BACKENDS, Availability, Backend, BackendError, CompileRequest
 from tooling.backends.aoti import PACKAGE, AotiBackend, AotiCudaBackend
 from tooling.baseline import parse_model_spec
 from tooling.cache import ArtifactCache, ArtifactKey
@@ -123,3 +123,54 @@ def test_cases_differing_only_in_exporter_share_a_torch_compiled_artifact(tmp_pa
     assert sorted(c.exporter for c in smoke) == ["dynamo", "torchscript"]
     artifacts = {handle.session(RecordingCompiler.name, case) for case in smoke}
     assert len(artifacts) == 1 and len(RecordingCompiler.builds) == 1
+
+
+class SlowToAsk(Backend):
+    """A backend whose availability and versions are slow to ask, and say what they depend on."""
+
+    name = "slow-to-ask"
+    asked: list[str] = []
+    inputs: dict | None = {"compiler": "g++ 1"}
+
+    def availability(self):
+        self.asked.append("availability")
+        return Availability(True)
+
+    def versions(self):
+        self.asked.append("versions")
+        return {"tool": "1.0"}
+
+    def probe_inputs(self):
+        return self.inputs
+
+
+def test_a_slow_probe_is_asked_once_per_inputs_and_kept_in_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setitem(BACKENDS, SlowToAsk.name, SlowToAsk)
+    monkeypatch.setattr(SlowToAsk, "asked", [])
+
+    def process():  # a new process: a new workspace over the same cache
+        return Workspace(Roots.resolve(cache_dir=tmp_path / "cache"), Options()).probe(SlowToAsk.name)
+
+    assert process() == (Availability(True), {"tool": "1.0"}) and SlowToAsk.asked == ["availability", "versions"]
+    assert process() == (Availability(True), {"tool": "1.0"}) and len(SlowToAsk.asked) == 2, "read, not asked"
+    monkeypatch.setattr(SlowToAsk, "inputs", {"compiler": "g++ 2"})  # another compiler: asked again
+    process()
+    assert len(SlowToAsk.asked) == 4
+    (tmp_path / "cache" / "probes" / f"{SlowToAsk.name}.json").write_text("{damaged")
+    process()
+    assert len(SlowToAsk.asked) == 6, "a damaged record is asked again"
+    monkeypatch.setattr(SlowToAsk, "inputs", None)  # says nothing about its inputs: asked every process
+    process(), process()
+    assert len(SlowToAsk.asked) == 10
+
+
+def test_aoti_probe_inputs_follow_the_compiler_and_the_cpu(monkeypatch):
+    backend = AotiBackend()
+    before = backend.probe_inputs()
+    assert before == backend.probe_inputs()
+    monkeypatch.setenv("CXX", "clang++-that-is-not-installed")
+    assert backend.probe_inputs()["compiler"][1] is None and backend.probe_inputs() != before
+    monkeypatch.delenv("CXX")
+    monkeypatch.setattr("tooling.backends.aoti._cpuinfo", lambda: "flags\t: fpu sse2\n")
+    assert backend.probe_inputs()["cpu_flags"] != before["cpu_flags"]
+    assert AotiCudaBackend().probe_inputs() is None

@@ -8,7 +8,12 @@ artifact cache like an OM file, so every worker and every later run reuses one c
 from __future__ import annotations
 
 import copy
+import hashlib
+import os
+import platform
+import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,6 +27,13 @@ PACKAGE = "model.pt2"
 # convolutions and pre-pack their weights: a deployed artifact has fixed weights, and without it
 # the package calls the same convolution kernels as eager and is no faster.
 INDUCTOR_CONFIGS = {"freezing": True}
+
+
+def _cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
 
 
 def _first_line(exc: BaseException) -> str:
@@ -60,6 +72,23 @@ class AotiBackend(Backend):
         isa = str(pick_vec_isa()) or "none"
         return {"torch": torch.__version__, "inductor": repr(INDUCTOR_CONFIGS), "cpu_isa": isa}
 
+    def probe_inputs(self) -> dict[str, Any] | None:
+        # What Inductor's compiler search (CXX, else g++, run with --version) and its vector-ISA
+        # pick (CPU flags, ATEN_CPU_CAPABILITY) read, and the torch that does it.
+        compiler = os.environ.get("CXX", "g++")
+        found = shutil.which(compiler)
+        stat = os.stat(found) if found else None
+        flags = next((line.split(":", 1)[1].split() for line in _cpuinfo().splitlines()
+                      if line.startswith(("flags", "Features"))), [])
+        return {
+            "torch": torch.__version__, "inductor": repr(INDUCTOR_CONFIGS), "machine": platform.machine(),
+            "compiler": [compiler, found, stat.st_size if stat else None, stat.st_mtime_ns if stat else None],
+            "cpu_flags": hashlib.sha256(" ".join(sorted(flags)).encode()).hexdigest()[:16],
+            "environment": {k: v for k, v in sorted(os.environ.items())
+                            if k in ("CXX", "ATEN_CPU_CAPABILITY", "TORCH_INDUCTOR_INSTALL_GXX")
+                            or k.startswith("TORCHINDUCTOR_")},
+        }
+
     def target(self) -> torch.device:
         return torch.device("cpu")
 
@@ -93,6 +122,9 @@ class AotiBackend(Backend):
 
 class AotiCudaBackend(CudaBackend, AotiBackend):
     name = "aoti-cuda"
+
+    def probe_inputs(self) -> None:
+        return None  # a GPU's state is not read cheaply: asked every process
 
     def availability(self) -> Availability:
         cuda = CudaBackend.availability(self)

@@ -92,6 +92,13 @@ class Backend:
         """Tool versions that change a compiled artifact's bytes (part of its cache key)."""
         return {}
 
+    def probe_inputs(self) -> dict[str, Any] | None:
+        """Where asking ``availability`` and ``versions`` is slow (AOTInductor imports Inductor and
+        compiles its ISA checks: seconds in every process), what the answers depend on, read
+        cheaply: the workspace keeps the answers in the cache under these inputs
+        (``Workspace.probe``). None: asked every process."""
+        return None
+
     @classmethod
     def serves(cls, spec: "ModelSpec", case: "Case") -> bool:
         """Whether this backend's artifact can take the case's shape at all (an ATC OM built for

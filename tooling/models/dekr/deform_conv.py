@@ -31,10 +31,8 @@ from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 import onnx
-import onnxscript
 import torch
 import torch.nn.functional as F
-from onnxscript import opset19
 from torch import nn
 
 DeformVariant = Literal["grid_sample", "onnx_deformconv", "ascend_deformable_conv2d"]
@@ -178,12 +176,16 @@ def _ascend_deformable_conv2d_op() -> onnxscript.values.Op:
                 onnx.defs.OpSchema.Attribute("deformable_groups", integer),
             ],
         ))
+    import onnxscript  # only the dynamo export needs it (and its import takes seconds)
+
     opset = onnxscript.values.Opset(ASCEND_DOMAIN, ASCEND_DOMAIN_VERSION)
     schema = onnx.defs.get_schema(_ASCEND_OP_TYPE, ASCEND_DOMAIN_VERSION, ASCEND_DOMAIN)
     return onnxscript.values.Op(opset, _ASCEND_OP_TYPE, schema)
 
 
 def _deformconv_onnxscript(x: Any, weight: Any, offset: Any) -> Any:
+    from onnxscript import opset19  # only the dynamo export needs it (and its import takes seconds)
+
     return opset19.DeformConv(
         x, weight, offset, kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[1, 1], dilations=[1, 1],
         group=1, offset_group=1,
