@@ -242,7 +242,9 @@ def _params_agreement(ctx: GateContext) -> Params:
     known-answer set's profile is known only once the slice has written it."""
     if ctx.spec.accuracy is None:
         return "deployed_backend", []
-    return "deployed_backend", [pytest.param(b, id=b, marks=backend_marks(b)) for b in ctx.backends("accuracy-agreement")]
+    return "deployed_backend", [
+        pytest.param(b, id=b, marks=backend_marks(b) + [pytest.mark.slow] * planning.agreement_nightly_only(ctx.spec, b))
+        for b in ctx.backends("accuracy-agreement")]
 
 
 def _params_throughput(ctx: GateContext) -> Params:

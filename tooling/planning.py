@@ -59,8 +59,21 @@ def nightly_only(spec: ModelSpec, case: Case, backend: str, exporters: tuple[str
     """
     if case.slow or backend in spec.profiles[case.profile].nightly_backends:
         return True
-    compiles_torch = backend in BACKENDS and BACKENDS[backend].consumes == "torch" and BACKENDS[backend].deployed
-    return compiles_torch and not exporters and case.exporter != spec.networks[case.network].default_exporter
+    return compiles_torch(backend) and not exporters and case.exporter != spec.networks[case.network].default_exporter
+
+
+def agreement_nightly_only(spec: ModelSpec, backend: str) -> bool:
+    """Whether the agreement gate's row on ``backend`` belongs to the nightly tier: the backend
+    compiles the torch network with its weights frozen in (AOTInductor), and the slice calibrates
+    its agreement weights, so the row would compile the network a second time in the CPU tier
+    (deployed-vs-onnx compiles it on seeded weights); a slice without calibration reuses that one
+    package, and keeps its row in the CPU tier."""
+    return compiles_torch(backend) and spec.load_slice().calibrates_agreement
+
+
+def compiles_torch(backend: str) -> bool:
+    """A deployed backend that compiles the torch network itself (its artifact ignores the exporter)."""
+    return backend in BACKENDS and BACKENDS[backend].consumes == "torch" and BACKENDS[backend].deployed
 
 
 def chain_cases(spec: ModelSpec) -> list[ChainCase]:
