@@ -62,3 +62,16 @@ def silence(bn: torch.nn.BatchNorm2d) -> None:
     identity on its non-negative input, still computed by the backend)."""
     bn.weight.zero_()
     bn.bias.zero_()
+
+
+@torch.no_grad()
+def carry_channels(conv: torch.nn.Conv2d, channels, in_offset: int = 0) -> None:
+    """Make a convolution copy input channel ``c + in_offset`` to output channel ``c`` for each of
+    ``channels`` (its centre tap 1, every other weight and the bias 0): the layer carries them
+    through unchanged, and a ReLU after it keeps them where they are non-negative."""
+    conv.weight.zero_()
+    if conv.bias is not None:
+        conv.bias.zero_()
+    centre_y, centre_x = conv.weight.shape[-2] // 2, conv.weight.shape[-1] // 2
+    for c in channels:
+        conv.weight[c, c + in_offset, centre_y, centre_x] = 1.0
