@@ -83,13 +83,23 @@ class Durations:
         return sorted(range(len(nodeids)), key=lambda i: (is_merge(nodeids[i]), -self.expected(nodeids[i]), i))
 
 
+def affinity(nodeid: str) -> str:
+    """Tests of one module with the same parameters (deployed-vs-onnx and decoded-vs-torch of one
+    case on one backend; one model's agreement-set probes) use the same compiled artifact and the
+    same per-process references: one worker runs them, so the other never waits on its build lock
+    or computes the same reference again. A test without parameters is its own group."""
+    base, params = _split_params(nodeid)
+    return f"{base.split('::', 1)[0]}[{'-'.join(params)}]" if params else nodeid
+
+
 class LongestFirstScheduling(LoadScheduling):
     """xdist's load scheduling, handing out tests longest first and one at a time.
 
     xdist's own load scheduler sends consecutive chunks (the first worker gets the first few
     tests), which would put two long shards on one worker. Here every worker holds two tests (a
     worker runs a test once it knows the next one), dealt round-robin in the expected-duration
-    order, and gets the next one as each finishes.
+    order, and gets the next one as each finishes, together with the pending tests of its
+    ``affinity`` group.
     """
 
     def __init__(self, config, log=None, expected: Callable[[list[str]], list[int]] | None = None):
@@ -99,10 +109,12 @@ class LongestFirstScheduling(LoadScheduling):
     def schedule(self) -> None:
         if self.collection is not None:
             return super().schedule()  # a node joined later (a crashed one's replacement)
+        self._affinity: list[str] = []
         if not self._check_nodes_have_same_collection():
             self.log("**Different tests collected, aborting run**")
             return
         self.collection = next(iter(self.node2collection.values()))
+        self._affinity = [affinity(nodeid) for nodeid in self.collection]
         self.pending[:] = self._order(self.collection) if self._order else range(len(self.collection))
         if not self.collection:
             return
@@ -112,6 +124,16 @@ class LongestFirstScheduling(LoadScheduling):
         if not self.pending:
             for node in self.nodes:
                 node.shutdown()
+
+    def _send_tests(self, node, num: int) -> None:
+        """The next ``num`` tests and every pending test of their affinity groups, in order."""
+        groups = {self._affinity[i] for i in self.pending[:num]}
+        chosen = [i for i in self.pending if self._affinity[i] in groups]
+        if chosen:
+            taken = set(chosen)
+            self.pending[:] = [i for i in self.pending if i not in taken]
+            self.node2pending[node].extend(chosen)
+            node.send_runtest_some(chosen)
 
     def check_schedule(self, node, duration: float = 0) -> None:
         if node.shutting_down:
