@@ -22,17 +22,23 @@ INFORMATIVE = {
     "fomm": {"AKD": (0.0, math.inf), "MKR": (0.0, 1.0), "L1": (0.0, 1.0)},
 }
 # Per model: (network, one initializer of its exported graph, relative change, the metrics of which
-# at least one must move past its bound). The exporter's wrapper names parameters
+# at least one must move past its bound, by MARGIN times it). The exporter's wrapper names parameters
 # network.<state_dict key>; a convolution folded with its batch norm loses its name and is picked by
-# its (unique) shape: DEKR's offset readout, transition_offset (255 x 480 x 1 x 1).
+# its (unique) shape: DEKR's offset readout, transition_offset (255 x 480 x 1 x 1). A metric moves
+# when a keypoint or a pixel's flow crosses a threshold, so a small change may move it by chance
+# or not at all: TransPose's readout at 5 % moved AP 0.011 (seed 0) or nothing (seed 1); at 20 % AR
+# moved >= 0.06 for each of seeds 0-4. FOMM's generator readout at 10 %: AKD 1.76, MKR 0.056.
 PERTURBATIONS = {
     "videopose3d": ("vp3d", "network.shrink.weight", 0.05, ("mpjpe_p1_mm",)),
-    "transpose": ("transpose_r", "network.final_layer.weight", 0.05, ("AP", "AR")),
+    "transpose": ("transpose_r", "network.final_layer.weight", 0.2, ("AP", "AR")),
     "dekr": ("hrnet_dekr", (255, 480, 1, 1), 0.05, ("AP", "AR")),
     "gma": ("gma", "network.update_block.flow_head.conv2.bias", 0.05, ("clean_1px", "final_1px")),
     "fomm": ("generator", "network.final.weight", 0.1, ("AKD", "MKR")),
 }
 DEPLOYED = "onnxruntime"
+# The probe's move must clear the bound by this factor (on one of the named metrics at least), so
+# that it shows the gate failing, not a move that happens to graze the bound.
+MARGIN = 3.0
 
 
 def _param(model: str):
@@ -77,3 +83,8 @@ def test_perturbed_deployed_weight_fails_the_metric_half(zoo, agreement_referenc
         f"({result.deltas}); the metric half of the gate could not fail"
     )
     assert f"metric moved on {DEPLOYED}: " in failure.splitlines()[0]
+    bounds = agreement.spec.accuracy.agreement
+    clear = {m: result.deltas[m] / bounds[m] for m in metrics}
+    assert max(clear.values()) >= MARGIN, (
+        f"{model}: {metrics} moved only {clear} times their agreement bounds (want one at {MARGIN}x or more)"
+    )
