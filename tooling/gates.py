@@ -22,7 +22,8 @@ import pytest
 
 from tooling import planning
 from tooling.accuracy import REFERENCE_BACKEND
-from tooling.backends import BACKENDS, Backend
+from tooling.backends import BACKENDS
+from tooling.backends.base import Backend
 from tooling.model_spec import Case, ModelSpec
 from tooling.shards import Shard, merge_id
 from tooling.slice import splits_its_pass

@@ -18,7 +18,8 @@ import onnx
 import torch
 
 from tooling import planning
-from tooling.backends import BACKENDS, Availability, Backend, BackendConfig, CompileRequest, Session
+from tooling.backends import BACKENDS
+from tooling.backends.base import Availability, Backend, BackendConfig, CompileRequest, Session
 from tooling.baseline import load_model_spec
 from tooling.cache import ArtifactCache, ArtifactKey, file_sha256
 from tooling.export import export_onnx

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from tooling import planning
-from tooling.backends import BACKENDS, Availability, Backend, BackendError, CompileRequest
+from tooling.backends import BACKENDS
+from tooling.backends.base import Availability, Backend, BackendError, CompileRequest
 from tooling.backends.aoti import PACKAGE, AotiBackend, AotiCudaBackend
 from tooling.baseline import parse_model_spec
 from tooling.cache import ArtifactCache, ArtifactKey

@@ -24,7 +24,7 @@ import yaml
 from onnx import TensorProto, helper, numpy_helper
 
 from tooling import planning
-from tooling.backends import BackendConfig, BackendError, CompileRequest
+from tooling.backends.base import BackendConfig, BackendError, CompileRequest
 from tooling.backends.atc import ATC_RECORD, DEFAULT_PRECISION_MODE, OmSettings, atc_command
 from tooling.backends.npu import NpuSmiError, parse_npu_smi_info
 from tooling.backends.om import OmBackend

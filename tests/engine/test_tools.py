@@ -6,7 +6,7 @@ import stat
 import pytest
 
 from tooling import sources
-from tooling.backends import BackendError
+from tooling.backends.base import BackendError
 from tooling.backends import atc as atc_module
 from tooling.backends.npu import probe_npus
 from tooling.tools import ToolTimeout, run_tool

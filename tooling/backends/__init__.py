@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 from tooling.backends.aoti import AotiBackend, AotiCudaBackend
-from tooling.backends.base import Availability, Backend, BackendConfig, BackendError, CompileRequest, Session
+from tooling.backends.base import Backend
 from tooling.backends.cpu import OnnxReferenceBackend, OnnxRuntimeBackend, OpenVinoBackend, TorchEagerBackend
 from tooling.backends.gpu import OrtCudaBackend, OrtTensorRtBackend, TorchCudaBackend
 from tooling.backends.om import OmBackend
 
-# Order matters where a run compares backends: torch eager is timed first, so the deployed
-# backends' speed-ups over it can be computed in the same session.
+# The order in which each gate is parametrized over backends (so the order its rows run in).
 BACKENDS: dict[str, type[Backend]] = {
     cls.name: cls
     for cls in (
@@ -16,9 +15,3 @@ BACKENDS: dict[str, type[Backend]] = {
         TorchCudaBackend, AotiCudaBackend, OrtCudaBackend, OrtTensorRtBackend, OmBackend,
     )
 }
-
-
-__all__ = [
-    "Availability", "Backend", "BackendConfig", "BackendError", "CompileRequest", "Session",
-    "BACKENDS",
-]
