@@ -46,10 +46,6 @@ class GraphFlops:
     by_op: dict[str, float] = field(default_factory=dict)
     uncounted: list[str] = field(default_factory=list)  # nodes whose shapes inference could not give
 
-    @property
-    def gflop(self) -> float:
-        return self.total / 1e9
-
 
 def _dims(value_info: onnx.ValueInfoProto) -> tuple[int, ...] | None:
     tensor = value_info.type.tensor_type

@@ -7,12 +7,12 @@ Two steps, both run by ``tooling.baseline.parse_model_spec`` before anything rea
    fixed lists them with ``additionalProperties: false``, so a typo such as ``exclude_backend:`` is
    an error naming the file and the key path (``profiles.smoke.exclude_backend``), not a silently
    ignored setting.
-2. ``check_references``: names that must exist elsewhere: backends in the backend registry,
+2. ``reference_errors``: names that must exist elsewhere: backends in the backend registry,
    exporters, profile, network, input, output and dim names.
 
 To add a key: add it to the section below (``fields(...)`` for fixed keys, ``mapping(...)`` for
 free-form names), then read it in ``baseline.py`` or where it is used; if it names something
-defined elsewhere, add that check to ``check_references``.
+defined elsewhere, add that check to ``reference_errors``.
 """
 from __future__ import annotations
 

@@ -51,9 +51,6 @@ class Shard:
     def label(self) -> str:
         return f"shard {self.index}/{self.count}"
 
-    def select(self, samples: list[PassSample]) -> list[PassSample]:
-        return split(samples, self.count)[self.index - 1]
-
     @classmethod
     def parse(cls, text: str) -> "Shard | None":
         match = _SHARD_ID.match(text)

@@ -286,12 +286,6 @@ class CocoKeypointDataset:
         check_images_on_disk(coco, Path(annotation_path), image_dir)
         return cls(Path(annotation_path), image_dir, coco)
 
-    @classmethod
-    def from_root(cls, root: str | Path, split: str = DEFAULT_SPLIT) -> "CocoKeypointDataset":
-        """The seed layout: ``annotations/person_keypoints_<split>.json``, ``images/<split>/``."""
-        paths = coco_layout(root, split)
-        return cls.open(*paths)
-
     def image_ids(self) -> list[int]:
         """Image ids in annotation-file order (pycocotools ``getImgIds``)."""
         return list(self.coco.getImgIds())

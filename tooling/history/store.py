@@ -320,7 +320,3 @@ class History:
             else:
                 present += 1
         return added, present
-
-
-def open_history(path: Path | str, *, create: bool = True) -> History:
-    return History(path, create=create)

@@ -13,8 +13,6 @@ matrix-inverse op and the exported graphs must not need one.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -333,7 +331,3 @@ def build_kp_detector() -> KPDetector:
 
 def build_generator(sampler: str = "grid_sample", deform_align_corners: bool = True) -> OcclusionAwareGenerator:
     return OcclusionAwareGenerator(sampler=sampler, deform_align_corners=deform_align_corners).eval()
-
-
-def parameter_count(module: nn.Module) -> int:
-    return sum(math.prod(p.shape) for p in module.parameters())

@@ -52,10 +52,6 @@ class TemporalLiftingNetwork(nn.Module):
         self.layers_conv = nn.ModuleList(convs)
         self.layers_bn = nn.ModuleList(norms)
 
-    @property
-    def receptive_field(self) -> int:
-        return 1 + 2 * sum(self.pad)
-
     def forward(self, poses_2d: torch.Tensor) -> torch.Tensor:
         n, t = poses_2d.shape[0], poses_2d.shape[1]
         # (N, T, J, F) -> (N, J*F, T, 1), features joint-major as the checkpoint's first conv expects
