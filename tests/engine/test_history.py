@@ -45,6 +45,16 @@ def sha(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def assert_refused_and_untouched(path, complaint: str) -> None:
+    """Opening ``path`` is a HistoryError that names it and matches ``complaint``; the file keeps
+    every byte."""
+    before = sha(path)
+    with pytest.raises(HistoryError, match=complaint) as caught:
+        History(path)
+    assert str(path) in str(caught.value)
+    assert sha(path) == before
+
+
 # -- the store ---------------------------------------------------------------------------------------
 def test_a_run_is_stored_whole_and_read_back(tmp_path):
     with History(tmp_path / "h.sqlite") as history:
@@ -102,11 +112,7 @@ def test_every_earlier_schema_migrates_keeping_its_runs(tmp_path, version):
 def test_a_file_that_is_no_history_is_an_error_naming_it_and_left_untouched(tmp_path, content, complaint):
     path = tmp_path / "history.sqlite"
     path.write_bytes(content)
-    before = sha(path)
-    with pytest.raises(HistoryError, match=complaint) as caught:
-        History(path)
-    assert str(path) in str(caught.value)
-    assert sha(path) == before
+    assert_refused_and_untouched(path, complaint)
 
 
 def test_a_foreign_sqlite_database_is_refused(tmp_path):
@@ -115,10 +121,7 @@ def test_a_foreign_sqlite_database_is_refused(tmp_path):
     db.execute("CREATE TABLE customers (id INTEGER)")
     db.commit()
     db.close()
-    before = sha(path)
-    with pytest.raises(HistoryError, match="another application") as caught:
-        History(path)
-    assert str(path) in str(caught.value) and sha(path) == before
+    assert_refused_and_untouched(path, "another application")
 
 
 def test_a_damaged_history_is_an_error_and_left_untouched(tmp_path):
@@ -133,10 +136,7 @@ def test_a_damaged_history_is_an_error_and_left_untouched(tmp_path):
     for offset in range(2 * page, len(data) - page, page):  # every page but the header's: scrambled
         data[offset + 8: offset + 200] = os.urandom(192)
     path.write_bytes(bytes(data))
-    before = sha(path)
-    with pytest.raises(HistoryError, match="damaged|not a usable") as caught:
-        History(path)
-    assert str(path) in str(caught.value) and sha(path) == before
+    assert_refused_and_untouched(path, "damaged|not a usable")
 
 
 def test_a_newer_schema_is_refused(tmp_path):
@@ -146,8 +146,7 @@ def test_a_newer_schema_is_refused(tmp_path):
     db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     db.commit()
     db.close()
-    with pytest.raises(HistoryError, match="newer"):
-        History(path)
+    assert_refused_and_untouched(path, "newer")
 
 
 def test_merge_copies_each_run_once(tmp_path, capsys):

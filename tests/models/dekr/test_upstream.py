@@ -9,6 +9,7 @@ yamls), written here in our own words: the real one cannot be downloaded on this
 from __future__ import annotations
 
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -96,19 +97,30 @@ def test_stand_in_is_named_and_only_where_torchvision_is_unusable():
 
 # -- the builders on a checkout laid out as upstream's -------------------------------------------
 
-FAKE_UPSTREAM = {
-    "lib/config/__init__.py": "from .default import _C as cfg\n",
-    "lib/config/default.py": """
-        from yacs.config import CfgNode as CN
+def yacs_layout(config: str, models: dict[str, str]) -> dict[str, str]:
+    """Files of a checkout laid out as DEKR's and TransPose's upstreams are: ``lib/config`` yacs
+    defaults (``config``: the lines after ``_C = CN()``), ``lib/models`` a package importing each
+    of ``models`` (module name -> source)."""
+    return {
+        "lib/config/__init__.py": "from .default import _C as cfg\n",
+        "lib/config/default.py": "from yacs.config import CfgNode as CN\n\n_C = CN()\n" + textwrap.dedent(config),
+        "lib/models/__init__.py": "".join(f"import models.{name}\n" for name in models),
+        **{f"lib/models/{name}.py": source for name, source in models.items()},
+    }
 
-        _C = CN()
+
+def generated_checkout(tmp_path: Path, commit_files, model: str, files: dict[str, str]):
+    commit = commit_files(tmp_path / "upstream" / model, files)
+    return UpstreamSource(model, "", commit, tmp_path / "no-patches", ("yacs",)).checkout(tmp_path / "cache", tmp_path / "upstream")
+
+
+FAKE_UPSTREAM = {
+    **yacs_layout("""
         _C.MODEL = CN()
         _C.MODEL.CHANNELS = 4
         _C.RESCORE = CN()
         _C.RESCORE.HIDDEN_LAYER = 8
-    """,
-    "lib/models/__init__.py": "import models.hrnet_dekr\nimport models.predictOKS\n",
-    "lib/models/hrnet_dekr.py": """
+    """, {"hrnet_dekr": """
         import torch
         import torchvision.ops as ops
 
@@ -126,8 +138,7 @@ FAKE_UPSTREAM = {
 
         def get_pose_net(cfg, is_train):
             return TinyAdaptive(cfg)
-    """,
-    "lib/models/predictOKS.py": """
+    """, "predictOKS": """
         import torch
 
 
@@ -146,7 +157,7 @@ FAKE_UPSTREAM = {
 
         def get_pose_net(cfg, features, is_train):
             return ScoreMLP(cfg, features)
-    """,
+    """}),
     UPSTREAM_EXPERIMENT: "MODEL:\n  CHANNELS: 6\n",
     UPSTREAM_RESCORE_EXPERIMENT: "RESCORE:\n  HIDDEN_LAYER: 256\n",
 }
@@ -154,8 +165,7 @@ FAKE_UPSTREAM = {
 
 @pytest.fixture
 def fake_checkout(tmp_path, commit_files):
-    commit = commit_files(tmp_path / "upstream" / "dekr", FAKE_UPSTREAM)
-    return UpstreamSource("dekr", "", commit, tmp_path / "no-patches", ("yacs",)).checkout(tmp_path / "cache", tmp_path / "upstream")
+    return generated_checkout(tmp_path, commit_files, "dekr", FAKE_UPSTREAM)
 
 
 def test_upstream_network_uses_the_stand_in_and_leaves_no_torchvision_behind(fake_checkout):
@@ -187,16 +197,10 @@ def test_rescore_port_matches_upstream_builder(tmp_path, fake_checkout):
 # -- DEKR and TransPose upstreams in one process -----------------------------------------------
 
 FAKE_TRANSPOSE = {
-    "lib/config/__init__.py": "from .default import _C as cfg\n",
-    "lib/config/default.py": """
-        from yacs.config import CfgNode as CN
-
-        _C = CN()
+    **yacs_layout("""
         _C.MODEL = CN()
         _C.MODEL.DIM_MODEL = 4
-    """,
-    "lib/models/__init__.py": "import models.transpose_r\n",
-    "lib/models/transpose_r.py": """
+    """, {"transpose_r": """
         import torch
 
 
@@ -211,14 +215,9 @@ FAKE_TRANSPOSE = {
 
         def get_pose_net(cfg, is_train):
             return Marker(cfg.MODEL.DIM_MODEL)
-    """,
+    """}),
     "experiments/coco/transpose_r/TP_R_256x192_d256_h1024_enc3_mh8.yaml": "MODEL:\n  DIM_MODEL: 256\n",
 }
-
-
-def generated_checkout(tmp_path: Path, commit_files, model: str, files: dict[str, str]):
-    commit = commit_files(tmp_path / "upstream" / model, files)
-    return UpstreamSource(model, "", commit, tmp_path / "no-patches", ("yacs",)).checkout(tmp_path / "cache", tmp_path / "upstream")
 
 
 @pytest.mark.transpose
