@@ -34,6 +34,7 @@ from tooling.weights import WeightsChoice, apply_weights
 
 ONNX_FILE = "model.onnx"
 PROBES = "probes"  # <cache>/probes/<backend>.json: Workspace.probe
+RUNTIME_CACHE = "runtime"  # <cache>/runtime/<backend>/: a runtime's own compile cache (BackendConfig)
 OPEN_SESSIONS = 4
 
 
@@ -73,7 +74,8 @@ class Workspace:
         if name not in self._backends:
             if name not in BACKENDS:
                 raise KeyError(f"unknown backend {name!r}; known: {sorted(BACKENDS)}")
-            config = BackendConfig(threads=self.options.threads, device=self.options.device)
+            config = BackendConfig(threads=self.options.threads, device=self.options.device,
+                                   runtime_cache=self.cache.root / RUNTIME_CACHE)
             self._backends[name] = BACKENDS[name](config)
         return self._backends[name]
 

@@ -46,6 +46,9 @@ class Session(Protocol):
 class BackendConfig:
     threads: int = 1
     device: str | None = None  # an NPU or GPU id for backends that select one
+    # Where a runtime may keep its own compile cache (OpenVINO's model cache), shared by the
+    # processes of a run and later runs; None: compiled afresh in every process.
+    runtime_cache: Path | None = None
 
     @property
     def device_index(self) -> int:

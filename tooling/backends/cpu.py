@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 import torch
+from filelock import FileLock
 
 from tooling.backends.base import Arrays, Availability, Backend, BackendError, CompileRequest
 
@@ -108,21 +110,33 @@ class OnnxRuntimeBackend(OnnxReferenceBackend):
 
 
 class OpenVinoSession:
-    def __init__(self, path: Path, threads: int, expected_shapes: dict[str, tuple[int, ...]] | None):
+    def __init__(self, path: Path, threads: int, expected_shapes: dict[str, tuple[int, ...]] | None,
+                 cache_dir: Path | None = None):
         import openvino as ov
 
         core = ov.Core()
+        cache_dir = _writable_dir(cache_dir)
         try:
             model = core.read_model(str(path))
-            # Without the f32 hint OpenVINO runs bf16 on CPUs that have it (errors around 1e-2).
-            self.compiled = core.compile_model(
-                model, "CPU", {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads}
-            )
+            if cache_dir is None:
+                self.compiled = self._compile(core, model, threads)
+            else:
+                # OpenVINO's model cache: a later process imports the compiled graph (keyed by the
+                # model, these properties, the device and OpenVINO's version) instead of compiling
+                # it again. It writes its blobs in place, so processes take turns under a lock.
+                core.set_property({"CACHE_DIR": str(cache_dir)})
+                with FileLock(str(cache_dir / ".lock")):
+                    self.compiled = self._compile(core, model, threads)
         except Exception as exc:  # noqa: BLE001 - OpenVINO raises RuntimeError subclasses with the reason
             raise BackendError(f"openvino cannot compile {path}: {exc}") from exc
         self.request = self.compiled.create_infer_request()
         self.output_names = [o.get_any_name() for o in self.compiled.outputs]
         self.expected_shapes = expected_shapes or {}
+
+    @staticmethod
+    def _compile(core, model, threads: int):
+        # Without the f32 hint OpenVINO runs bf16 on CPUs that have it (errors around 1e-2).
+        return core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads})
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> Arrays:
         result = self.request.infer(dict(feeds))
@@ -139,4 +153,17 @@ class OpenVinoBackend(PackageBackend):
     package = "openvino"
 
     def load(self, artifact: Path, request: CompileRequest) -> OpenVinoSession:
-        return OpenVinoSession(artifact, self.config.threads, request.expected_output_shapes())
+        cache = self.config.runtime_cache
+        return OpenVinoSession(artifact, self.config.threads, request.expected_output_shapes(),
+                               cache / self.name if cache is not None else None)
+
+
+def _writable_dir(path: Path | None) -> Path | None:
+    """``path``, created if need be, or None where it cannot be written (a read-only cache)."""
+    if path is None:
+        return None
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    return path if os.access(path, os.W_OK) else None
