@@ -15,8 +15,6 @@ from tooling.history.store import CellRecord, RunRecord
 from tooling.report import cell_texts
 
 VERSIONED_PACKAGES = ("torch", "onnxruntime", "openvino", "onnx", "ais_bench", "aclruntime")
-# Lists kept whole as series (the rank test reads the ratios; the report plots quantiles).
-SERIES_KEYS = ("ratio_samples",)
 
 
 def _package_version(name: str) -> str | None:
@@ -85,6 +83,7 @@ def _flatten(prefix: str, value: Any, figures: dict, series: dict) -> None:
         for k, v in value.items():
             _flatten(f"{prefix}.{k}" if prefix else str(k), v, figures, series)
     elif isinstance(value, (list, tuple)) and value and all(isinstance(v, (int, float)) for v in value):
+        # Kept whole (the rank test reads the speed-up ratio samples; the report plots quantiles).
         series[prefix] = [float(v) for v in value]
     elif isinstance(value, (list, tuple)):
         for i, v in enumerate(value):

@@ -59,7 +59,6 @@ ALTER TABLE cells ADD COLUMN text TEXT NOT NULL DEFAULT '';
 """ + _cell_table("pictures", "backend TEXT NOT NULL, caption TEXT NOT NULL, png BLOB NOT NULL", "backend, caption")
 # MIGRATIONS[v] takes a database at version v to v + 1 (version 0: an empty new file).
 MIGRATIONS = {0: _V1, 1: _V2, 2: _V3}
-TABLES = ("runs", "cells", "figures", "series", "samples", "pictures")
 # Pictures are for looking at recent runs; older runs keep every figure but drop their pictures,
 # so a year of nightly runs stays small.
 KEEP_PICTURES_RUNS = 10

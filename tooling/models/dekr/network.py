@@ -22,7 +22,6 @@ HEAD_HEATMAP_CHANNELS = 32
 STAGE_CHANNELS: tuple[tuple[int, ...], ...] = ((32, 64), (32, 64, 128), (32, 64, 128, 256))
 STAGE_MODULES: tuple[int, ...] = (1, 4, 3)
 BLOCKS_PER_BRANCH = 4
-INPUT_MULTIPLE = 32
 OUTPUT_STRIDE = 4
 INPUT_NAMES = ("image",)
 OUTPUT_NAMES = ("heatmap", "offset")
