@@ -1,8 +1,10 @@
 """The throw-away toy model (one slice, one yaml, one short test module) that tests of the
-plugin run in a separate pytest process: test_new_model.py, test_verdict_cache.py."""
+plugin run in a separate pytest process: test_new_model.py, test_verdict_cache.py,
+test_accuracy_reference.py, test_history_runs.py."""
 from __future__ import annotations
 
 import os
+import sys
 import textwrap
 
 import pytest
@@ -97,3 +99,19 @@ def toy_project(pytester, monkeypatch, tmp_path):
 @pytest.fixture
 def toy_yaml() -> str:
     return TOY_YAML
+
+
+@pytest.fixture
+def toy_known_answer(tmp_path):
+    """``stage(project)``: the toy slice's known-answer set, written as staged data and weights roots."""
+    def stage(project):
+        sys.path.insert(0, str(project.path))
+        sys.modules.pop("toyslice", None)  # this project's slice, as written now
+        try:
+            import toyslice
+        finally:
+            sys.path.remove(str(project.path))
+            sys.modules.pop("toyslice", None)
+        return toyslice.SLICE.make_known_answer(tmp_path / "staged")
+
+    return stage

@@ -2,43 +2,39 @@
 deployed pass over the same staged set showing how far it moved each gated metric from it, in the
 run's output, grid cell and JSON report; the default backends a staged pass runs on, per host.
 
-End to end: child pytest runs of the VideoPose3D suite on its generated set, written in the staged
-layout (Human3.6M-like npz files and a hand-built checkpoint), with the real network exported.
+End to end: child pytest runs of the toy model (tests/engine/conftest.py) on its known-answer set,
+staged as data and weights roots. The reference pass, the stored figures, the moves and their
+report are the engine's and know no model; a real network would only make each pass slower (the
+accuracy-agreement rows of tests/models compare every real model's deployed score with torch's).
 """
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from tooling.accuracy import REFERENCE_BACKEND, moves_against_reference, run_accuracy
 from tooling.gates import default_accuracy_backends
-from tooling.models.videopose3d.slice import write_known_answer
 
-PROJECT = Path(__file__).resolve().parents[2]
-# A quick look on the first sequences keeps each pass to seconds: figures and moves are recorded
-# as for a full pass (and compared only with a pass over the same samples), the target not gated.
-SEQUENCES = 2
+pytest_plugins = ["pytester"]
+
+# A quick look on the first samples: figures and moves are recorded as for a full pass (and
+# compared only with a pass over the same samples), the target not gated.
+SAMPLES = 2
 
 
-def _staged_pass(answer, tmp_path: Path, name: str, *options: str) -> tuple[subprocess.CompletedProcess, dict]:
-    report = tmp_path / f"{name}.json"
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:xdist", "-p", "no:cacheprovider", "-s",
-         "tests/models/test_videopose3d.py", "-m", "videopose3d and accuracy", "-k", "staged",
-         "--data-root", str(answer.data_root), "--weights-root", str(answer.weights_root),
-         "--cache-dir", str(tmp_path / "cache"), "--zoo-report", str(report), "--accuracy-limit", str(SEQUENCES),
-         *options],
-        cwd=PROJECT, env={**os.environ, "PYTHONPATH": str(PROJECT)}, capture_output=True, text=True, timeout=900,
-    )
+def _staged_pass(project, answer, name: str, *options: str):
+    report = project.path / f"{name}.json"
+    done = project.runpytest_subprocess(
+        "-p", "tooling.pytest_plugin", "-p", "no:cacheprovider", "-o", "markers=toynet", "-s",
+        "-m", "accuracy", "-k", "staged", "--history", "none",
+        "--data-root", str(answer.data_root), "--weights-root", str(answer.weights_root),
+        f"--zoo-report={report}", "--accuracy-limit", str(SAMPLES), *options)
     rows = json.loads(report.read_text())["rows"] if report.is_file() else []
     staged = [r for r in rows if r.get("gate") == "accuracy"]
-    assert len(staged) == 1, done.stdout[-3000:] + done.stderr[-3000:]
-    return done, staged[0]
+    assert len(staged) == 1, done.stdout.str()[-3000:] + done.stderr.str()[-3000:]
+    assert done.ret == pytest.ExitCode.OK, done.stdout.str()[-3000:]
+    return done.stdout.str(), staged[0]
 
 
 def _results(row: dict) -> dict:
@@ -49,29 +45,25 @@ def _results(row: dict) -> dict:
 
 
 @pytest.mark.accuracy
-@pytest.mark.videopose3d
-def test_reference_pass_then_a_deployed_pass_shows_its_move(tmp_path):
-    answer = write_known_answer(tmp_path / "staged")
-    reference, row = _staged_pass(answer, tmp_path, "reference", "--accuracy-backend", "torch")
-    assert reference.returncode == 0, reference.stdout[-3000:] + reference.stderr[-3000:]
-    assert "staged accuracy on torch eager, the reference pipeline" in reference.stdout
-    assert row["backend"] == "torch" and "quick look on the first 2 samples" in row["detail"]
-    torch_mpjpe = _results(row)["metrics"]["mpjpe_p1_mm"]
+def test_reference_pass_then_a_deployed_pass_shows_its_move(toy_project, toy_known_answer):
+    answer = toy_known_answer(toy_project)
+    reference, row = _staged_pass(toy_project, answer, "reference", "--accuracy-backend", "torch")
+    assert "staged accuracy on torch eager, the reference pipeline" in reference
+    assert row["backend"] == "torch" and f"quick look on the first {SAMPLES} samples" in row["detail"]
+    torch_peak = _results(row)["metrics"]["mean_peak"]
 
-    deployed, row = _staged_pass(answer, tmp_path, "deployed")  # the host's default: ONNX Runtime here
-    assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
-    assert "staged accuracy on onnxruntime by default (no NPU here" in deployed.stdout
+    deployed, row = _staged_pass(toy_project, answer, "deployed")  # the host's default: ONNX Runtime here
+    assert "staged accuracy on onnxruntime by default (no NPU here" in deployed
     assert row["backend"] == "onnxruntime"
     results = _results(row)
-    assert results["reference_metrics"]["mpjpe_p1_mm"] == torch_mpjpe
-    move = results["moves_vs_reference"]["mpjpe_p1_mm"]
-    assert move == results["metrics"]["mpjpe_p1_mm"] - torch_mpjpe and abs(move) < 0.1
-    assert "onnxruntime moved mpjpe_p1_mm" in deployed.stdout
-    grid_line = next(line for line in deployed.stdout.splitlines() if line.strip().startswith("accuracy "))
+    assert results["reference_metrics"]["mean_peak"] == torch_peak
+    move = results["moves_vs_reference"]["mean_peak"]
+    assert move == results["metrics"]["mean_peak"] - torch_peak and abs(move) < 1e-5
+    assert "onnxruntime moved mean_peak" in deployed
+    grid_line = next(line for line in deployed.splitlines() if line.strip().startswith("accuracy "))
     assert " Δ" in grid_line, grid_line
 
-    again, row = _staged_pass(answer, tmp_path, "reference-again", "--accuracy-backend", "torch")
-    assert again.returncode == 0
+    _, row = _staged_pass(toy_project, answer, "reference-again", "--accuracy-backend", "torch")
     assert set(_results(row)["deployed_moves"]) == {"onnxruntime"}  # the reference row lists the stored moves
 
 

@@ -45,17 +45,6 @@ def test_a_new_model_gets_every_gate_from_its_yaml(toy_project):
     assert "toynet/toy.pth" in skipped["accuracy"]
 
 
-def _staged(toy_project, tmp_path):
-    import sys
-
-    sys.path.insert(0, str(toy_project.path))
-    try:
-        import toyslice
-    finally:
-        sys.path.remove(str(toy_project.path))
-    return toyslice.SLICE.make_known_answer(tmp_path / "staged")
-
-
 def _run_staged_gate(toy_project, answer):
     return toy_project.runpytest_subprocess(
         "-p", "tooling.pytest_plugin", "-p", "no:cacheprovider", "-m", "accuracy",
@@ -64,16 +53,16 @@ def _run_staged_gate(toy_project, answer):
     )
 
 
-def test_staged_dataset_is_scored_and_gated(toy_project, tmp_path):
-    answer = _staged(toy_project, tmp_path)
+def test_staged_dataset_is_scored_and_gated(toy_project, toy_known_answer):
+    answer = toy_known_answer(toy_project)
     assert answer.expected["mean_peak"] > 1.0  # the yaml's target
     result = _run_staged_gate(toy_project, answer)
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(["*gate*case*onnxruntime*", f"*accuracy*-*{answer.expected['mean_peak']:.4g}*"])
 
 
-def test_corrupt_staged_checkpoint_fails_naming_the_file(toy_project, tmp_path):
-    answer = _staged(toy_project, tmp_path)
+def test_corrupt_staged_checkpoint_fails_naming_the_file(toy_project, toy_known_answer):
+    answer = toy_known_answer(toy_project)
     (answer.weights_root / "toynet" / "toy.pth").write_bytes(b"\x80\x02 truncated")
     result = _run_staged_gate(toy_project, answer)
     result.assert_outcomes(failed=1)
