@@ -1,7 +1,10 @@
 """The AOTInductor backend: compile through the artifact cache, load, agree with eager; errors.
 
 The one real compile here (a small conv network, ~10-25 s on two cores) lands in the project's
-artifact cache (ZOO_CACHE_DIR or .zoo-cache/), so later runs only load it.
+artifact cache (ZOO_CACHE_DIR or .zoo-cache/), so later runs only load it. It is in the nightly
+tier: the CPU tier compiles real networks the same way (tests/models, the ``aoti`` rows of
+deployed-vs-onnx: Conv + BatchNorm folded by freezing, built once through the cache, then loaded
+again by the decoded-vs-torch rows), so a fresh clone pays for AOTInductor once per network there.
 """
 from __future__ import annotations
 
@@ -66,6 +69,7 @@ def request_for(network: torch.nn.Module) -> CompileRequest:
     )
 
 
+@pytest.mark.slow
 def test_package_matches_eager_and_is_built_once():
     network = ConvBlock().eval()
     request = request_for(network)
