@@ -128,7 +128,9 @@ def test_a_slices_own_test_is_reused_until_anything_the_suite_reads_changes(toy_
     _assert_outcomes(staged, passed=1)  # a staged root is not hashed: the test runs
 
 
-def test_a_bad_max_age_is_a_usage_error(toy_project):
-    result = toy_project.runpytest_subprocess(*COMMON, "--verdict-cache-max-age", "soon", "--collect-only")
+def test_a_bad_max_age_is_a_usage_error(pytester):
+    """Refused when the run configures, before any test: in this process (only the option's
+    plugin is loaded, and it keeps no state), since nothing here depends on a fresh one."""
+    result = pytester.runpytest_inprocess("-p", "tooling.verdict_plugin", "--verdict-cache-max-age", "soon")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*--verdict-cache-max-age 'soon'*"])
