@@ -10,11 +10,15 @@ accuracy-agreement rows of tests/models compare every real model's deployed scor
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
 from tooling.accuracy import REFERENCE_BACKEND, moves_against_reference, run_accuracy
+from tooling.accuracy import REFERENCE_BACKEND, moves_against_reference, run_accuracy
 from tooling.gates import default_accuracy_backends
+from tooling.models.videopose3d.slice import write_known_answer
+from tooling.workspace import ModelHandle
 
 pytest_plugins = ["pytester"]
 
@@ -74,19 +78,23 @@ def test_sharded_passes_show_the_move_an_unsharded_pass_shows(zoo, tmp_path):
     pass is the reference of a deployed pass, whole or sharded, and a sharded deployed pass
     records the same move against it as the whole pass (one lookup, ``stored_metrics``)."""
     answer = write_known_answer(tmp_path / "staged")
-    handle = zoo.with_roots(data_root=answer.data_root, weights_root=answer.weights_root,
-                            cache_dir=tmp_path / "cache").model("videopose3d")
+    workspace = zoo.with_roots(data_root=answer.data_root, weights_root=answer.weights_root, cache_dir=tmp_path / "cache")
+    # The staged pass at the smoke shape (2 x 400 frames) instead of the yaml's deploy one (2 x
+    # 6115): every pass, lookup and fingerprint read the same profile, and the deploy shape only
+    # made each of the three passes (and the export) fifteen times slower.
+    spec = workspace.model("videopose3d").spec
+    handle = ModelHandle(workspace, replace(spec, accuracy=replace(spec.accuracy, profile="smoke")))
     deployed = "onnxruntime"
-    assert moves_against_reference(handle, deployed, {"mpjpe_p1_mm": 1.0}, SEQUENCES) == {}  # nothing stored yet
+    assert moves_against_reference(handle, deployed, {"mpjpe_p1_mm": 1.0}, SAMPLES) == {}  # nothing stored yet
 
-    reference = run_accuracy(handle, REFERENCE_BACKEND, limit=SEQUENCES, shards=2)
-    sharded = run_accuracy(handle, deployed, limit=SEQUENCES, shards=2)
-    moved = moves_against_reference(handle, deployed, sharded, SEQUENCES)
+    reference = run_accuracy(handle, REFERENCE_BACKEND, limit=SAMPLES, shards=2)
+    sharded = run_accuracy(handle, deployed, limit=SAMPLES, shards=2)
+    moved = moves_against_reference(handle, deployed, sharded, SAMPLES)
     assert moved["reference_metrics"] == reference
     assert moved["moves_vs_reference"]["mpjpe_p1_mm"] == sharded["mpjpe_p1_mm"] - reference["mpjpe_p1_mm"]
-    whole = run_accuracy(handle, deployed, limit=SEQUENCES)
-    assert whole == sharded and moves_against_reference(handle, deployed, whole, SEQUENCES) == moved
-    listed = moves_against_reference(handle, REFERENCE_BACKEND, reference, SEQUENCES)["deployed_moves"]
+    whole = run_accuracy(handle, deployed, limit=SAMPLES)
+    assert whole == sharded and moves_against_reference(handle, deployed, whole, SAMPLES) == moved
+    listed = moves_against_reference(handle, REFERENCE_BACKEND, reference, SAMPLES)["deployed_moves"]
     assert listed == {deployed: moved["moves_vs_reference"]}
     # A quick look and the full pass keep their merges apart: the full set has no reference yet.
     assert moves_against_reference(handle, deployed, sharded, None) == {}
