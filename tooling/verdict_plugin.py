@@ -18,7 +18,7 @@ import pytest
 from tooling.gates import gate_of
 from tooling.locations import Roots
 from tooling.verdict_cache import DamagedEntry, VerdictCache
-from tooling.verdict_key import GateInstance, VerdictKey, slice_test_key, verdict_key
+from tooling.verdict_key import GateInstance, VerdictKey, forget, slice_test_key, verdict_key
 
 SLICE_TESTS = "tests/models"  # the slices' own tests, below the model test modules
 CACHED = "zoo_cached"  # user property of a replayed row: its provenance
@@ -204,6 +204,7 @@ _config: list[pytest.Config] = []
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     _config[:] = [session.config]
+    forget()  # digests memoised by an earlier session in this process (an in-process run) are stale
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
