@@ -21,6 +21,7 @@ from typing import Callable
 from filelock import FileLock
 from xdist.scheduler import LoadScheduling
 
+from tooling.backends import BACKENDS
 from tooling.shards import Shard, parse_merge
 
 DURATIONS = "durations.json"
@@ -84,12 +85,20 @@ class Durations:
 
 
 def affinity(nodeid: str) -> str:
-    """Tests of one module with the same parameters (deployed-vs-onnx and decoded-vs-torch of one
-    case on one backend; one model's agreement-set probes) use the same compiled artifact and the
-    same per-process references: one worker runs them, so the other never waits on its build lock
-    or computes the same reference again. A test without parameters is its own group."""
+    """Tests of one module with the same parameters but for the backend (a case's onnx-vs-torch,
+    deployed-vs-onnx and decoded-vs-torch rows on every backend; a model's agreement rows; one
+    model's agreement-set probes) use the same exported graph, compiled artifacts and per-process
+    torch references: one worker runs them, so the other never waits on their build locks or
+    computes the same reference again. A test without parameters is its own group."""
     base, params = _split_params(nodeid)
-    return f"{base.split('::', 1)[0]}[{'-'.join(params)}]" if params else nodeid
+    if not params:
+        return nodeid
+    joined = "-".join(params)
+    backend = next((b for b in _BACKENDS_LONGEST_FIRST if joined == b or joined.endswith(f"-{b}")), "")
+    return f"{base.split('::', 1)[0]}[{joined[:len(joined) - len(backend)].rstrip('-')}]"
+
+
+_BACKENDS_LONGEST_FIRST = sorted(BACKENDS, key=len, reverse=True)  # aoti-cuda before aoti
 
 
 class LongestFirstScheduling(LoadScheduling):

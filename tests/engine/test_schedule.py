@@ -44,8 +44,14 @@ def scheduler(known: dict[str, float], tmp_path) -> tuple[LongestFirstScheduling
     return sched, nodes
 
 
-def test_affinity_groups_a_modules_tests_with_the_same_parameters():
-    assert affinity(COLLECTION[2]) == affinity(COLLECTION[4]) != affinity(COLLECTION[1])
+def test_affinity_groups_a_modules_tests_with_the_same_parameters_but_the_backend():
+    case = affinity(COLLECTION[0])
+    assert case == "tests/models/test_toy.py[net-smoke-b1-torchscript]"
+    assert all(affinity(n) == case for n in COLLECTION[:5])
+    assert affinity(f"{MODULE}test_deployed_matches_onnx[net-smoke-b1-torchscript-aoti-cuda]") == case
+    assert affinity(f"{MODULE}test_onnx_matches_torch[net-smoke_batched-b4-torchscript]") != case
+    agreement = {affinity(f"{MODULE}test_accuracy_agrees_with_torch[{b}]") for b in ("onnxruntime", "openvino", "om")}
+    assert agreement == {"tests/models/test_toy.py[]"}
     assert affinity(COLLECTION[5]) == affinity(COLLECTION[6]) == "tests/models/test_probes.py[toy]"
     assert affinity(COLLECTION[7]) == COLLECTION[7]
 
@@ -54,7 +60,7 @@ def test_a_compile_and_its_other_rows_go_to_one_worker_longest_first(tmp_path):
     # The AOTI compile is the longest test; its decoded row waited on the build lock last time.
     seconds = [3.0, 1.0, 25.0, 0.5, 20.0, 9.0, 8.0, 0.1]
     sched, (first, second) = scheduler(dict(zip(COLLECTION, seconds)), tmp_path)
-    assert first.sent[:2] == [2, 4], "the compile and the row that reuses it, on one worker, longest first"
+    assert first.sent[:5] == [2, 4, 0, 1, 3], "the compile first, then the rows that reuse its graph and references"
     assert second.sent[:2] == [5, 6], "the next longest group on the other"
     every = sorted(first.sent + second.sent)
     assert every == sorted(set(every)) and set(every) <= set(range(len(COLLECTION)))
@@ -63,5 +69,5 @@ def test_a_compile_and_its_other_rows_go_to_one_worker_longest_first(tmp_path):
         sched.node2pending[node].clear()
         sched.check_schedule(node)
     assert sorted(first.sent + second.sent) == list(range(len(COLLECTION)))
-    for group in ({2, 4}, {5, 6}, {1, 3}):
+    for group in ({0, 1, 2, 3, 4}, {5, 6}):
         assert group <= set(first.sent) or group <= set(second.sent)
