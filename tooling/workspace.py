@@ -369,7 +369,8 @@ class ModelHandle:
     # -- accuracy -------------------------------------------------------------------------------
     def agreement_weights_root(self, answer: KnownAnswer) -> Path | None:
         """The weights root holding the slice's calibrated agreement checkpoints for ``answer``'s
-        set (built once per cache: the calibration runs torch eager on the set), or None where the
+        set at its profile's dims (built once per cache: the calibration runs torch eager on the
+        set, at the sizes its agreement pass runs), or None where the
         slice scores it informatively on seeded weights."""
         if not self.slice.calibrates_agreement:
             return None
@@ -377,7 +378,7 @@ class ModelHandle:
         key = ArtifactKey(
             kind="calibrated", model=self.spec.name, network="all", name=f"agreement-{samples}",
             fields={"code": self.port_digest, "data": content_digest(answer.data_root), "samples": samples,
-                    "torch": torch.__version__},
+                    "dims": self.spec.profiles[answer.profile].dims, "torch": torch.__version__},
         )
         return self.ws.cache.get(key, lambda staging: self.slice.calibrate_agreement(answer, samples, staging))
 
