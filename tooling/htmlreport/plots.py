@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import math
+import textwrap
 from typing import Mapping, Sequence
 
 import matplotlib
@@ -11,6 +12,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend is chosen first
 
 LOG_FLOOR = 1e-12  # an exact 0 on a log axis is drawn here and labelled as 0
+# A linear axis spans at least this fraction of its values: two backends that agree to 1e-8 are
+# drawn as one line, not as a gap that the axis's offset ("1e-7+5.47") makes look large.
+MIN_RELATIVE_SPAN = 0.02
+LEGEND_WIDTH = 44  # characters per legend line; longer case names wrap instead of leaving the picture
 WIDTH, HEIGHT, DPI = 7.0, 2.8, 80
 
 
@@ -40,9 +45,22 @@ def _runs_axis(ax, labels: Sequence[str]) -> None:
 
 
 def _legend(ax) -> None:
-    handles, _ = ax.get_legend_handles_labels()
+    handles, labels = ax.get_legend_handles_labels()
     if handles:
-        ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+        ax.legend(handles, [textwrap.fill(label, LEGEND_WIDTH) for label in labels], fontsize=6,
+                  loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+
+
+def _linear_span(ax, values: Sequence[float]) -> None:
+    """No offset notation, and at least MIN_RELATIVE_SPAN of the values' size from top to bottom."""
+    ax.ticklabel_format(axis="y", useOffset=False)
+    if not values:
+        return
+    low, high = ax.get_ylim()
+    need = MIN_RELATIVE_SPAN * max(abs(v) for v in values)
+    if high - low < need:
+        middle = (max(values) + min(values)) / 2
+        ax.set_ylim(middle - need / 2, middle + need / 2)
 
 
 def trend(title: str, ylabel: str, runs: Sequence[str], series: Mapping[str, Sequence[float | None]], *,
@@ -62,6 +80,8 @@ def trend(title: str, ylabel: str, runs: Sequence[str], series: Mapping[str, Seq
         ax.annotate(label, (0, value), xycoords=("axes fraction", "data"), fontsize=6, va="bottom")
     if log:
         ax.set_yscale("log")
+    else:
+        _linear_span(ax, [v for values in series.values() for v in values if v is not None])
     _runs_axis(ax, runs)
     _legend(ax)
     return png(fig)
