@@ -69,6 +69,25 @@ def test_trends_hold_one_point_per_run_and_the_guides_targets(history):
     assert targets == {"clean_1px": 92.65, "final_1px": 88.95} and agreement
 
 
+def test_the_guides_target_is_drawn_only_beside_a_staged_pass(tmp_path, monkeypatch):
+    from tooling.history.store import CellRecord
+    from tooling.htmlreport import plots
+
+    drawn = {}
+    monkeypatch.setattr(plots, "trend", lambda title, *a, lines=None, **k: (drawn.setdefault(title, lines), b"png")[1])
+    staged = generated_run(2, models=("gma",))
+    staged.cells.append(CellRecord("gma", "accuracy", "-", "onnxruntime", "passed", "", {"metrics.clean_1px": 93.1}))
+    for runs, title, lines in (
+            ([generated_run(1, models=("gma",))], "gma: clean_1px (no staged set: the guide's target is for its data)", {}),
+            ([generated_run(1, models=("gma",)), staged], "gma: clean_1px", {"guide's target 92.65": 92.65})):
+        path = tmp_path / f"h{len(runs)}.sqlite"
+        with History(path) as stored:
+            for run in runs:
+                stored.write_run(run)
+            Report(stored).model_section("gma")
+        assert drawn[title] == lines, f"{title}: {drawn}"
+
+
 def test_worst_samples_are_listed_by_name(rendered):
     page = rendered.html.read_text()
     section = page[page.index('id="model-gma"'):]

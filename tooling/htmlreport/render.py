@@ -203,7 +203,7 @@ class Report:
             staged = any(name.split(" ", 1)[0] == "accuracy" for name in values)
             lines = {f"guide's target {targets[metric]:g}": targets[metric]} if metric in targets and staged else {}
             title = f"{model}: {metric}" + ("" if staged or metric not in targets else
-                                           " (agreement sets only: the guide's target is not theirs)")
+                                           " (no staged set: the guide's target is for its data)")
             parts.append(self.img(plots.trend(title, metric, self.labels, values, lines=lines), f"{model} {metric} trend"))
         bars = {f"{c.case} {c.backend}": (c.figures.get("throughput.achieved_gflops"), c.figures.get("throughput.peak_gflops"))
                 for c in self.latest.cells if c.model == model and c.figures.get("throughput.achieved_gflops")}
