@@ -10,9 +10,12 @@ import textwrap
 import onnxruntime
 import pytest
 
+from tooling import pytest_plugin
 from tooling.backends.base import BackendConfig, worker_device
 from tooling.backends.gpu import OrtCudaBackend, OrtTensorRtBackend, cuda_device_class
 from tooling.model_spec import PROJECT_ROOT
+
+pytest_plugins = ["pytester"]
 
 
 @pytest.mark.parametrize(("devices", "worker", "expected"), [
@@ -89,6 +92,10 @@ def test_devices_option_pins_each_xdist_worker(tmp_path):
     seen = {tuple(line.split()) for line in (tmp_path / "devices.log").read_text().splitlines()}
     assert seen and seen <= {("gw0", "4"), ("gw1", "5")}
 
-    clash = run_pytest(tmp_path, "--devices", "0,1", "--device", "0")
-    assert clash.returncode != 0
-    assert "--device and --devices are exclusive" in clash.stdout
+
+def test_device_and_devices_are_exclusive(pytester):
+    """The run's workspace (what the ``zoo`` fixture hands every test) refuses both at once; the
+    command line parsed in this process, as the child run above parses it."""
+    config = pytester.parseconfig("-p", "tooling.pytest_plugin", "--devices", "0,1", "--device", "0")
+    with pytest.raises(pytest.UsageError, match="--device and --devices are exclusive"):
+        pytest_plugin._workspace(config)
