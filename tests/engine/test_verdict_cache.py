@@ -93,11 +93,12 @@ def test_damaged_entries_edits_and_failures_are_recomputed(toy_project, tmp_path
 
 
 def test_speed_verdicts_are_reused_only_up_to_the_max_age(toy_project):
-    args = (*COMMON, "-p", "no:xdist", "-m", "benchmark")  # two cpu-speedup rows, no device throughput
-    _assert_outcomes(_run(toy_project, *args), passed=2)  # no device backend here: no throughput row
-    _assert_outcomes(_run(toy_project, *args), cached=2)
+    # The CPU tier's one cpu-speedup row (smoke b1; the b2 row is nightly), no device throughput row
+    args = (*COMMON, "-p", "no:xdist", "-m", "benchmark")
+    _assert_outcomes(_run(toy_project, *args), passed=1)  # no device backend here: no throughput row
+    _assert_outcomes(_run(toy_project, *args), cached=1)
     expired = _run(toy_project, *args, "--verdict-cache-max-age", "0")
-    _assert_outcomes(expired, passed=2)
+    _assert_outcomes(expired, passed=1)
     expired.stdout.fnmatch_lines(["*cached speed verdict is * h old (--verdict-cache-max-age 0), recomputed*"])
     nightly = _run(toy_project, *args, "-k", "b1", "--nightly")  # the nightly recomputes everything
     _assert_outcomes(nightly, passed=1)
