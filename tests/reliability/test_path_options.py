@@ -146,7 +146,11 @@ def test_readme_has_pytest_examples():
     assert len(_readme_commands()) >= 4
 
 
-@pytest.mark.parametrize("index", range(len(_readme_commands())))
+# The nightly's own commands (they ask for --nightly) are checked in the nightly tier, which runs
+# them as written on its hosts: a collection of the whole suite each, a process start each.
+@pytest.mark.parametrize("index", [
+    pytest.param(i, marks=pytest.mark.slow if "--nightly" in words else ())
+    for i, (_, words) in enumerate(_readme_commands())])
 def test_readme_pytest_example_runs_as_written(index, tmp_path):
     exported, words = _readme_commands()[index]
     command = _runnable(words, tmp_path)
