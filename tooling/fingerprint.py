@@ -146,6 +146,21 @@ def _engine_imports(path: Path, module: str) -> list[str]:
     return [n for n in names + parents if n == ENGINE_PACKAGE or n.startswith(ENGINE_PACKAGE + ".")]
 
 
+def engine_imports(path: Path) -> list[str]:
+    """The engine modules a file outside the engine (a test module) imports, by absolute name
+    (``from tooling.x import name`` names tooling.x, and tooling.x.name only where that is a module)."""
+    found = set()
+    for name in _engine_imports(Path(path), "_outside_"):
+        try:
+            _module_file(name)
+        except ModuleNotFoundError:
+            continue
+        found.add(name)
+    # The packages above an imported module run only their __init__, which the module's closure
+    # follows; named on their own, a package would bring every module in it.
+    return sorted(n for n in found if not any(other.startswith(n + ".") for other in found))
+
+
 def _runtime_nodes(tree: ast.AST):
     """Every node except those under ``if TYPE_CHECKING:`` (imports for annotations only)."""
     for node in ast.iter_child_nodes(tree):

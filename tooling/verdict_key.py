@@ -43,7 +43,7 @@ from packaging.requirements import Requirement
 from tooling import baseline
 from tooling import model_spec as model_specs
 from tooling.backends import BACKENDS
-from tooling.fingerprint import ENGINE_PACKAGE, content_digest, file_digest, source_files, source_label
+from tooling.fingerprint import ENGINE_PACKAGE, content_digest, engine_imports, file_digest, source_files, source_label
 from tooling.gates import GATES, gate_backends, serving_backends
 from tooling.locations import Roots, data_paths, find_checkpoint
 from tooling.sources import patches_digest
@@ -92,7 +92,7 @@ def verdict_key(instance: GateInstance, workspace) -> VerdictKey:
         "model": instance.model,
         "gate": instance.gate,
         "params": _plain(params),
-        "code": code_digests(spec.slice_module, instance.test_files),
+        "code": code_digests(*ENGINE_ENTRY_POINTS, spec.slice_module, test_files=instance.test_files),
         "yaml": _yaml_digest(instance.model, networks, backends),
         "fixtures": fixtures_digest(spec, params.get("golden")),
         "options": {"threads": options.threads, "weights": options.weights, "salt": options.salt,
@@ -114,17 +114,28 @@ def verdict_key(instance: GateInstance, workspace) -> VerdictKey:
     return VerdictKey(hashlib.sha256(blob).hexdigest()[:32], inputs, gate.timed)
 
 
-def slice_test_key(nodeid: str, params: Mapping[str, Any], test_files: tuple[Path, ...], workspace) -> VerdictKey:
+def slice_test_key(nodeid: str, params: Mapping[str, Any], test_files: tuple[Path, ...], workspace,
+                   models: tuple[str, ...] = ()) -> VerdictKey:
     """The key of a slice's own test (tests/models/<model>/: ports, processing, export variants),
-    which no gate registry describes: conservatively, everything the suite could read. Every
-    engine source file, every baseline, fixture and patch, the test module and conftests, the
-    library versions, runtimes and toolchains, and the options; the caller reuses such a verdict
-    only when nothing is staged (no data, weights or upstream root), since those are not hashed."""
+    which no gate registry describes: conservatively, everything the suite could read. The
+    engine behind the suite's entry points, the slices of ``models`` (the models the test is for:
+    its directory, its model markers) and every engine module the test files import (with no
+    model named: every engine source file), every baseline, fixture and patch, the test module and
+    conftests, the library versions, runtimes and toolchains, and the options; the caller reuses
+    such a verdict only when nothing is staged (no data, weights or upstream root), since those
+    are not hashed."""
+    if models:
+        imported = [name for path in test_files if path.suffix == ".py" for name in engine_imports(path)]
+        code = code_digests(*ENGINE_ENTRY_POINTS, *sorted({_slice_module(m) for m in models}), *imported,
+                            test_files=test_files)
+    else:
+        code = code_digests(ENGINE_PACKAGE, test_files=test_files)
     inputs = {
         "format": FORMAT,
         "node": nodeid,
         "params": _plain(dict(params)),
-        "code": code_digests(ENGINE_PACKAGE, test_files),
+        "models": list(models),
+        "code": code,
         "project": project_digests(),
         "environment": {k: v for k, v in sorted(os.environ.items()) if k.startswith("ZOO_")},
         "options": _plain(dataclasses.asdict(workspace.options) | {"run_id": None}),
@@ -203,12 +214,17 @@ def _backend_state(workspace, name: str) -> dict[str, Any]:
     return {"available": True, "versions": workspace.probe(name)[1]}
 
 
-def code_digests(slice_module: str, test_files: tuple[Path, ...]) -> dict[str, str]:
-    """Each source file a row runs, by content: the engine behind the suite's entry points, the
-    slice and the shared stacks it imports, the test module and the conftest files above it."""
-    memo = (slice_module, tuple(test_files))
+def _slice_module(model: str) -> str:
+    return baseline.load_model_spec(model).slice_module
+
+
+def code_digests(*modules: str, test_files: tuple[Path, ...]) -> dict[str, str]:
+    """Each source file a row runs, by content: the import closure of ``modules`` (the engine
+    behind the suite's entry points, the slice and the shared stacks it imports), the test module
+    and the conftest files above it."""
+    memo = (modules, tuple(test_files))
     if memo not in _code_digests:  # once per process, as ModelHandle.port_digest is
-        files = source_files(*ENGINE_ENTRY_POINTS, slice_module)
+        files = source_files(*modules)
         digests = {source_label(p): file_digest(p)[:16] for p in files}
         digests.update({_label(p): file_digest(Path(p))[:16] for p in test_files if Path(p).is_file()})
         _code_digests[memo] = digests

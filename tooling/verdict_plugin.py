@@ -87,7 +87,19 @@ def _key(item: pytest.Function) -> tuple[str, VerdictKey] | None:
     roots = workspace.roots
     if roots.data_root or roots.weights_root or roots.upstream_root:
         return None  # staged inputs are not hashed for these: they always run
-    return "slice-tests", slice_test_key(item.nodeid, params, _test_files(item), workspace)
+    return "slice-tests", slice_test_key(item.nodeid, params, _test_files(item), workspace, _models_of(item))
+
+
+def _models_of(item: pytest.Item) -> tuple[str, ...]:
+    """The models a test below tests/models/ is for: its model directory and its model markers
+    (none found: the test is keyed by every engine file)."""
+    from tooling.baseline import model_names
+
+    known = set(model_names())
+    relative = Path(item.path).relative_to(Path(item.config.rootpath) / SLICE_TESTS).parts
+    named = {relative[0]} if len(relative) > 1 else set()
+    named |= {mark.name for mark in item.iter_markers()}
+    return tuple(sorted(named & known))
 
 
 def _session_workspace(config: pytest.Config):

@@ -176,6 +176,8 @@ def test_aoti_probe_inputs_follow_the_compiler_and_the_cpu(monkeypatch):
     monkeypatch.setenv("CXX", "clang++-that-is-not-installed")
     assert backend.probe_inputs()["compiler"][1] is None and backend.probe_inputs() != before
     monkeypatch.delenv("CXX")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/tmp/set-by-importing-inductor")
+    assert backend.probe_inputs() == before, "Inductor's own cache location is no input of the probe"
     monkeypatch.setattr("tooling.backends.aoti._cpuinfo", lambda: "flags\t: fpu sse2\n")
     assert backend.probe_inputs()["cpu_flags"] != before["cpu_flags"]
     assert AotiCudaBackend().probe_inputs() is None

@@ -235,3 +235,26 @@ def test_a_stored_pass_keeps_its_pictures_and_a_missing_one_is_damage(tmp_path):
     with pytest.raises(DamagedEntry, match="checksum"):
         cache.load("toynet", key)
     assert cache.load("toynet", VerdictKey("n" * 32, {}, timed=False)) is None
+
+
+def test_one_slice_code_reruns_that_models_slice_tests_only(engine_copy, tmp_path):
+    """The slices' own tests (tests/models/<model>/) are keyed by the engine, their model's slice
+    and what they import: a GMA edit reruns GMA's and leaves the other models' reused; an engine
+    module reruns them all; a test for no model is keyed by every engine file."""
+    from tooling.verdict_key import slice_test_key
+
+    tests = sorted((PROJECT_ROOT / "tests" / "models").glob("*/test_*.py"))
+    assert {t.parent.name for t in tests} == set(MODELS)
+
+    def keys() -> dict[str, str]:
+        forget()
+        workspace = Workspace(Roots(None, None, None, tmp_path / "cache"), Options())
+        return {f"{t.parent.name}/{t.name}": slice_test_key(t.name, {}, (t,), workspace, (t.parent.name,)).digest
+                for t in tests} | {"unnamed": slice_test_key("u", {}, (tests[0],), workspace).digest}
+
+    before = keys()
+    edit(engine_copy / "models" / "gma" / "padding.py")
+    after = keys()
+    assert changed(before, after) == {k for k in before if k.startswith("gma/")} | {"unnamed"}
+    edit(engine_copy / "compare.py")
+    assert changed(after, keys()) == set(before)

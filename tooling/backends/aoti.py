@@ -84,9 +84,12 @@ class AotiBackend(Backend):
             "torch": torch.__version__, "inductor": repr(INDUCTOR_CONFIGS), "machine": platform.machine(),
             "compiler": [compiler, found, stat.st_size if stat else None, stat.st_mtime_ns if stat else None],
             "cpu_flags": hashlib.sha256(" ".join(sorted(flags)).encode()).hexdigest()[:16],
+            # Importing Inductor sets TORCHINDUCTOR_CACHE_DIR in its own process (where its compile
+            # cache is, not what it finds or picks): left out, or a process that compiled would
+            # never match one that did not.
             "environment": {k: v for k, v in sorted(os.environ.items())
                             if k in ("CXX", "ATEN_CPU_CAPABILITY", "TORCH_INDUCTOR_INSTALL_GXX")
-                            or k.startswith("TORCHINDUCTOR_")},
+                            or (k.startswith("TORCHINDUCTOR_") and k != "TORCHINDUCTOR_CACHE_DIR")},
         }
 
     def target(self) -> torch.device:
