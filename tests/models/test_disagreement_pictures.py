@@ -12,7 +12,8 @@ from tooling.baseline import load_model_spec
 PICTURED = {"videopose3d": "vp3d", "transpose": "transpose_r", "dekr": "hrnet_dekr", "gma": "gma", "fomm": "generator"}
 
 
-@pytest.mark.parametrize("model", sorted(PICTURED))
+# Each row carries its model's marker: `-m gma` selects it, and its cached verdict is keyed by that slice.
+@pytest.mark.parametrize("model", [pytest.param(m, marks=getattr(pytest.mark, m), id=m) for m in sorted(PICTURED)])
 def test_each_slice_draws_a_disagreement(zoo, model):
     handle = zoo.model(model)
     spec = load_model_spec(model)
