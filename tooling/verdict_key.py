@@ -360,6 +360,10 @@ def _plain(value: Any) -> Any:
         return [_plain(v) for v in value]
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {type(value).__name__: _plain(dataclasses.asdict(value))}
+    if callable(value) and hasattr(value, "__qualname__"):
+        # A function parameter by name (its code is the test module's, keyed by content); its
+        # repr holds a memory address, new in every process, which no run would ever match.
+        return f"{getattr(value, '__module__', '')}.{value.__qualname__}"
     return repr(value)
 
 

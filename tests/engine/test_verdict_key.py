@@ -258,3 +258,19 @@ def test_one_slice_code_reruns_that_models_slice_tests_only(engine_copy, tmp_pat
     assert changed(before, after) == {k for k in before if k.startswith("gma/")} | {"unnamed"}
     edit(engine_copy / "compare.py")
     assert changed(after, keys()) == set(before)
+
+
+def test_a_function_parameter_is_keyed_by_name_not_by_its_address(tmp_path):
+    """A slice test parametrized with functions (a sampler, a lambda mangling a file) gets the same
+    key in every process: a repr's memory address would make it never reusable."""
+    from tooling.verdict_key import slice_test_key
+
+    workspace = Workspace(Roots(None, None, None, tmp_path / "cache"), Options())
+    test = PROJECT_ROOT / "tests" / "models" / "gma" / "test_port.py"
+
+    def key(function) -> str:
+        return slice_test_key("t[x]", {"sample": function}, (test,), workspace, ("gma",)).digest
+
+    first, same = (lambda b: b[:-4]), (lambda b: b[:-4])
+    assert key(first) == key(same), "two processes' copies of one lambda"
+    assert key(first) != key(edit), "another function"
