@@ -77,7 +77,7 @@ class Durations:
             whole = f"{base}[{'-'.join(p for p, s in zip(params, shards) if s is None)}]"
             if whole in self.known:
                 return self.known[whole] / shard.count
-        return statistics.median(self.known.values()) if self.known else 0.0
+        return statistics.median(self.known.values()) if self.known else _prior(params)
 
     def order(self, nodeids: list[str]) -> list[int]:
         """Indices of ``nodeids``, longest expected first (ties in collection order), merges last."""
@@ -94,11 +94,24 @@ def affinity(nodeid: str) -> str:
     if not params:
         return nodeid
     joined = "-".join(params)
-    backend = next((b for b in _BACKENDS_LONGEST_FIRST if joined == b or joined.endswith(f"-{b}")), "")
+    backend = _row_backend(joined) or ""
     return f"{base.split('::', 1)[0]}[{joined[:len(joined) - len(backend)].rstrip('-')}]"
 
 
+def _row_backend(joined_params: str) -> str | None:
+    """The backend a test's parameter id ends with, if any."""
+    return next((b for b in _BACKENDS_LONGEST_FIRST if joined_params == b or joined_params.endswith(f"-{b}")), None)
+
+
 _BACKENDS_LONGEST_FIRST = sorted(BACKENDS, key=len, reverse=True)  # aoti-cuda before aoti
+
+
+def _prior(params: list[str]) -> float:
+    """With nothing measured yet (a fresh clone): a row on a backend that compiles an artifact
+    (AOTInductor: tens of seconds) is expected to be long, so it starts first and its group with
+    it; everything else keeps collection order."""
+    backend = _row_backend("-".join(params))
+    return 1.0 if backend is not None and BACKENDS[backend].needs_compile else 0.0
 
 
 class LongestFirstScheduling(LoadScheduling):

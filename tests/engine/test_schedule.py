@@ -71,3 +71,10 @@ def test_a_compile_and_its_other_rows_go_to_one_worker_longest_first(tmp_path):
     assert sorted(first.sent + second.sent) == list(range(len(COLLECTION)))
     for group in ({0, 1, 2, 3, 4}, {5, 6}):
         assert group <= set(first.sent) or group <= set(second.sent)
+
+
+def test_on_a_fresh_clone_the_compiling_rows_start_first_with_their_group(tmp_path):
+    sched, (first, second) = scheduler({}, tmp_path)  # no durations file yet
+    assert first.sent[:5] == [2, 4, 0, 1, 3], "the AOTInductor row first, its case's rows with it"
+    assert second.sent[:2] == [5, 6], "then collection order"
+    assert Durations(tmp_path).expected(f"{MODULE}test_deployed_matches_onnx[net-smoke-b1-torchscript-om]") == 1.0
