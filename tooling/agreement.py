@@ -98,11 +98,13 @@ class AgreementSet:
         self._torch_outputs: dict[bytes, dict[str, np.ndarray]] = {}
         self._reference: dict[str, float] | None = None
 
-    def probe(self, zoo: Workspace) -> "AgreementSet":
+    def probe(self) -> "AgreementSet":
         """The same set and torch eager reference with a handle of its own, so that a probe may
-        swap the graphs its deployed sessions load without touching the gate's sessions."""
+        swap the graphs its deployed sessions load without touching the gate's sessions. The
+        handle shares the torch networks and references already built (DEKR's takes seconds to
+        build) and opens sessions of its own."""
         probe = copy.copy(self)
-        probe.handle = zoo.with_roots(data_root=self.answer.data_root, weights_root=self.weights_root).model(self.spec.name)
+        probe.handle = self.handle.with_own_sessions()
         return probe
 
     @property

@@ -5,6 +5,7 @@ weights) into ready-to-run sessions through the artifact cache, memoising what a
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from collections import OrderedDict
@@ -133,6 +134,13 @@ class ModelHandle:
         self._references: dict[tuple, dict[str, np.ndarray]] = {}
         self._upstream: dict[str, UpstreamCheckout] = {}  # by checkout name
         self._flops: dict[str, GraphFlops] = {}
+
+    def with_own_sessions(self) -> "ModelHandle":
+        """A handle on the same networks, references and workspace whose sessions (and whatever
+        a caller swaps on it, a graph to load) are its own."""
+        other = copy.copy(self)
+        other._sessions = OrderedDict()
+        return other
 
     @cached_property
     def port_digest(self) -> str:

@@ -61,7 +61,7 @@ def test_agreement_set_metrics_are_informative(agreement_references, tmp_path, m
 def test_perturbed_deployed_weight_fails_the_metric_half(zoo, agreement_references, tmp_path, model, monkeypatch):
     network, initializer, relative, metrics = PERTURBATIONS[model]
     agreement = agreement_references(model)
-    probe = agreement.probe(zoo)
+    probe = agreement.probe()
     export = probe.handle.onnx
     changes = []
 
