@@ -55,7 +55,9 @@ def test_an_unchanged_second_run_reuses_every_pass_and_labels_it(toy_project, tm
     an unchanged input is reused and labelled (gates, the speed row within --verdict-cache-max-age,
     and a slice's own test below tests/models/ while every file the suite reads is unchanged);
     --verdict-cache-max-age, --no-verdict-cache and --nightly recompute what they say; a slice
-    test is recomputed when a fixture file changes and always runs when something is staged."""
+    test is recomputed when a fixture file changes and always runs when something is staged; an
+    edit to the slice's file recomputes its gates, a failure is never stored, and a damaged entry is
+    recomputed with its reason printed."""
     table = _with_a_slice_test(toy_project)
     passes = GATE_PASSES + 1  # the gates and the slice's own test
     cold = _run(toy_project, *PARITY, "-n", "1", report="cold.json")  # stored from an xdist worker
@@ -114,20 +116,19 @@ def test_an_unchanged_second_run_reuses_every_pass_and_labels_it(toy_project, tm
     staged = toy_project.runpytest_subprocess(*slice_tests, "--weights-root", str(tmp_path))
     _assert_outcomes(staged, passed=1)  # a staged root is not hashed: the test runs
 
-
-def test_damaged_entries_edits_and_failures_are_recomputed(toy_project, tmp_path):
+    # Edits, failures and damage, on the passes stored above
     slice_file = toy_project.path / "toyslice.py"  # a known answer wrong by one: that gate fails
     slice_file.write_text(slice_file.read_text().replace('{"mean_peak": expected}', '{"mean_peak": expected + 1}'))
-    args = (*PARITY, "-k", "onnx_matches_torch or deployed_matches or known_answer")
-    _assert_outcomes(_run(toy_project, *args), passed=6, failed=1)
-    path = sorted((tmp_path / "cache" / "verdicts").rglob("*.json"))[0]
+    gates = (*PARITY, "-k", "onnx_matches_torch or deployed_matches or known_answer")
+    _assert_outcomes(_run(toy_project, *gates, report="edited.json"), passed=6, failed=1)  # any edit to the slice's file
+    edited_run = json.loads((toy_project.path / "edited.json").read_text())["run"]["id"]
+    path = next(p for p in sorted((tmp_path / "cache" / "verdicts").rglob("*.json"))
+                if json.loads(p.read_text())["entry"]["run"] == edited_run and '"worst_max_abs": 0.0' in p.read_text())
     path.write_text(path.read_text().replace('"worst_max_abs": 0.0', '"worst_max_abs": 1e-09'))
-    second = _run(toy_project, *args)
-    _assert_outcomes(second, passed=1, cached=5, failed=1)  # the failure is never cached
-    second.stdout.fnmatch_lines(["*damaged cache entry, recomputed: *checksum does not match*",
-                                 "FAILED *known_answer*"])
-    slice_file.write_text(slice_file.read_text() + "\nEDITED = True\n")  # any edit to the slice's file
-    _assert_outcomes(_run(toy_project, *args), passed=6, failed=1)
+    damaged = _run(toy_project, *gates)
+    _assert_outcomes(damaged, passed=1, cached=5, failed=1)  # the failure is never cached
+    damaged.stdout.fnmatch_lines(["*damaged cache entry, recomputed: *checksum does not match*",
+                                  "FAILED *known_answer*"])
 
 
 def test_a_bad_max_age_is_a_usage_error(pytester):
