@@ -174,10 +174,12 @@ class ModelSlice:
     # seeded weights already score the known-answer set informatively leaves it False.
     calibrates_agreement: bool = False
 
-    def calibrate_agreement(self, answer: KnownAnswer, samples: int, weights_root: Path) -> None:
+    def calibrate_agreement(
+        self, answer: KnownAnswer, samples: int, weights_root: Path, dims: dict[str, int]
+    ) -> None:
         """Write checkpoints for every network under ``weights_root/<model>/`` (the staged layout)
         that make the agreement gate's metrics informative on the first ``samples`` samples of
-        ``answer``'s dataset: neither 0 nor perfect, so a deployed backend that moves the network's
+        ``answer``'s dataset, run at ``dims`` (its profile's): neither 0 nor perfect, so a deployed backend that moves the network's
         outputs moves them. The networks stay the real ones (seeded weights, with the layers the
         slice documents set in closed form from torch eager features of those samples), exported
         and run on the backend like any checkpoint; no oracle takes part in the run."""

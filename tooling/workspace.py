@@ -388,7 +388,8 @@ class ModelHandle:
             fields={"code": self.port_digest, "data": content_digest(answer.data_root), "samples": samples,
                     "dims": self.spec.profiles[answer.profile].dims, "torch": torch.__version__},
         )
-        return self.ws.cache.get(key, lambda staging: self.slice.calibrate_agreement(answer, samples, staging))
+        return self.ws.cache.get(key, lambda staging: self.slice.calibrate_agreement(
+            answer, samples, staging, self.spec.profiles[answer.profile].dims))
 
 
 def _versions(backend: Backend) -> dict[str, str]:

@@ -139,7 +139,9 @@ class DekrSlice(ModelSlice):
     calibrates_agreement = True
 
     @torch.no_grad()
-    def calibrate_agreement(self, answer: KnownAnswer, samples: int, weights_root: Path) -> None:
+    def calibrate_agreement(
+        self, answer: KnownAnswer, samples: int, weights_root: Path, dims: dict[str, int]
+    ) -> None:
         """Seeded weights (salt ``agreement``) whose heads read the 480-channel HRNet features
         linearly, so that AP and AR on the first ``samples`` images sit strictly between 0 and 1:
 

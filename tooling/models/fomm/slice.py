@@ -22,7 +22,6 @@ import numpy as np
 import torch
 import yaml
 
-from tooling.baseline import load_model_spec
 from tooling.models.fomm.calibrate import write_calibrated
 from tooling.models.fomm.metric import FrameKeypoints, akd_mkr, frame_l1
 from tooling.models.fomm.network import build_generator, build_kp_detector
@@ -266,14 +265,16 @@ class FommSlice(ModelSlice):
 
     calibrates_agreement = True
 
-    def calibrate_agreement(self, answer: KnownAnswer, samples: int, weights_root: Path) -> None:
+    def calibrate_agreement(
+        self, answer: KnownAnswer, samples: int, weights_root: Path, dims: dict[str, int]
+    ) -> None:
         """Seeded weights (salt ``agreement``) with the keypoint detector's jacobians set to the
         identity, the generator's appearance path carrying red and green to a ridge readout of the
         driving frames, and the pose net's heatmap head a ridge readout of its trunk features to
         the visible joints, fitted on the first ``samples`` clips (calibrate.py says how and why),
         so that AKD is a few pixels and MKR strictly between 0 and 1 on them."""
         clips = [read_clip(clip) for clip in list_clips(answer.data_root / TEST_VIDEOS)[:samples]]
-        box = int(load_model_spec(self.name).profiles[answer.profile].dims.get("pose_box", BOX_SIZE))
+        box = int(dims.get("pose_box", BOX_SIZE))
         write_calibrated(clips, box, weights_root / self.name, GENERATOR_CHECKPOINT, POSE_CHECKPOINT)
 
 

@@ -150,7 +150,9 @@ class GmaSlice(ModelSlice):
     calibrates_agreement = True
 
     @torch.no_grad()
-    def calibrate_agreement(self, answer: KnownAnswer, samples: int, weights_root: Path) -> None:
+    def calibrate_agreement(
+        self, answer: KnownAnswer, samples: int, weights_root: Path, dims: dict[str, int]
+    ) -> None:
         """Seeded weights (salt ``agreement``) whose flow head answers the set's mean motion, so
         that the 1/3/5 px shares on the first ``samples`` pairs of each pass sit strictly between
         0 and 100 %: the head's last conv keeps ``FLOW_HEAD_SCALE`` of its seeded weights, and its

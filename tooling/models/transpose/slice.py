@@ -96,7 +96,9 @@ class TransPoseSlice(ModelSlice):
     calibrates_agreement = True
 
     @torch.no_grad()
-    def calibrate_agreement(self, answer: KnownAnswer, samples: int, weights_root: Path) -> None:
+    def calibrate_agreement(
+        self, answer: KnownAnswer, samples: int, weights_root: Path, dims: dict[str, int]
+    ) -> None:
         """Seeded weights (salt ``agreement``) with two changes, so that AP and AR on the first
         ``samples`` images sit strictly between 0 and 1 (measured about 0.4 and 0.5):
 
