@@ -256,12 +256,9 @@ def _params_throughput(ctx: GateContext) -> Params:
 
 
 def _params_cpu_speedup(ctx: GateContext) -> Params:
-    """One row per timed case; the CPU tier times each profile at its first batch size, the
-    nightly at the others too (parity holds every batch size in the CPU tier: a second batch size
-    of the same shape only repeats the ratio, at twice the cost per round)."""
+    """One row per timed case, nightly-only as ``planning.speedup_nightly_only`` says."""
     timed = [c for c in ctx.cases if ctx.timed(c) and ctx.serving_backends(c, "cpu-speedup")]
-    first = {name: p.batch_sizes[0] for name, p in ctx.spec.profiles.items()}
-    return "case", [pytest.param(c, id=c.id, marks=[pytest.mark.slow] * (c.slow or c.batch != first[c.profile]))
+    return "case", [pytest.param(c, id=c.id, marks=[pytest.mark.slow] * planning.speedup_nightly_only(ctx.spec, c))
                     for c in timed]
 
 

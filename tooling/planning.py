@@ -71,6 +71,14 @@ def agreement_nightly_only(spec: ModelSpec, backend: str) -> bool:
     return compiles_torch(backend) and spec.load_slice().calibrates_agreement
 
 
+def speedup_nightly_only(spec: ModelSpec, case: Case) -> bool:
+    """Whether the speed-up gate's row on ``case`` belongs to the nightly tier: the CPU tier times
+    each profile at its first batch size, the nightly at the others too (parity holds every batch
+    size in the CPU tier: a second batch size of the same shape only repeats the ratio, at twice
+    the cost per round)."""
+    return case.slow or case.batch != spec.profiles[case.profile].batch_sizes[0]
+
+
 def compiles_torch(backend: str) -> bool:
     """A deployed backend that compiles the torch network itself (its artifact ignores the exporter)."""
     return backend in BACKENDS and BACKENDS[backend].consumes == "torch" and BACKENDS[backend].deployed

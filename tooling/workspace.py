@@ -383,13 +383,13 @@ class ModelHandle:
         if not self.slice.calibrates_agreement:
             return None
         samples = self.spec.accuracy.agreement_samples
+        dims = self.spec.profiles[answer.profile].dims
         key = ArtifactKey(
             kind="calibrated", model=self.spec.name, network="all", name=f"agreement-{samples}",
             fields={"code": self.port_digest, "data": content_digest(answer.data_root), "samples": samples,
-                    "dims": self.spec.profiles[answer.profile].dims, "torch": torch.__version__},
+                    "dims": dims, "torch": torch.__version__},
         )
-        return self.ws.cache.get(key, lambda staging: self.slice.calibrate_agreement(
-            answer, samples, staging, self.spec.profiles[answer.profile].dims))
+        return self.ws.cache.get(key, lambda staging: self.slice.calibrate_agreement(answer, samples, staging, dims))
 
 
 def _versions(backend: Backend) -> dict[str, str]:

@@ -154,15 +154,14 @@ class _SpeedCell:
 def _speed_cells(run: RunRecord, earlier: list[dict]) -> list[_SpeedCell]:
     out = []
     for cell in run.cells:
-        current = cell.series.get("ratio_samples")
-        if not current or cell.figures.get("cached") or _log_median(current) is None:
+        if cell.figures.get("cached") or (current := _log_median(cell.series.get("ratio_samples") or [])) is None:
             continue
         found = [(i, cells[cell.key]) for i, cells in enumerate(earlier)
                  if cell.key in cells and not cells[cell.key].figures.get("cached")]
         measured = [(i, h.series.get("ratio_samples") or []) for i, h in found]
         measured = [(i, s, m) for i, s in measured if (m := _log_median(s)) is not None]
         if measured:
-            out.append(_SpeedCell(cell, _log_median(current), [m for _, _, m in measured],
+            out.append(_SpeedCell(cell, current, [m for _, _, m in measured],
                                   [x for _, s, _ in measured for x in s if x is not None and x > 0],
                                   [i for i, _, _ in measured]))
     return out
@@ -283,7 +282,7 @@ def _speed_changes(cells: list[_SpeedCell], min_effect: float, alpha: float) -> 
     backend_alpha = alpha / max(len(levels), 1)
     for backend, (now, earlier, _, _) in levels.items():
         group = by_backend[backend]
-        # van Elteren: each cell's U weighted by 1 / (its rounds + 1), the locally most powerful weights
+        # van Elteren: each cell's U weighted by 1 / (its rounds, now and pooled, + 1), the locally most powerful weights
         weights = [1 / (g.c.current[2] + len(g.c.pooled) + 1) for g in group]
         z_rounds = sum(w * g.u_centred for w, g in zip(weights, group)) / math.sqrt(
             sum(w * w * g.u_variance for w, g in zip(weights, group)))
