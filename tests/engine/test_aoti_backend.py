@@ -9,6 +9,10 @@ again by the decoded-vs-torch rows), so a fresh clone pays for AOTInductor once 
 from __future__ import annotations
 
 import inspect
+import os
+import subprocess
+import sys
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +22,8 @@ import torch
 from tooling import planning
 from tooling.backends import BACKENDS
 from tooling.backends.base import Availability, Backend, BackendError, CompileRequest
-from tooling.backends.aoti import PACKAGE, AotiBackend, AotiCudaBackend
+from tooling.backends import aoti
+from tooling.backends.aoti import PACKAGE, AotiBackend, AotiCudaBackend, AotiSession
 from tooling.baseline import parse_model_spec
 from tooling.cache import ArtifactCache, ArtifactKey
 from tooling.locations import Roots
@@ -70,7 +75,7 @@ def request_for(network: torch.nn.Module) -> CompileRequest:
 
 
 @pytest.mark.slow
-def test_package_matches_eager_and_is_built_once():
+def test_package_matches_eager_and_is_built_once(tmp_path):
     network = ConvBlock().eval()
     request = request_for(network)
     backend = AotiBackend()
@@ -88,6 +93,35 @@ def test_package_matches_eager_and_is_built_once():
         features, pooled = network(torch.from_numpy(request.example_feeds["image"]))
     np.testing.assert_allclose(outputs["features"], features.numpy(), atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(outputs["pooled"], pooled.numpy(), atol=1e-5, rtol=1e-5)
+
+    # A process whose session outlives interpreter shutdown (held here by a daemon thread, as by
+    # a cache nobody clears) still leaves no extracted copy of the package in its TMPDIR.
+    scratch = tmp_path / "tmpdir"
+    scratch.mkdir()
+    script = (
+        "import threading, time\n"
+        "from tooling.backends.aoti import AotiSession\n"
+        "import torch\n"
+        f"session = AotiSession(torch._inductor.aoti_load_package({str(first / PACKAGE)!r}), ['image'], ['f', 'p'])\n"
+        "threading.Thread(target=lambda held=session: time.sleep(600), daemon=True).start()\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120,
+                   env={**os.environ, "TMPDIR": str(scratch)})
+    assert not list(scratch.glob("aotinductor_*")), "the package's extracted copy was left in TMPDIR"
+
+
+class FakeRunner:
+    """Stands in for a package loader: what matters is when the session lets it go."""
+
+    def __call__(self, *inputs):
+        return inputs
+
+
+def test_open_sessions_let_their_loaders_go_at_exit():
+    session = AotiSession(FakeRunner(), ["image"], ["image"])
+    loader = weakref.ref(session.network)
+    aoti._close_open_runners()  # what atexit runs before the interpreter tears down its caches
+    assert loader() is None, "a session still holds its package loader after exit cleanup"
 
 
 def test_export_failure_is_a_backend_error_naming_the_case(tmp_path):

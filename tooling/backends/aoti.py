@@ -7,11 +7,13 @@ artifact cache like an OM file, so every worker and every later run reuses one c
 """
 from __future__ import annotations
 
+import atexit
 import copy
 import hashlib
 import os
 import platform
 import shutil
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +49,23 @@ class AotiSession(TorchSession):
         self.network = runner
         self.input_names = input_names
         self.output_names = output_names
+        _open_runners.add(self)
+
+    def close(self) -> None:
+        """Let the package's loader go: it removes the copy of the package it extracted to TMPDIR."""
+        self.network = None
+
+
+# The loader extracts each package into TMPDIR/aotinductor_XXXXXX and removes that copy only when
+# it is destroyed; a runner still held by a cache when the interpreter shuts down is never
+# destroyed, so every pytest run left one extracted package (50-70 MB) behind in /tmp.
+_open_runners: weakref.WeakSet[AotiSession] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_runners() -> None:
+    for session in list(_open_runners):
+        session.close()
 
 
 class AotiBackend(Backend):
