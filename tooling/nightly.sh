@@ -8,6 +8,8 @@
 #   tooling/nightly.sh --devices 0,1,2,3 [more pytest arguments, given to both passes]
 set -uo pipefail
 cd "$(dirname "$0")/.."
+# One id for every pass of this invocation: the history report shows them together (README "Run history").
+export ZOO_SESSION_ID="${ZOO_SESSION_ID:-nightly-$(date -u +%Y%m%dT%H%M%SZ)-$$}"
 reports="${ZOO_REPORTS:-reports/nightly}"
 mkdir -p "$reports"
 

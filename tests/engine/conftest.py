@@ -89,6 +89,7 @@ def toy_project(pytester, monkeypatch, tmp_path):
             model = "toynet"
     '''))
     monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)  # the inner run is a plain session
+    monkeypatch.delenv("ZOO_SESSION_ID", raising=False)  # and not a pass of the CI session running this test
     monkeypatch.setenv("ZOO_BASELINES_DIR", str(pytester.path / "baselines"))
     monkeypatch.setenv("ZOO_FIXTURES_DIR", str(pytester.path / "fixtures"))
     monkeypatch.setenv("ZOO_CACHE_DIR", str(tmp_path / "cache"))

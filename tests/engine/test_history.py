@@ -87,7 +87,8 @@ def _database_at_version(path, version: int) -> None:
     db.execute(f"PRAGMA user_version = {version}")
     db.execute("INSERT INTO runs (run_id, started, finished, exit_status, host, host_class, versions, commit_sha)"
                " VALUES ('old', 1, 2, 0, 'h', 'Test CPU | cpu | 1', '{}', 'c0')")
-    db.execute("INSERT INTO cells VALUES ('old', 'toy', 'golden', 'g.npz', 'torch', 'passed', '')")
+    db.execute("INSERT INTO cells (run_id, model, gate, case_id, backend, outcome, detail)"
+               " VALUES ('old', 'toy', 'golden', 'g.npz', 'torch', 'passed', '')")
     db.execute("INSERT INTO figures VALUES ('old', 'toy', 'golden', 'g.npz', 'torch', 'worst_max_abs', 3e-7)")
     db.commit()
     db.close()
@@ -101,6 +102,7 @@ def test_every_earlier_schema_migrates_keeping_its_runs(tmp_path, version):
         assert history.version == SCHEMA_VERSION
         old = history.load_run("old")
         assert old.environment == {} and old.cells[0].figures == {"worst_max_abs": 3e-7}
+        assert old.session == "old" and history.session_run_ids("old") == ["old"]  # a session of its own
         history.write_run(make_run(2))  # the new tables work
         assert history.load_run("run-0002").pictures
 
@@ -330,3 +332,23 @@ def test_runs_of_another_host_class_or_versions_are_not_a_baseline(tmp_path):
         history.write_run(make_run(3, env={**ENV, "versions": {"torch": "2.14.0"}}))
         history.write_run(make_run(4, env={**ENV, "host": "ci-2"}))  # same class: another identical host
         assert [r.run_id for r in baseline_runs(history, make_run(5))] == ["run-0004", "run-0001"]
+
+
+def test_passes_of_one_invocation_share_its_session_and_others_stand_alone(tmp_path, monkeypatch):
+    from tooling.history.session import SESSION_ENV, record_run
+
+    path = tmp_path / "h.sqlite"
+
+    def run(run_id: str, started: float) -> None:
+        record_run(path, run_id=run_id, started=started, exit_status=0, rootpath=tmp_path, threads=1, rows=[],
+                   builds=[], agreement={})
+
+    monkeypatch.setenv(SESSION_ENV, "nightly-1")
+    run("parity", 1.0)
+    run("benchmark", 2.0)
+    monkeypatch.delenv(SESSION_ENV)
+    run("by-hand", 3.0)
+    with History(path) as history:
+        assert history.session_run_ids("benchmark") == history.session_run_ids("parity") == ["parity", "benchmark"]
+        assert history.load_run("parity").session_id == "nightly-1"
+        assert history.session_run_ids("by-hand") == ["by-hand"] and history.load_run("by-hand").session == "by-hand"

@@ -129,3 +129,88 @@ def test_the_report_renders_offline_in_headless_chromium(rendered, tmp_path):
     # The red header of a failed run is the first thing on the page.
     top = image[5:40, 5:600].reshape(-1, 3).mean(axis=0)  # BGR
     assert top[2] > 230 and top[1] < 245, f"expected the failed run's pink header, got BGR {top}"
+
+
+@pytest.fixture(scope="module")
+def nightly_history(tmp_path_factory):
+    """Three nightlies of two passes each (parity and accuracy, then benchmark); the last one's
+    parity pass has a failing cell and its benchmark pass an openvino slowdown."""
+    from tooling.history.synthetic import nightly_passes
+
+    path = tmp_path_factory.mktemp("nightly") / "h.sqlite"
+    with History(path) as stored:
+        for n in (1, 2):
+            for run in nightly_passes(generated_run(n, models=MODELS, samples_per_pass=4, pictures=False), f"night-{n}"):
+                stored.write_run(run)
+        last = generated_run(3, models=MODELS, samples_per_pass=4, slowdown={"openvino": 0.2}, failing=FAILING)
+        for run in nightly_passes(last, "night-3"):
+            stored.write_run(run)
+    return path
+
+
+def test_the_overview_shows_every_pass_of_the_last_session(nightly_history, tmp_path):
+    rendered = render(nightly_history, tmp_path)
+    page = rendered.html.read_text()
+    first_screen, overview = page[: page.index('id="overview"')], page[page.index('id="overview"'):page.index("<section class=\"model\"")]
+    # The verdict and counts are the session's: the parity pass's failure, the benchmark pass's regression.
+    model, gate, case, backend = FAILING
+    assert "zoo-conformance: FAILED" in first_screen and "last session night-3: 2 passes" in first_screen
+    assert f"<b>{model} {gate} {backend}</b> {case}: injected failure" in first_screen
+    assert re.search(r"▼ <b>gma cpu-speedup openvino</b>", first_screen)
+    with History(nightly_history) as stored:
+        passes = [stored.load_run(i) for i in stored.session_run_ids("generated-00003-benchmark")]
+    assert [r.run_id for r in passes] == ["generated-00003-parity", "generated-00003-benchmark"]
+    cells = [c for r in passes for c in r.cells]
+    counts = {o: sum(c.outcome == o for c in cells) for o in ("passed", "failed", "skipped")}
+    assert f"{counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped over its passes" in first_screen
+    assert "<b>pass 1</b>" in first_screen and "<b>pass 2</b>" in first_screen
+    # Each cell on the grid comes from the pass that ran it: parity, agreement and speed rows together.
+    assert "each cell from the pass that ran it" in overview
+    for model in MODELS:
+        case = f"{model}-smoke-b1-torchscript"
+        assert re.search(rf"<tr><td>1</td><td>deployed-vs-onnx</td><td>{case}</td>", overview)
+        assert re.search(rf"<tr><td>1</td><td>accuracy-agreement</td><td>-</td>", overview)
+        assert re.search(rf"<tr><td>2</td><td>cpu-speedup</td><td>{case}</td>", overview)
+    assert re.search(r'title="pass 2">▼\d\.\d\dx', overview)
+    summary = rendered.markdown.read_text()
+    assert summary.startswith("## zoo-conformance: FAILED") and "Last session night-3: 2 passes" in summary
+
+
+def test_each_pass_is_compared_only_with_earlier_runs_of_its_kind(nightly_history):
+    from tooling.history.regression import baseline_runs, compare
+
+    with History(nightly_history) as stored:
+        report = Report(stored)
+        bench = stored.load_run("generated-00003-benchmark")
+        parity = stored.load_run("generated-00003-parity")
+        alone = {c for run in (bench, parity) for c in compare(run, baseline_runs(stored, run)).changes}
+    assert report.comparison.since.run_id == "generated-00002-benchmark"
+    # Trends: one point per nightly, its parity and speed figures on the same point.
+    assert len(report.runs) == 6 and len(report.labels) == 3
+    speed = report._series("gma", lambda c: {c.backend: c.figures.get("speedup")} if c.gate == "cpu-speedup" else {})
+    parity, _ = report._parity_series("gma")
+    assert all(None not in v and len(v) == 3 for v in [*speed.values(), *parity.values()])
+    # What the plugin said at each pass's end, neither more nor less: no pooling across passes.
+    assert {(c.key, c.message) for c in report.comparison.changes} == {(c.key, c.message) for c in alone}
+    assert {c.gate for c in report.comparison.changes if c.kind == "speed"} == {"cpu-speedup"}
+    assert {c.kind for c in report.comparison.changes if c.gate != "cpu-speedup"} == {"newly-failing"}
+
+
+def test_a_history_from_before_sessions_still_opens_and_renders(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "v3.sqlite"
+    with History(path) as stored:
+        for n in (1, 2):
+            stored.write_run(generated_run(n, models=("gma",), samples_per_pass=4, pictures=False))
+    db = sqlite3.connect(path)  # back to schema 3 as it was: no session column, no index on it
+    db.executescript("DROP INDEX runs_by_session; ALTER TABLE runs DROP COLUMN session_id; PRAGMA user_version = 3;")
+    db.close()
+    rendered = render(path, tmp_path / "out")  # migrates: each old run is a session of its own
+    with History(path) as stored:
+        assert stored.version == 4 and stored.load_run("generated-00001").session == "generated-00001"
+        assert stored.session_run_ids("generated-00002") == ["generated-00002"]
+    page = rendered.html.read_text()
+    overview = page[page.index('id="overview"'):page.index('<section class="model"')]
+    assert "last run " in page and "overview: the last run's grid" in overview and "<th>pass</th>" not in overview
+    assert "cpu-speedup" in page and "accuracy-agreement" in page

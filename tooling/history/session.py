@@ -17,6 +17,10 @@ DEFAULT_HISTORY = "reports/history.sqlite"
 # recorded figures look as if that backend ran 20 % slower, or its worst differences grew 10x
 # (at least to a tenth of their tolerance). Never set by the suite itself; the history tests use it.
 INJECT_ENV = "ZOO_TEST_INJECT"
+# The invocation a run is one pass of: tooling/nightly.sh, .ci/run and .ci/conformance export one
+# id to all their pytest passes, so the report shows the parity, accuracy and benchmark passes of
+# the last nightly together. A run without it is a session of its own.
+SESSION_ENV = "ZOO_SESSION_ID"
 
 
 def history_path(option: str | None, rootpath: Path) -> Path | None:
@@ -97,6 +101,7 @@ def record_run(path: Path, *, run_id: str, started: float, exit_status: int | No
     rows = list(rows)
     environment = run_environment(rootpath, threads, rows, builds)
     run = run_record(run_id, started, exit_status, environment, rows)
+    run.session_id = os.environ.get(SESSION_ENV, "").strip()
     with History(path) as history:
         comparison = compare(run, baseline_runs(history, run, window), agreement=agreement)
         history.write_run(run)

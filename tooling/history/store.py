@@ -10,6 +10,9 @@ Schema versions (``PRAGMA user_version``); each step is a migration in ``MIGRATI
      accuracy passes, by sample name)
   3  runs.environment (commit, host, CPU, device, versions, threads, artifacts), cells.text (the
      grid's cell as the terminal showed it) and pictures
+  4  runs.session_id: the invocation a run is one pass of (a nightly's or CI's parity, benchmark and
+     selftest passes share the ``ZOO_SESSION_ID`` their script exports); a run stored before, or
+     started without one, is a session of its own (its run id)
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from typing import Any, Iterable, Iterator
 from tooling.jsonio import finite_or_none
 
 APPLICATION_ID = 0x5A4F4F48  # "ZOOH": marks a file as a zoo-conformance history
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 SQLITE_MAGIC = b"SQLite format 3\x00"
 
 
@@ -57,8 +60,13 @@ _V3 = """
 ALTER TABLE runs ADD COLUMN environment TEXT NOT NULL DEFAULT '{}';
 ALTER TABLE cells ADD COLUMN text TEXT NOT NULL DEFAULT '';
 """ + _cell_table("pictures", "backend TEXT NOT NULL, caption TEXT NOT NULL, png BLOB NOT NULL", "backend, caption")
+_V4 = """
+ALTER TABLE runs ADD COLUMN session_id TEXT NOT NULL DEFAULT '';
+UPDATE runs SET session_id = run_id WHERE session_id = '';
+CREATE INDEX runs_by_session ON runs(session_id, started);
+"""
 # MIGRATIONS[v] takes a database at version v to v + 1 (version 0: an empty new file).
-MIGRATIONS = {0: _V1, 1: _V2, 2: _V3}
+MIGRATIONS = {0: _V1, 1: _V2, 2: _V3, 3: _V4}
 # Pictures are for looking at recent runs; older runs keep every figure but drop their pictures,
 # so a year of nightly runs stays small.
 KEEP_PICTURES_RUNS = 10
@@ -97,6 +105,12 @@ class RunRecord:
     samples: list[tuple[str, str, str, str, str, float | None]] = field(default_factory=list)
     # (model, gate, backend, caption, PNG bytes)
     pictures: list[tuple[str, str, str, str, bytes]] = field(default_factory=list)
+    # The invocation this run is one pass of; empty: a session of its own (see ``session``).
+    session_id: str = ""
+
+    @property
+    def session(self) -> str:
+        return self.session_id or self.run_id
 
     @property
     def host(self) -> str:
@@ -230,9 +244,9 @@ class History:
                 return False
             db.execute(
                 "INSERT INTO runs (run_id, started, finished, exit_status, host, host_class, versions, commit_sha,"
-                " environment) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " environment, session_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (run.run_id, run.started, run.finished, run.exit_status, run.host, run.host_class, run.versions,
-                 run.environment.get("commit"), json.dumps(run.environment, sort_keys=True, default=str)))
+                 run.environment.get("commit"), json.dumps(run.environment, sort_keys=True, default=str), run.session))
             rid = run.run_id
             db.executemany("INSERT OR REPLACE INTO cells (run_id, model, gate, case_id, backend, outcome, detail, text)"
                            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)", [(rid, *c.key, c.outcome, c.detail, c.text) for c in run.cells])
@@ -271,11 +285,11 @@ class History:
         return [r[0] for r in self.db.execute(sql, args)]
 
     def load_run(self, run_id: str, *, pictures: bool = True) -> RunRecord:
-        row = self.db.execute("SELECT started, finished, exit_status, environment FROM runs WHERE run_id = ?",
+        row = self.db.execute("SELECT started, finished, exit_status, environment, session_id FROM runs WHERE run_id = ?",
                               (run_id,)).fetchone()
         if row is None:
             raise HistoryError(f"{self.path}: no run {run_id!r}")
-        run = RunRecord(run_id, row[0], row[1], row[2], json.loads(row[3] or "{}"))
+        run = RunRecord(run_id, row[0], row[1], row[2], json.loads(row[3] or "{}"), session_id=row[4])
         cells: dict[tuple, CellRecord] = {}
         for model, gate, case, backend, outcome, detail, text in self.db.execute(
                 "SELECT model, gate, case_id, backend, outcome, detail, text FROM cells WHERE run_id = ?", (run_id,)):
@@ -297,6 +311,14 @@ class History:
     def runs(self, run_ids: Iterable[str], *, pictures: bool = False) -> Iterator[RunRecord]:
         for run_id in run_ids:
             yield self.load_run(run_id, pictures=pictures)
+
+    def session_run_ids(self, run_id: str) -> list[str]:
+        """Every pass of the session ``run_id`` belongs to, on its host, oldest first (itself alone
+        when it has none)."""
+        return [r[0] for r in self.db.execute(
+            "SELECT other.run_id FROM runs AS this JOIN runs AS other"
+            " ON other.session_id = this.session_id AND other.host = this.host"
+            " WHERE this.run_id = ? ORDER BY other.started, other.run_id", (run_id,))]
 
     def newest_with(self, table: str, model: str, run_ids: Iterable[str]) -> str | None:
         """The newest of ``run_ids`` with rows of ``model`` in ``samples`` or ``pictures``."""

@@ -86,3 +86,15 @@ def generated_run(n: int, *, models=tuple(MODELS), samples_per_pass: int = 40, s
                 cell.outcome, cell.detail, cell.text = "failed", "injected failure: 12 elements out of tolerance", "FAIL"
     return RunRecord(f"generated-{n:05d}", 1.7e9 + 3600.0 * n, 1.7e9 + 3600.0 * n + 600, 0,
                      {**ENV, "commit": f"{n:040x}"}, cells, samples, shots)
+
+
+def nightly_passes(run: RunRecord, session_id: str) -> list[RunRecord]:
+    """``run`` as a nightly records it: a parity and accuracy pass, then the benchmark pass (the
+    ``cpu-speedup`` cells) ten minutes later, both of session ``session_id``."""
+    from dataclasses import replace
+
+    bench = [c for c in run.cells if c.gate == "cpu-speedup"]
+    return [replace(run, run_id=f"{run.run_id}-parity", cells=[c for c in run.cells if c.gate != "cpu-speedup"],
+                    session_id=session_id),
+            replace(run, run_id=f"{run.run_id}-benchmark", started=run.started + 600, finished=run.finished + 600,
+                    cells=bench, samples=[], pictures=[], session_id=session_id)]

@@ -2,9 +2,10 @@
 pictures embedded as data URIs: it opens offline, from a CI artifact or a mail attachment) and a
 short markdown summary for a CI job summary.
 
-What a maintainer sees first: the last run, its failures and regressions by name, then the grid
-with changed cells marked. Below, per model: trends over runs, roofline and error quantiles of the
-last run, pictures of the largest disagreements and the worst samples of each accuracy pass.
+What a maintainer sees first: the last session (every pass of the last nightly or CI invocation,
+which share a ``ZOO_SESSION_ID``; a run without one is a session alone), its failures and
+regressions by name, then the grid, each cell from the pass that ran it, changed cells marked. Below, per model: trends over runs, roofline and error quantiles of the
+last session, pictures of the largest disagreements and the worst samples of each accuracy pass.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Iterable
 
 from tooling.history.regression import Comparison, baseline_runs, compare
-from tooling.history.store import CellRecord, History, HistoryError
+from tooling.history.store import CellRecord, History, HistoryError, RunRecord
 from tooling.htmlreport import plots
 from tooling.report import BACKEND_ORDER
 
@@ -67,14 +68,28 @@ class Report:
         if not ids:
             raise HistoryError(f"{history.path}: holds no run yet")
         self.latest = history.load_run(ids[0], pictures=False)
+        # The last session: every pass of the invocation the newest run belongs to (a nightly's
+        # parity/accuracy pass, then its benchmark pass), oldest first; a run without one is alone.
+        self.session = [self.latest if i == self.latest.run_id else history.load_run(i, pictures=False)
+                        for i in history.session_run_ids(self.latest.run_id)]
+        self.cells, self.cell_pass = session_cells(self.session)
         same_class = history.run_ids(host_class=self.latest.host_class, limit=runs)
         self.runs = list(reversed([history.load_run(i, pictures=False) for i in same_class]))  # oldest first
         self.runs[-1] = self.latest
-        self.labels = [_short(r.label) for r in self.runs]
-        self.models = sorted({c.model for r in self.runs for c in r.cells})
+        # One point per session on the trends (a nightly's passes are one night, not two).
+        points: dict[str, list[RunRecord]] = {}
+        for run in self.runs:
+            points.setdefault(run.session, []).append(run)
+        self.points = list(points.values())
+        self.labels = [_short(p[0].label) for p in self.points]
+        self.last = "last session" if len(self.session) > 1 else "last run"
+        self.models = sorted({c.model for r in self.runs + self.session for c in r.cells})
         self.bounds = {m: _targets(m) for m in self.models}
-        self.comparison: Comparison = compare(self.latest, baseline_runs(history, self.latest),
-                                              agreement={m: b[1] for m, b in self.bounds.items()})
+        # Each pass against earlier runs as the plugin compared it when it ran (a benchmark pass
+        # with earlier benchmark cells, a parity pass with earlier parity cells), never pooled.
+        agreement = {m: b[1] for m, b in self.bounds.items()}
+        self.comparison = session_comparison(
+            [compare(run, baseline_runs(history, run), agreement=agreement) for run in self.session], self.session)
         # The newest run holding pictures and samples per model (a benchmark pass records none).
         recent = history.run_ids(limit=runs)
         self.pictures: dict[str, list[tuple]] = {}
@@ -97,40 +112,74 @@ class Report:
         return f'<img src="{data_uri(png)}" alt="{_e(alt)}">'
 
     def _series(self, model: str, pick) -> dict[str, list[float | None]]:
-        """name -> one value per run, from ``pick(cell) -> {series name: value}``."""
+        """name -> one value per session (the largest of its passes'), from ``pick(cell) -> {series name: value}``."""
         out: dict[str, list[float | None]] = {}
-        for i, run in enumerate(self.runs):
-            for cell in run.cells:
+        for i, point in enumerate(self.points):
+            for cell in (c for run in point for c in run.cells):
                 if cell.model != model:
                     continue
                 for name, value in pick(cell).items():
                     if value is None:
                         continue
-                    values = out.setdefault(name, [None] * len(self.runs))
+                    values = out.setdefault(name, [None] * len(self.points))
                     values[i] = value if values[i] is None else max(values[i], value)
         return out
 
-    def first_screen(self) -> str:
-        run, counts = self.latest, defaultdict(int)
-        for cell in run.cells:
+    def verdict(self) -> tuple[str, dict[str, int], list[CellRecord]]:
+        """The session's verdict over every cell of every pass, its outcome counts and its failures."""
+        counts: dict[str, int] = defaultdict(int)
+        for cell in self.cells:
             counts[cell.outcome] += 1
+        failed = [c for c in self.cells if c.outcome == "failed"]
+        return ("FAILED" if failed else "REGRESSED" if self.comparison.regressions else "passed"), counts, failed
+
+    def session_line(self) -> str:
+        if len(self.session) == 1:
+            return f"last run {self.latest.label}"
+        return f"last session {self.latest.session_id}: {len(self.session)} passes, the last {self.latest.label}"
+
+    def passes(self) -> str:
+        """One line per pass of the session: when, what it ran, how it ended."""
+        if len(self.session) == 1:
+            return ""
+        items = []
+        for i, run in enumerate(self.session, 1):
+            cells = [c for c in self.cells if self.cell_pass[c.key] == i - 1]
+            counts = {o: sum(1 for c in cells if c.outcome == o) for o in ("passed", "failed", "skipped")}
+            gates = list(dict.fromkeys(c.gate for c in cells))
+            shown = ", ".join(gates[:6]) + (f" and {len(gates) - 6} more" if len(gates) > 6 else "")
+            items.append(f"<li><b>pass {i}</b> {_e(run.label)}: {len(cells)} cell(s) on the grid, {counts['passed']} "
+                         f"passed, {counts['failed']} failed, {counts['skipped']} skipped"
+                         + (f" ({_e(shown)})" if gates else " (every cell it ran was run again later)")
+                         + (f"; exit status {run.exit_status}" if run.exit_status else "") + "</li>")
+        return '<ol class="passes">' + "".join(items) + "</ol>"
+
+    def plotted(self) -> str:
+        if len(self.points) == len(self.runs):
+            return f"{len(self.runs)} run(s)"
+        return f"{len(self.points)} session(s) ({len(self.runs)} runs)"
+
+    def first_screen(self) -> str:
+        run = self.latest
         env = run.environment
-        failed = [c for c in run.cells if c.outcome == "failed"]
+        verdict, counts, failed = self.verdict()
         regressions = self.comparison.regressions
-        verdict = "FAILED" if failed else "REGRESSED" if regressions else "passed"
         parts = [f'<header class="{"passed" if verdict == "passed" else "failed"}"><h1>zoo-conformance: {_e(verdict)}</h1>',
-                 f"<p>last run {_e(run.label)} on <b>{_e(env.get('host', '?'))}</b> "
+                 f"<p>{_e(self.session_line())} on <b>{_e(env.get('host', '?'))}</b> "
                  f"({_e(run.host_class)}; {_e(', '.join(f'{k} {v}' for k, v in env.get('versions', {}).items()))})</p>",
-                 f"<p>{counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped; "
-                 f"{len(regressions)} regression(s) against earlier runs; {len(self.runs)} run(s) of this host class "
-                 f"plotted</p></header>"]
+                 f"<p>{counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped"
+                 f"{' over its passes' if len(self.session) > 1 else ''}; "
+                 f"{len(regressions)} regression(s) against earlier runs; {self.plotted()} of this host class "
+                 f"plotted</p>{self.passes()}</header>"]
         if failed:
             parts.append(f'<section class="alert" id="failures"><h2>{len(failed)} failing</h2><ul>')
             parts += [f"<li><b>{_e(c.model)} {_e(c.gate)} {_e(c.backend)}</b> {_e(c.case)}: {_e(c.detail)}</li>"
                       for c in failed]
             parts.append("</ul></section>")
         since = self.comparison.since
-        parts.append(f'<section id="changes"><h2>changes since {_e(since.label) if since else "(no earlier run)"}</h2>')
+        against = " (each pass against earlier runs of its kind)" if len(self.session) > 1 else ""
+        parts.append(f'<section id="changes"><h2>changes since {_e(since.label) if since else "(no earlier run)"}'
+                     f'{against}</h2>')
         if self.comparison.changes:
             parts.append("<ul>" + "".join(
                 f'<li class="{"regression" if c.regression else "change"}">{_e(c.mark)} <b>{_e(c.model)} {_e(c.gate)} '
@@ -144,16 +193,19 @@ class Report:
 
     def overview(self) -> str:
         marks = self.comparison.marks()
-        parts = ['<section id="overview"><h2>overview: the last run\'s grid</h2>']
+        several = len(self.session) > 1
+        title = "the last session's grid, each cell from the pass that ran it" if several else "the last run's grid"
+        parts = [f'<section id="overview"><h2>overview: {title}</h2>']
         for model in self.models:
-            cells = [c for c in self.latest.cells if c.model == model]
+            cells = [c for c in self.cells if c.model == model]
             if not cells:
                 continue
             met = list(dict.fromkeys(c.backend for c in cells))
             backends = sorted(met, key=lambda b: (BACKEND_ORDER.index(b) if b in BACKEND_ORDER else len(BACKEND_ORDER), b))
             rows = sorted({(c.gate, c.case) for c in cells})
             by_key = {(c.gate, c.case, c.backend): c for c in cells}
-            parts.append(f'<h3><a href="#model-{_e(model)}">{_e(model)}</a></h3><table class="grid"><tr><th>gate</th>'
+            parts.append(f'<h3><a href="#model-{_e(model)}">{_e(model)}</a></h3><table class="grid"><tr>'
+                         f'{"<th>pass</th>" if several else ""}<th>gate</th>'
                          f'<th>case</th>{"".join(f"<th>{_e(b)}</th>" for b in backends)}</tr>')
             for gate, case in rows:
                 tds = []
@@ -165,9 +217,14 @@ class Report:
                     mark = marks.get(cell.key, "")
                     text = cell.text or {"passed": "ok", "skipped": "skip", "failed": "FAIL"}[cell.outcome]
                     title = cell.detail or ""
+                    if several:
+                        title = f"pass {self.cell_pass[cell.key] + 1}" + (f": {title}" if title else "")
                     tds.append(f'<td class="{cell.outcome}{" changed" if mark else ""}" title="{_e(title)}">'
                                f"{_e(mark)}{_e(text)}</td>")
-                parts.append(f"<tr><td>{_e(gate)}</td><td>{_e(case)}</td>{''.join(tds)}</tr>")
+                from_pass = "".join(f"<td>{_e(p)}</td>" for p in [",".join(sorted(
+                    {str(self.cell_pass[(model, gate, case, b)] + 1) for b in backends if (gate, case, b) in by_key}))]
+                    if several)
+                parts.append(f"<tr>{from_pass}<td>{_e(gate)}</td><td>{_e(case)}</td>{''.join(tds)}</tr>")
             parts.append("</table>")
         parts.append(f'<p class="legend">{_e(Comparison.LEGEND)}</p></section>')
         return "\n".join(parts)
@@ -177,7 +234,7 @@ class Report:
         parts = [f'<section class="model" id="model-{_e(model)}"><h2>{_e(model)}</h2><div class="plots">']
         speed = self._series(model, lambda c: {f"{c.case} {c.backend}": c.figures.get("speedup")}
                              if c.gate == "cpu-speedup" else {})
-        floors = {f"floor {v:g}x": v for c in self.latest.cells if c.model == model and (v := c.figures.get("floor"))}
+        floors = {f"floor {v:g}x": v for c in self.cells if c.model == model and (v := c.figures.get("floor"))}
         if speed:
             parts.append(self.img(plots.trend(f"{model}: speed-up over torch eager", "x torch eager", self.labels, speed,
                                               lines=floors), f"{model} speed-up trend"))
@@ -206,12 +263,12 @@ class Report:
                                            " (no staged set: the guide's target is for its data)")
             parts.append(self.img(plots.trend(title, metric, self.labels, values, lines=lines), f"{model} {metric} trend"))
         bars = {f"{c.case} {c.backend}": (c.figures.get("throughput.achieved_gflops"), c.figures.get("throughput.peak_gflops"))
-                for c in self.latest.cells if c.model == model and c.figures.get("throughput.achieved_gflops")}
+                for c in self.cells if c.model == model and c.figures.get("throughput.achieved_gflops")}
         if bars:
-            parts.append(self.img(plots.roofline_bars(f"{model}: roofline (last run)", bars), f"{model} roofline"))
+            parts.append(self.img(plots.roofline_bars(f"{model}: roofline ({self.last})", bars), f"{model} roofline"))
         quantiles = self._quantiles(model)
         if quantiles:
-            parts.append(self.img(plots.quantile_bars(f"{model}: error quantiles per output (last run, worst case)",
+            parts.append(self.img(plots.quantile_bars(f"{model}: error quantiles per output ({self.last}, worst case)",
                                                       quantiles), f"{model} error quantiles"))
         parts.append("</div>")
         parts.append(self._pictures(model))
@@ -240,7 +297,7 @@ class Report:
 
     def _quantiles(self, model: str) -> dict[str, dict[str, float | None]]:
         out: dict[str, dict[str, float | None]] = {}
-        for cell in self.latest.cells:
+        for cell in self.cells:
             if cell.model != model or cell.gate not in PARITY_GATES:
                 continue
             for name in cell.figures:
@@ -294,12 +351,10 @@ class Report:
 
     def markdown(self) -> str:
         run = self.latest
-        failed = [c for c in run.cells if c.outcome == "failed"]
-        counts = {o: sum(1 for c in run.cells if c.outcome == o) for o in ("passed", "failed", "skipped")}
-        verdict = "FAILED" if failed else "REGRESSED" if self.comparison.regressions else "passed"
+        verdict, counts, failed = self.verdict()
         lines = [f"## zoo-conformance: {verdict}",
-                 "", f"Last run {run.label} on {run.environment.get('host', '?')}: {counts['passed']} passed, "
-                 f"{counts['failed']} failed, {counts['skipped']} skipped.", ""]
+                 "", f"{self.session_line()[0].upper()}{self.session_line()[1:]} on {run.environment.get('host', '?')}: "
+                 f"{counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped.", ""]
         if failed:
             lines += ["### Failing", ""] + [f"- **{c.model} {c.gate} {c.backend}** `{c.case}`: {c.detail}" for c in failed] + [""]
         since = self.comparison.since
@@ -307,6 +362,27 @@ class Report:
         lines += [f"- {'**REGRESSION** ' if c.regression else ''}{c.mark} {c.model} {c.gate} {c.backend} `{c.case}`: {c.message}"
                   for c in self.comparison.changes] or ["- none"]
         return "\n".join(lines) + "\n"
+
+
+def session_cells(session: list[RunRecord]) -> tuple[list[CellRecord], dict[tuple, int]]:
+    """The grid of a session: per cell, the pass that ran it (passed or failed) over one that only
+    skipped it, and the later of two that both did; with the index of the pass each cell is from."""
+    chosen: dict[tuple, tuple[CellRecord, int]] = {}
+    for index, run in enumerate(session):
+        for cell in run.cells:
+            held = chosen.get(cell.key)
+            if held is None or cell.outcome != "skipped" or held[0].outcome == "skipped":
+                chosen[cell.key] = (cell, index)
+    return [c for c, _ in chosen.values()], {key: i for key, (_, i) in chosen.items()}
+
+
+def session_comparison(comparisons: list[Comparison], session: list[RunRecord]) -> Comparison:
+    """The passes' comparisons as one: every change of every pass, and the earlier runs they were
+    compared with (the session's own passes left out), newest first."""
+    ours = {r.run_id for r in session}
+    baseline = {r.run_id: r for c in comparisons for r in c.baseline if r.run_id not in ours}
+    changes = list(dict.fromkeys(change for c in comparisons for change in c.changes))
+    return Comparison(sorted(baseline.values(), key=lambda r: (r.started, r.run_id), reverse=True), changes)
 
 
 def render(history_path: Path, out_dir: Path, runs: int = DEFAULT_RUNS) -> Rendered:
@@ -349,4 +425,5 @@ td.changed { outline: 2px solid #e80; outline-offset: -2px; }
 .pictures figure { display: inline-block; margin: 4px; }
 .pictures img { max-width: 100%; border: 1px solid #ccc; }
 nav { margin: .6em 0; }
+ol.passes { margin: .2em 0; padding-left: 1.5em; font-size: 12px; }
 """
