@@ -398,6 +398,6 @@ def attach_roofline(zoo: Workspace, handle, case: Case, entry: ThroughputEntry) 
     except Exception as exc:  # e.g. a custom-domain node no shape inference knows; say why
         print(f"{case.id}: no roofline figures ({type(exc).__name__}: {exc})")
         return
-    peak = host_peak_gflops(zoo.options.threads) if entry.device == "cpu" else None
+    peak = host_peak_gflops(zoo.options.threads, zoo.cache.root) if entry.device == "cpu" else None
     entry.attach_roofline(flops.total, peak)
 

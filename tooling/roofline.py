@@ -8,7 +8,8 @@ counted exactly; normalisation, pooling, resampling and element-wise ops by a pe
 not a bill. Ops whose output shape inference cannot give are left out and listed.
 
 ``host_peak_gflops`` is a float32 matrix-multiply microbenchmark (torch, so MKL/oneDNN: the best
-GEMM the host offers) per thread count, measured once per process and cached. Shapes come from ONNX
+GEMM the host offers) per thread count: the best of many short products (robust to a loaded host),
+measured once per process, and with a cache dir the best of the first few processes, kept there. Shapes come from ONNX
 Runtime's symbolic shape inference (``onnxruntime.tools``), which follows the shape arithmetic of
 dynamic-axis exports.
 """
@@ -190,13 +191,25 @@ def _node_flops(node: onnx.NodeProto, shapes: Mapping[str, tuple[int, ...]]) -> 
 
 
 # -- the host's peak ------------------------------------------------------------------------------
-PEAK_MATRIX = 1024  # float32 GEMM side: large enough to be compute-bound, 2.1 GFLOP per product
-PEAK_SECONDS = 0.3  # measuring time per thread count
+# A product of 512 x 512 (0.27 GFLOP, a few ms on one core) is compute-bound on the CPUs we run on
+# and short enough that some products run inside one scheduler slice even when other processes
+# share the cores; the best of many is then the unloaded rate. At 1024 (tens of ms) every product
+# of a loaded host is cut by the scheduler: measured on this 2-core host with three busy
+# processes beside it, 1024 read 47-53 GFLOP/s and 512 read 99-104, against 105 unloaded, which
+# is how cells read "180 % of peak".
+PEAK_MATRIX = 512
+PEAK_BURSTS = 5  # short bursts a little apart: a burst inside a neighbour's busy spell is outvoted
+PEAK_BURST_SECONDS = 0.05
+PEAK_PAUSE_SECONDS = 0.01
+# Processes that measure before the cached best is trusted alone: each measures at another moment
+# of the host's load and the cache keeps the highest; later processes measure nothing.
+PEAK_MEASUREMENTS = 3
+PEAK_CACHE = "probes/host-gemm-peak-{key}.json"  # under the artifact cache, beside the backend probes
 
 
-@cache
-def host_peak_gflops(threads: int) -> float:
-    """Best float32 GEMM rate (GFLOP/s) of this host on ``threads`` threads, measured once per process."""
+def measure_gemm_peak(threads: int) -> float:
+    """Best float32 GEMM rate (GFLOP/s) of ``threads`` threads now (torch, so MKL/oneDNN: the best
+    GEMM the host offers), as the best product of several short bursts."""
     import torch
 
     previous = torch.get_num_threads()
@@ -207,22 +220,83 @@ def host_peak_gflops(threads: int) -> float:
         c = torch.empty(PEAK_MATRIX, PEAK_MATRIX)
         torch.mm(a, b, out=c)  # warm-up: kernel selection and page faults
         best = math.inf
-        deadline = time.perf_counter() + PEAK_SECONDS
-        while time.perf_counter() < deadline or best == math.inf:
-            start = time.perf_counter()
-            torch.mm(a, b, out=c)
-            best = min(best, time.perf_counter() - start)  # a noisy neighbour only ever adds time
+        for _ in range(PEAK_BURSTS):
+            deadline = time.perf_counter() + PEAK_BURST_SECONDS
+            while time.perf_counter() < deadline or best == math.inf:
+                start = time.perf_counter()
+                torch.mm(a, b, out=c)
+                best = min(best, time.perf_counter() - start)  # a noisy neighbour only ever adds time
+            time.sleep(PEAK_PAUSE_SECONDS)
     finally:
         torch.set_num_threads(previous)
     return 2.0 * PEAK_MATRIX**3 / best / 1e9
 
 
-def roofline(flop_per_call: float, seconds_per_call: float, peak_gflops: float | None) -> dict[str, float | None]:
-    """The figures a throughput row carries: GFLOP per call, achieved GFLOP/s, fraction of peak."""
+def _peak_key(threads: int) -> dict:
+    import torch
+
+    from tooling.verdict_key import host_cpu
+
+    return {"cpu": host_cpu()["cpu"], "threads": threads, "torch": torch.__version__, "matrix": PEAK_MATRIX}
+
+
+@cache
+def host_peak_gflops(threads: int, cache_dir: Path | None = None) -> float:
+    """This host's float32 GEMM peak (GFLOP/s) on ``threads`` threads, once per process. With a
+    ``cache_dir``, the best of the first ``PEAK_MEASUREMENTS`` processes' measurements, kept in
+    ``<cache_dir>/probes`` per CPU model, thread count and torch version (updated under a lock)."""
+    if cache_dir is None:
+        return measure_gemm_peak(threads)
+    import hashlib
+    import json
+
+    from filelock import FileLock
+
+    from tooling.jsonio import write_json
+
+    key = _peak_key(threads)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = Path(cache_dir) / PEAK_CACHE.format(key=digest)
+    stored = _read_peak(path, key)
+    if stored and stored["measurements"] >= PEAK_MEASUREMENTS:
+        return float(stored["gflops"])
+    measured = measure_gemm_peak(threads)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(path) + ".lock", timeout=30):
+            stored = _read_peak(path, key) or {"gflops": 0.0, "measurements": 0}
+            best = max(float(stored["gflops"]), measured)
+            write_json(path, {"key": key, "gflops": best, "measurements": stored["measurements"] + 1})
+    except OSError:  # a read-only cache (or a lock that never came): this process's own measurement
+        return max(measured, float((stored or {}).get("gflops", 0.0)))
+    return best
+
+
+def _read_peak(path: Path, key: dict) -> dict | None:
+    import json
+
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(stored, dict) and stored.get("key") == key and isinstance(stored.get("gflops"), (int, float)) \
+        and isinstance(stored.get("measurements"), int)
+    return stored if ok else None
+
+
+OVER_PEAK = "peak measured low"
+
+
+def roofline(flop_per_call: float, seconds_per_call: float, peak_gflops: float | None) -> dict[str, float | str | None]:
+    """The figures a throughput row carries: GFLOP per call, achieved GFLOP/s, fraction of peak.
+    A rate above the measured peak means the peak was measured low (or the count is high): no
+    fraction then, ``peak_note`` says so instead of a percentage above 100."""
     achieved = flop_per_call / seconds_per_call / 1e9
+    over = bool(peak_gflops) and achieved > peak_gflops
     return {
         "gflop_per_call": round(flop_per_call / 1e9, 3),
         "achieved_gflops": round(achieved, 2),
         "peak_gflops": round(peak_gflops, 1) if peak_gflops else None,
-        "peak_fraction": round(achieved / peak_gflops, 3) if peak_gflops else None,
+        "peak_fraction": round(achieved / peak_gflops, 3) if peak_gflops and not over else None,
+        "peak_note": f"{OVER_PEAK}: {achieved:.1f} GFLOP/s achieved > {peak_gflops:.1f} measured" if over else None,
     }

@@ -214,3 +214,15 @@ def test_a_history_from_before_sessions_still_opens_and_renders(tmp_path):
     overview = page[page.index('id="overview"'):page.index('<section class="model"')]
     assert "last run " in page and "overview: the last run's grid" in overview and "<th>pass</th>" not in overview
     assert "cpu-speedup" in page and "accuracy-agreement" in page
+
+
+def test_a_roofline_bar_above_the_measured_peak_says_the_peak_was_measured_low(monkeypatch):
+    import matplotlib.axes
+
+    from tooling.htmlreport import plots
+
+    labels = []
+    real = matplotlib.axes.Axes.annotate
+    monkeypatch.setattr(matplotlib.axes.Axes, "annotate", lambda self, text, *a, **k: labels.append(text) or real(self, text, *a, **k))
+    png = plots.roofline_bars("roofline", {"b1 openvino": (180.0, 100.0), "b1 torch": (35.0, 100.0)})
+    assert png.startswith(b"\x89PNG") and labels == ["> peak (peak measured low)", "35%"]
