@@ -20,7 +20,7 @@ from typing import Iterable
 from tooling.history.regression import Comparison, baseline_runs, compare
 from tooling.history.store import CellRecord, History, HistoryError, RunRecord
 from tooling.htmlreport import plots
-from tooling.report import BACKEND_ORDER
+from tooling.report import BACKEND_ORDER, LEGEND as CELL_LEGEND
 
 DEFAULT_RUNS = 30
 PARITY_GATES = ("golden", "port-vs-upstream", "onnx-vs-torch", "deployed-vs-onnx", "decoded-vs-torch", "chain-vs-torch")
@@ -177,7 +177,7 @@ class Report:
                       for c in failed]
             parts.append("</ul></section>")
         since = self.comparison.since
-        against = " (each pass against earlier runs of its kind)" if len(self.session) > 1 else ""
+        against = " (each pass against earlier runs of its kind)" if len(self.session) > 1 and since else ""
         parts.append(f'<section id="changes"><h2>changes since {_e(since.label) if since else "(no earlier run)"}'
                      f'{against}</h2>')
         if self.comparison.changes:
@@ -226,7 +226,7 @@ class Report:
                     if several)
                 parts.append(f"<tr>{from_pass}<td>{_e(gate)}</td><td>{_e(case)}</td>{''.join(tds)}</tr>")
             parts.append("</table>")
-        parts.append(f'<p class="legend">{_e(Comparison.LEGEND)}</p></section>')
+        parts.append(f'<p class="legend">{_e(CELL_LEGEND)}<br>{_e(Comparison.LEGEND)}</p></section>')
         return "\n".join(parts)
 
     def model_section(self, model: str) -> str:
