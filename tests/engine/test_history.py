@@ -352,3 +352,21 @@ def test_passes_of_one_invocation_share_its_session_and_others_stand_alone(tmp_p
         assert history.session_run_ids("benchmark") == history.session_run_ids("parity") == ["parity", "benchmark"]
         assert history.load_run("parity").session_id == "nightly-1"
         assert history.session_run_ids("by-hand") == ["by-hand"] and history.load_run("by-hand").session == "by-hand"
+
+
+def test_a_benchmark_pass_is_compared_with_the_last_benchmark_passes_not_the_parity_passes_between(tmp_path):
+    from dataclasses import replace
+
+    from tooling.history.regression import DEFAULT_WINDOW, baseline_runs
+    from tooling.history.synthetic import generated_run, nightly_passes
+
+    with History(tmp_path / "h.sqlite") as history:
+        for n in range(1, DEFAULT_WINDOW + 3):
+            for run in nightly_passes(generated_run(n, models=("gma",), samples_per_pass=2, pictures=False), f"night-{n}"):
+                history.write_run(run)
+        parity, bench = nightly_passes(generated_run(20, models=("gma",), samples_per_pass=2, pictures=False), "night-20")
+        kinds = {"parity": parity, "benchmark": bench}
+        for kind, run in kinds.items():
+            baseline = [r.run_id for r in baseline_runs(history, run)]
+            assert baseline == [f"generated-{n:05d}-{kind}" for n in range(DEFAULT_WINDOW + 2, 2, -1)], kind
+        assert baseline_runs(history, replace(bench, cells=[])) == []  # a run of no gate has nothing to compare

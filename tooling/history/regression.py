@@ -86,8 +86,12 @@ class Comparison:
 
 
 def baseline_runs(history: History, run: RunRecord, window: int = DEFAULT_WINDOW) -> list[RunRecord]:
+    """The last ``window`` earlier runs of the same host class and versions that ran any of this
+    run's gates: a nightly's benchmark pass is compared with the last 7 benchmark passes, not with
+    the parity passes between them, which hold none of its cells."""
     ids = [i for i in history.run_ids(host_class=run.host_class, versions=run.versions, before=run.started,
-                                       limit=window + 1) if i != run.run_id][:window]
+                                       limit=window + 1, holding={(c.model, c.gate) for c in run.cells})
+           if i != run.run_id][:window]
     return list(history.runs(ids))
 
 

@@ -270,8 +270,10 @@ class History:
 
     # -- reading ---------------------------------------------------------------------------------
     def run_ids(self, *, host_class: str | None = None, versions: str | None = None,
-                before: float | None = None, limit: int | None = None) -> list[str]:
-        """Run ids, newest first, optionally of one host class and version set, started before a time."""
+                before: float | None = None, limit: int | None = None,
+                holding: Iterable[tuple[str, str]] | None = None) -> list[str]:
+        """Run ids, newest first, optionally of one host class and version set, started before a
+        time, holding a cell of one of the (model, gate) pairs ``holding``."""
         where, args = [], []
         for column, value in (("host_class", host_class), ("versions", versions)):
             if value is not None:
@@ -280,6 +282,13 @@ class History:
         if before is not None:
             where.append("started < ?")
             args.append(before)
+        if holding is not None:
+            pairs = sorted(set(holding))
+            if not pairs:
+                return []
+            where.append("EXISTS (SELECT 1 FROM cells WHERE cells.run_id = runs.run_id AND (cells.model, cells.gate) IN "
+                         f"(VALUES {', '.join(['(?, ?)'] * len(pairs))}))")
+            args += [x for pair in pairs for x in pair]
         sql = "SELECT run_id FROM runs" + (" WHERE " + " AND ".join(where) if where else "")
         sql += " ORDER BY started DESC, run_id DESC" + (f" LIMIT {int(limit)}" if limit is not None else "")
         return [r[0] for r in self.db.execute(sql, args)]
