@@ -750,5 +750,6 @@ def _history_summary(terminalreporter, config: pytest.Config) -> None:
         terminalreporter.write_line(line, red=line.lstrip().startswith("REGRESSION"))
     if comparison.changes:
         terminalreporter.write_line(comparison.LEGEND)
-    terminalreporter.write_line(f"history: {recorded.path} ({recorded.runs_stored} runs; this one {recorded.run_label}, "
-                                f"compared and written in {recorded.seconds:.2f} s)")
+    session = f", a pass of session {recorded.session_id}" if recorded.session_id else ""
+    terminalreporter.write_line(f"history: {recorded.path} ({recorded.runs_stored} runs; this one {recorded.run_label}"
+                                f"{session}, compared and written in {recorded.seconds:.2f} s)")

@@ -339,12 +339,12 @@ def test_passes_of_one_invocation_share_its_session_and_others_stand_alone(tmp_p
 
     path = tmp_path / "h.sqlite"
 
-    def run(run_id: str, started: float) -> None:
-        record_run(path, run_id=run_id, started=started, exit_status=0, rootpath=tmp_path, threads=1, rows=[],
-                   builds=[], agreement={})
+    def run(run_id: str, started: float):
+        return record_run(path, run_id=run_id, started=started, exit_status=0, rootpath=tmp_path, threads=1, rows=[],
+                          builds=[], agreement={})
 
     monkeypatch.setenv(SESSION_ENV, "nightly-1")
-    run("parity", 1.0)
+    assert run("parity", 1.0).session_id == "nightly-1"  # what the terminal's history line names
     run("benchmark", 2.0)
     monkeypatch.delenv(SESSION_ENV)
     run("by-hand", 3.0)

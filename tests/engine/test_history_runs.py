@@ -42,6 +42,7 @@ def test_unchanged_runs_flag_nothing_and_an_injected_slowdown_and_drift_fail_the
         unchanged.stdout.fnmatch_lines([f"0 regression(s), 0 other change(s) against the last {n - 1} run(s) *"])
         assert unchanged.ret == 0
     monkeypatch.setenv("ZOO_TEST_INJECT", INJECTED)
+    monkeypatch.setenv("ZOO_SESSION_ID", "nightly-test")  # as tooling/nightly.sh exports it
     injected = run(toy_project, history, "--fail-on-regression")
     injected.stdout.fnmatch_lines([
         "*deployed-vs-onnx*↑1e-6*",
@@ -49,13 +50,14 @@ def test_unchanged_runs_flag_nothing_and_an_injected_slowdown_and_drift_fail_the
         "* regression(s), 0 other change(s) against the last 3 run(s) of this host class and versions",
         "*REGRESSION*cpu-speedup*onnxruntime: speed-up *x -> *x (-*%*between runs p=*Mann-Whitney U p=*",
         "*REGRESSION*deployed-vs-onnx*onnxruntime: worst |difference| of y grew*tolerance 1.0e-05",
-        f"history: {history} (4 runs; *",
+        f"history: {history} (4 runs; *, a pass of session nightly-test, compared and written in *",
     ])
     assert injected.ret == 1, "--fail-on-regression fails a run whose gates all passed"
     with History(history) as stored:
         ids = stored.run_ids()
         assert len(ids) == 4
         latest = stored.load_run(ids[0])
+        assert latest.session_id == "nightly-test" and stored.load_run(ids[1]).session == ids[1]
     cells = {c.key: c for c in latest.cells}
     deployed = [c for k, c in cells.items() if k[1] == "deployed-vs-onnx" and k[3] == "onnxruntime"]
     assert deployed and all(c.figures["outputs.y.max_abs"] == pytest.approx(1e-6) and c.figures["outputs.y.atol"] == 1e-5

@@ -91,6 +91,7 @@ class Recorded:
     runs_stored: int
     seconds: float
     comparison: Comparison
+    session_id: str = ""  # the invocation's ZOO_SESSION_ID; empty: a session of its own
 
 
 def record_run(path: Path, *, run_id: str, started: float, exit_status: int | None, rootpath: Path,
@@ -106,4 +107,4 @@ def record_run(path: Path, *, run_id: str, started: float, exit_status: int | No
         comparison = compare(run, baseline_runs(history, run, window), agreement=agreement)
         history.write_run(run)
         stored = history.count_runs()
-    return Recorded(path, run.label, stored, time.perf_counter() - begin, comparison)
+    return Recorded(path, run.label, stored, time.perf_counter() - begin, comparison, run.session_id)
