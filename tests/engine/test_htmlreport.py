@@ -174,6 +174,7 @@ def test_the_overview_shows_every_pass_of_the_last_session(nightly_history, tmp_
     assert re.search(r'title="pass 2">▼\d\.\d\dx', overview)
     summary = rendered.markdown.read_text()
     assert summary.startswith("## zoo-conformance: FAILED") and "Last session night-3: 2 passes" in summary
+    assert re.search(r"^- pass 2 .*: 12 cell\(s\) on the grid, 12 passed, 0 failed, 0 skipped \(cpu-speedup\)$", summary, re.M)
 
 
 def test_each_pass_is_compared_only_with_earlier_runs_of_its_kind(nightly_history):

@@ -138,21 +138,26 @@ class Report:
             return f"last run {self.latest.label}"
         return f"last session {self.latest.session_id}: {len(self.session)} passes, the last {self.latest.label}"
 
-    def passes(self) -> str:
-        """One line per pass of the session: when, what it ran, how it ended."""
+    def pass_lines(self) -> list[str]:
+        """One line per pass of the session (none for a run alone): when, what it ran, how it ended."""
         if len(self.session) == 1:
-            return ""
-        items = []
-        for i, run in enumerate(self.session, 1):
-            cells = [c for c in self.cells if self.cell_pass[c.key] == i - 1]
+            return []
+        lines = []
+        for i, run in enumerate(self.session):
+            cells = [c for c in self.cells if self.cell_pass[c.key] == i]
             counts = {o: sum(1 for c in cells if c.outcome == o) for o in ("passed", "failed", "skipped")}
             gates = list(dict.fromkeys(c.gate for c in cells))
             shown = ", ".join(gates[:6]) + (f" and {len(gates) - 6} more" if len(gates) > 6 else "")
-            items.append(f"<li><b>pass {i}</b> {_e(run.label)}: {len(cells)} cell(s) on the grid, {counts['passed']} "
-                         f"passed, {counts['failed']} failed, {counts['skipped']} skipped"
-                         + (f" ({_e(shown)})" if gates else " (every cell it ran was run again later)")
-                         + (f"; exit status {run.exit_status}" if run.exit_status else "") + "</li>")
-        return '<ol class="passes">' + "".join(items) + "</ol>"
+            lines.append(f"{run.label}: {len(cells)} cell(s) on the grid, {counts['passed']} passed, {counts['failed']} "
+                         f"failed, {counts['skipped']} skipped" + (f" ({shown})" if gates else
+                                                                   " (every cell it ran was run again later)")
+                         + (f"; exit status {run.exit_status}" if run.exit_status else ""))
+        return lines
+
+    def passes(self) -> str:
+        lines = self.pass_lines()
+        return ('<ol class="passes">' + "".join(f"<li><b>pass {i}</b> {_e(line)}</li>" for i, line in enumerate(lines, 1))
+                + "</ol>") if lines else ""
 
     def plotted(self) -> str:
         if len(self.points) == len(self.runs):
@@ -355,6 +360,8 @@ class Report:
         lines = [f"## zoo-conformance: {verdict}",
                  "", f"{self.session_line()[0].upper()}{self.session_line()[1:]} on {run.environment.get('host', '?')}: "
                  f"{counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped.", ""]
+        if len(self.session) > 1:
+            lines += [f"- pass {i} {line}" for i, line in enumerate(self.pass_lines(), 1)] + [""]
         if failed:
             lines += ["### Failing", ""] + [f"- **{c.model} {c.gate} {c.backend}** `{c.case}`: {c.detail}" for c in failed] + [""]
         since = self.comparison.since
