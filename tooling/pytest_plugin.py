@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
+import ctypes.util
+import gc
 import os
 import re
 import sys
@@ -319,30 +322,77 @@ def zoo(pytestconfig) -> Workspace:
 
 @pytest.fixture(scope="session")
 def known_answers(zoo, tmp_path_factory) -> Callable[[str], KnownAnswer]:
-    """Each model's generated known-answer set, written once per process and read by every gate
-    that scores it (the known answer, and the agreement gate on each backend)."""
-    made: dict[str, KnownAnswer] = {}
+    """Each model's generated known-answer set, written once per model handle (kept in its memo,
+    so released with it) and read by every gate that scores it (the known answer, and the
+    agreement gate on each backend)."""
 
     def known_answer(model: str) -> KnownAnswer:
-        if model not in made:
-            made[model] = zoo.model(model).slice.make_known_answer(tmp_path_factory.mktemp(f"{model}-known-answer"))
-        return made[model]
+        memo = zoo.model(model).memo
+        if "known_answer" not in memo:
+            memo["known_answer"] = zoo.model(model).slice.make_known_answer(
+                tmp_path_factory.mktemp(f"{model}-known-answer"))
+        return memo["known_answer"]
 
     return known_answer
 
 
 @pytest.fixture(scope="session")
 def agreement_references(zoo, known_answers) -> Callable[[str], AgreementSet]:
-    """Each model's agreement set with its torch eager pass, run once per process and compared
-    with by the agreement gate on every deployed backend (and by the probes that perturb one)."""
-    made: dict[str, AgreementSet] = {}
+    """Each model's agreement set with its torch eager pass, run once per model handle (kept in
+    its memo) and compared with by the agreement gate on every deployed backend (and by the
+    probes that perturb one)."""
 
     def reference(model: str) -> AgreementSet:
-        if model not in made:
-            made[model] = AgreementSet(zoo, model, known_answers(model))
-        return made[model]
+        memo = zoo.model(model).memo
+        if "agreement_set" not in memo:
+            memo["agreement_set"] = AgreementSet(zoo, model, known_answers(model))
+        return memo["agreement_set"]
 
     return reference
+
+
+def item_model(item: pytest.Item) -> str | None:
+    """The model an item checks: its suite's, or the ``model`` parameter of a per-model test."""
+    model = _suite_model(getattr(item, "cls", None))
+    if model is None:
+        param = getattr(getattr(item, "callspec", None), "params", {}).get("model")
+        model = param if isinstance(param, str) else None
+    return model
+
+
+@pytest.hookimpl(hookwrapper=True, trylast=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None):
+    """Once this process moves on from a model's items to another model's, the finished model's
+    handle is released (Workspace.release) and freed memory is handed back to the system, so an
+    xdist worker holds one model's networks, sessions and sets at a time instead of all five.
+    The scheduler hands out a case's rows (and a model's agreement rows) together, so a model
+    seldom comes back; when it does, its artifacts are read from the cache again."""
+    yield
+    model, workspace = item_model(item), item.config.stash.get(_workspace_key, None)
+    if nextitem is None or model is None or workspace is None:
+        return  # the last item: the process ends anyway
+    following = item_model(nextitem)
+    if following is not None and following != model and workspace.release(model):
+        release_freed_memory()
+
+
+def release_freed_memory() -> None:
+    """Collect the released objects now (torch modules and sessions sit in reference cycles) and
+    ask glibc to return its freed heap pages to the system, which it otherwise keeps in its arenas."""
+    gc.collect()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None  # not glibc (musl, macOS): the collection alone
+
+
+_LIBC = _load_libc()
 
 
 def _gate_item(item: pytest.Item) -> bool:

@@ -71,6 +71,19 @@ class Workspace:
             self._models[name] = ModelHandle(self, load_model_spec(name))
         return self._models[name]
 
+    @property
+    def held_models(self) -> tuple[str, ...]:
+        """The models whose handles (networks, sessions, references, memos) this process holds."""
+        return tuple(self._models)
+
+    def release(self, name: str) -> bool:
+        """Drop model ``name``'s handle and everything it memoises (torch networks, open sessions
+        with their runtimes' arenas, references, memos such as its agreement set): a run calls this
+        once the model's tests on this process are done, so a worker holds one model's memory, not
+        every model's. Artifacts stay in the cache; a later ``model(name)`` loads them again.
+        Whether it held the model."""
+        return self._models.pop(name, None) is not None
+
     def backend(self, name: str) -> Backend:
         if name not in self._backends:
             if name not in BACKENDS:
@@ -134,6 +147,9 @@ class ModelHandle:
         self._references: dict[tuple, dict[str, np.ndarray]] = {}
         self._upstream: dict[str, UpstreamCheckout] = {}  # by checkout name
         self._flops: dict[str, GraphFlops] = {}
+        # Objects built for this model that live as long as its handle (its known-answer set, its
+        # agreement set with the torch eager pass): Workspace.release drops them with it.
+        self.memo: dict[str, Any] = {}
 
     def with_own_sessions(self) -> "ModelHandle":
         """A handle on the same networks, references and workspace whose sessions (and whatever
