@@ -44,6 +44,7 @@ class AgreementResult:
     deltas: dict[str, float]  # |deployed - reference| per gated metric
     metric_problems: list[str]  # gated metrics that moved further than their bound
     call_problems: list[str] = field(default_factory=list)  # network calls outside raw/decoded tolerances
+    bounds: dict[str, float] = field(default_factory=dict)  # per gated metric, how far it may move here
     calls: int = 0
     worst: dict[str, float] = field(default_factory=dict)  # worst |difference| per compared output
     # The call that deviated most from torch eager relative to its tolerance (what a picture shows).
@@ -174,8 +175,8 @@ class AgreementSet:
                     result.worst[f"{kind}:{s.name}"] = max(result.worst.get(f"{kind}:{s.name}", 0.0), s.max_abs)
 
         result.metrics = self._score(backend, run_dir / f"run-{backend}", observe=against_torch)
-        result.deltas, result.metric_problems = metric_problems(reference, result.metrics, spec.accuracy.agreement,
-                                                                backend)
+        result.bounds = planning.agreement_bounds(spec, backend)
+        result.deltas, result.metric_problems = metric_problems(reference, result.metrics, result.bounds, backend)
         return result
 
 

@@ -133,6 +133,8 @@ def parse_model_spec(raw: dict[str, Any], where: str) -> ModelSpec:
             },
             agreement={k: float(v) for k, v in acc.get("agreement", {}).items()},
             agreement_samples=int(acc.get("agreement_samples", 4)),
+            agreement_by_backend={key: {k: float(v) for k, v in bounds.items()}
+                                  for key, bounds in (acc.get("agreement_by_backend") or {}).items()},
         )
     thr = _require(raw, "throughput", where)
     floors = {  # the schema has checked the profile names and their batch sizes

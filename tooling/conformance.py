@@ -277,7 +277,8 @@ class ConformanceSuite:
         where it has none), so the metrics are neither 0 nor perfect. Every network call's raw
         outputs (backend tolerances) and decoded outputs (``decoded`` tolerances) agree with torch
         eager on the same feeds, and no metric moves further from the torch eager pipeline's than
-        ``accuracy.agreement`` allows: the deployed backend must not move AP or MPJPE."""
+        ``accuracy.agreement`` allows (``agreement_by_backend`` for a precision that rounds, such as
+        an fp16 OM): the deployed backend must not move AP or MPJPE."""
         spec = zoo.model(self.model).spec
         assert spec.accuracy and spec.accuracy.agreement, (
             f"baselines/{self.model}.yaml: accuracy.agreement names no metric bound for the deployed backends"
@@ -289,6 +290,7 @@ class ConformanceSuite:
         agreement = agreement_references(self.model)
         result = agreement.run(zoo, deployed_backend, tmp_path)
         record(request, metrics=result.metrics, torch_metrics=result.reference, metric_deltas=result.deltas,
+               metric_bounds=result.bounds,
                calls=result.calls, agreement_weights=agreement.weights_label,
                worst_max_abs=max(result.worst.values(), default=0.0), **pass_records(tmp_path / f"run-{deployed_backend}"),
                pictures=disagreement_pictures(agreement.handle, result.largest,

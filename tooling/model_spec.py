@@ -200,6 +200,10 @@ class AccuracySpec:
     # the known-answer set: the network-in-the-loop agreement gate.
     agreement: dict[str, float] = field(default_factory=dict)
     agreement_samples: int = 4
+    # Per backend tolerance key (``om@force_fp16``, then ``om``), bounds that replace those of
+    # ``agreement`` for the metrics they name: a precision that rounds every tensor moves the
+    # metrics further than an fp32 runtime does (planning.agreement_bounds).
+    agreement_by_backend: dict[str, dict[str, float]] = field(default_factory=dict)
     # Per extra target, its own (higher_is_better, tolerance) where the yaml gives them; otherwise
     # the main metric's direction and tolerance apply.
     extra_rules: dict[str, tuple[bool, float]] = field(default_factory=dict)

@@ -115,6 +115,24 @@ def tolerance_key(spec: ModelSpec, network: str, backend: str) -> str:
     return BACKENDS[backend].tolerance_key(spec, network) if backend in BACKENDS else backend
 
 
+def agreement_bounds(spec: ModelSpec, backend: str) -> dict[str, float]:
+    """Per agreement metric, how far ``backend`` may move it from torch eager: the yaml's
+    ``accuracy.agreement``, with ``agreement_by_backend`` replacing the metrics it names for the
+    tolerance key one of the model's networks holds ``backend`` to (``om@force_fp16``, else
+    ``om``). The set runs every network, so where they hold it to different keys the loosest wins."""
+    accuracy = spec.accuracy
+    if accuracy is None:
+        return {}
+    replaced: dict[str, float] = {}
+    for network in spec.networks:
+        key = tolerance_key(spec, network, backend)
+        entry = next((accuracy.agreement_by_backend[k] for k in (key, key.split("@", 1)[0])
+                      if k in accuracy.agreement_by_backend), {})
+        for name, bound in entry.items():
+            replaced[name] = max(bound, replaced.get(name, bound))
+    return {**accuracy.agreement, **replaced}
+
+
 def tolerances(spec: ModelSpec, network: str, backend: str, *, decoded: bool = False) -> dict[str, Tolerance]:
     """Per output of ``network`` (raw, or decoded: what the task reports), the tolerance ``backend``
     is held to: its ``backend_tolerances`` entry where the yaml gives one, else the network's."""

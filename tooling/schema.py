@@ -141,6 +141,8 @@ ACCURACY = fields(
         # The network-in-the-loop agreement gate: metric -> largest |deployed - torch eager| on the
         # first `agreement_samples` samples of the known-answer set, seeded weights.
         "agreement": mapping({"type": "number", "minimum": 0}),
+        # backend tolerance key (as in backend_tolerances) -> metric -> bound, replacing agreement's
+        "agreement_by_backend": mapping(mapping({"type": "number", "minimum": 0})),
         "agreement_samples": {"type": "integer", "minimum": 1},
     },
     required=("metric", "target", "higher_is_better"),
@@ -286,6 +288,10 @@ def reference_errors(raw: dict[str, Any], backend_names: Iterable[str]) -> list[
     accuracy = raw.get("accuracy") or {}
     if "profile" in accuracy:
         check([accuracy["profile"]], profiles, "accuracy.profile", "profile")
+    by_backend = accuracy.get("agreement_by_backend") or {}
+    check([k.split("@", 1)[0] for k in by_backend], backends, "accuracy.agreement_by_backend", "backend")
+    for key, bounds in by_backend.items():
+        check(bounds, accuracy.get("agreement") or {}, f"accuracy.agreement_by_backend.{key}", "agreement metric")
     dims = {"batch"} | {d for p in profiles.values() for d in p.get("dims", {})}
     check(raw.get("throughput", {}).get("items_per_call", ()), dims, "throughput.items_per_call", "dim")
     default_batches = raw.get("batch_sizes", [1])

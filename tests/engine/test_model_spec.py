@@ -98,6 +98,31 @@ def test_backend_tolerances_resolve_by_setting_then_backend_then_network():
         parse_model_spec(raw, "toy.yaml")
 
 
+def test_agreement_bounds_resolve_by_setting_then_backend_and_the_loosest_network_wins():
+    om = {"output": "toy-bs{batch}"}
+    networks = {
+        "net": {**MINIMAL["networks"]["net"], "om": {**om, "precision_mode": "force_fp16"}},
+        "head": {**MINIMAL["networks"]["net"], "om": {**om, "precision_mode": "must_keep_origin_dtype"}},
+    }
+    accuracy = {**MINIMAL["accuracy"], "agreement": {"AP": 0.01, "AR": 0.01},
+                "agreement_by_backend": {"om@force_fp16": {"AP": 0.05}, "om": {"AP": 0.02, "AR": 0.03}}}
+    spec = parse_model_spec({**MINIMAL, "networks": networks, "accuracy": accuracy}, "toy.yaml")
+    # net holds om to om@force_fp16 (AP 0.05), head to om@must_keep_origin_dtype, which falls back
+    # to om's entry (AP 0.02, AR 0.03): the set runs both, so each metric takes the looser bound.
+    assert planning.agreement_bounds(spec, "om") == {"AP": 0.05, "AR": 0.03}
+    assert planning.agreement_bounds(spec, "onnxruntime") == {"AP": 0.01, "AR": 0.01}
+    only_fp16 = {**accuracy, "agreement_by_backend": {"om@force_fp16": {"AP": 0.05}}}
+    spec = parse_model_spec({**MINIMAL, "networks": networks, "accuracy": only_fp16}, "toy.yaml")
+    assert planning.agreement_bounds(spec, "om") == {"AP": 0.05, "AR": 0.01}  # AR: not replaced
+
+    typo = {**accuracy, "agreement_by_backend": {"om@force_fp16": {"APP": 0.05}}}
+    with pytest.raises(ModelSpecError, match=r"accuracy\.agreement_by_backend\.om@force_fp16: unknown agreement metric 'APP'"):
+        parse_model_spec({**MINIMAL, "networks": networks, "accuracy": typo}, "toy.yaml")
+    stray = {**accuracy, "agreement_by_backend": {"ov": {"AP": 0.05}}}
+    with pytest.raises(ModelSpecError, match=r"accuracy\.agreement_by_backend: unknown backend 'ov'"):
+        parse_model_spec({**MINIMAL, "networks": networks, "accuracy": stray}, "toy.yaml")
+
+
 @pytest.mark.parametrize(
     "mutate, message",
     [
