@@ -9,6 +9,7 @@ items of sharded passes go last: they wait for their shards.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -22,6 +23,7 @@ from filelock import FileLock
 from xdist.scheduler import LoadScheduling
 
 from tooling.backends import BACKENDS
+from tooling.baseline import model_names
 from tooling.shards import Shard, parse_merge
 
 DURATIONS = "durations.json"
@@ -95,7 +97,26 @@ def affinity(nodeid: str) -> str:
         return nodeid
     joined = "-".join(params)
     backend = _row_backend(joined) or ""
-    return f"{base.split('::', 1)[0]}[{joined[:len(joined) - len(backend)].rstrip('-')}]"
+    module, case = base.split("::", 1)[0], joined[:len(joined) - len(backend)].rstrip("-")
+    model = case if case in _model_names() else _suite_model(module) if not case else None
+    if model is not None:
+        # A model's rows without a case (its agreement rows on every backend, its staged accuracy
+        # passes) and the per-model tests elsewhere (``[dekr]``: the agreement-set probes) share
+        # its agreement set, whose torch eager pass is the costliest thing a handle memoises: one
+        # worker runs them back to back, so releasing the model between them never runs it twice.
+        return f"model:{model}"
+    return f"{module}[{case}]"
+
+
+@functools.cache
+def _model_names() -> frozenset[str]:
+    return frozenset(model_names())
+
+
+def _suite_model(module: str) -> str | None:
+    """The model whose suite module (``tests/models/test_<model>.py``) ``module`` is, if any."""
+    name = Path(module).stem.removeprefix("test_")
+    return name if name in _model_names() else None
 
 
 def _row_backend(joined_params: str) -> str | None:

@@ -56,6 +56,18 @@ def test_affinity_groups_a_modules_tests_with_the_same_parameters_but_the_backen
     assert affinity(COLLECTION[7]) == COLLECTION[7]
 
 
+def test_a_models_agreement_rows_and_its_per_model_probes_go_to_one_worker():
+    """They share the model's agreement set (one torch eager pass over the known-answer set): run
+    back to back, the set is built once although the model is released when its items are done."""
+    rows = {affinity(f"tests/models/test_dekr.py::TestDEKR::test_accuracy_agrees_with_torch[{b}]")
+            for b in ("onnxruntime", "openvino", "om")}
+    probes = {affinity(f"tests/models/test_agreement_sets.py::test_{t}[dekr]") for t in ("informative", "perturbed")}
+    assert rows == probes == {affinity("tests/models/test_dekr.py::TestDEKR::test_accuracy_on_staged_dataset[onnxruntime]")}
+    assert affinity("tests/models/test_agreement_sets.py::test_informative[fomm]") not in rows
+    assert affinity("tests/models/test_dekr.py::TestDEKR::test_onnx_matches_torch[hrnet_dekr-smoke-b1-torchscript]") \
+        not in rows
+
+
 def test_a_compile_and_its_other_rows_go_to_one_worker_longest_first(tmp_path):
     # The AOTI compile is the longest test; its decoded row waited on the build lock last time.
     seconds = [3.0, 1.0, 25.0, 0.5, 20.0, 9.0, 8.0, 0.1]
