@@ -24,6 +24,8 @@ What this can and cannot say:
 """
 from __future__ import annotations
 
+import math
+import os
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -90,13 +92,21 @@ class TriageReport:
     compared: int  # node outputs compared before stopping
     first: Divergence | None
     not_exposed: list[str] = field(default_factory=list)  # tensors the candidate did not return
+    runs: int = 1  # graph runs per side: intermediates are exposed a memory budget at a time
+    budget_bytes: int | None = None  # that budget (None: all exposed at once, as the module probes are)
+
+    @property
+    def _runs(self) -> str:
+        if self.runs == 1:
+            return ""
+        return f" in {self.runs} runs of at most {self.budget_bytes / 2**20:.0f} MB of intermediates each"
 
     def summary(self) -> str:
         if self.first is None:
             unexposed = f"; {len(self.not_exposed)} not returned by the backend" if self.not_exposed else ""
             return (
                 f"first-divergence triage ({self.what}): no node output out of tolerance among {self.compared} "
-                f"compared (of {self.nodes} nodes){unexposed}"
+                f"compared (of {self.nodes} nodes){self._runs}{unexposed}"
             )
         d, s = self.first.output, self.first.stats
         module = f"module {d.module!r}, computed by " if d.module else ""
@@ -106,13 +116,14 @@ class TriageReport:
             f"p99_abs={s.p99_abs:.3g} max_rel={s.max_rel:.3g} cos={s.cosine:.7f}, {s.violations} elements out "
             f"(atol={s.atol:.3g} rtol={s.tolerance.rtol:g}); worst@{s.worst_index}: got {s.worst_actual:.6g} "
             f"want {s.worst_expected:.6g}; fed by {', '.join(d.feeds_from) or 'nothing'}; "
-            f"{self.compared - 1} earlier {'module' if d.module else 'node'} outputs agree"
+            f"{self.compared - 1} earlier {'module' if d.module else 'node'} outputs agree{self._runs}"
         )
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "what": self.what, "nodes": self.nodes, "compared": self.compared,
             "first_divergence": self.first.as_dict() if self.first else None, "not_exposed": self.not_exposed,
+            "runs": self.runs, "budget_bytes": self.budget_bytes,
         }
 
 
@@ -132,18 +143,10 @@ def node_outputs(model: onnx.ModelProto) -> list[NodeOutput]:
     return result
 
 
-def expose_intermediates(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[NodeOutput]]:
-    """A copy of ``model`` whose graph outputs include every typed intermediate tensor, and the node
-    outputs that can be compared (in graph order)."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # noqa: BLE001 - a custom domain op stops inference; graph types still serve
-        inferred = model
-    graph = inferred.graph
-    types = {vi.name: vi.type for vi in [*graph.value_info, *graph.input, *graph.output]}
-    exposed = onnx.ModelProto()
-    exposed.CopyFrom(model)
-    present = {o.name for o in exposed.graph.output}
+def comparable_outputs(model: onnx.ModelProto) -> list[NodeOutput]:
+    """The node outputs whose values can be compared, in graph order: typed, of a comparable element
+    type, computed (not Constant)."""
+    types = _tensor_types(model)
     comparable = []
     for out in node_outputs(model):
         if out.op_type in NOT_COMPUTED:
@@ -154,10 +157,105 @@ def expose_intermediates(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[
         if tensor_type.tensor_type.elem_type not in COMPARABLE:
             continue
         comparable.append(out)
+    return comparable
+
+
+def expose_intermediates(model: onnx.ModelProto, only: list[NodeOutput] | None = None
+                         ) -> tuple[onnx.ModelProto, list[NodeOutput]]:
+    """A copy of ``model`` whose graph outputs include every comparable intermediate tensor (or those
+    of ``only``), and those node outputs (in graph order)."""
+    types = _tensor_types(model)
+    outputs = comparable_outputs(model) if only is None else only
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    present = {o.name for o in exposed.graph.output}
+    for out in outputs:
         if out.tensor not in present:
-            exposed.graph.output.append(onnx.helper.make_tensor_value_info(out.tensor, tensor_type.tensor_type.elem_type, None))
+            elem_type = types[out.tensor].tensor_type.elem_type
+            exposed.graph.output.append(onnx.helper.make_tensor_value_info(out.tensor, elem_type, None))
             present.add(out.tensor)
-    return exposed, comparable
+    return exposed, outputs
+
+
+def _tensor_types(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:
+    """Every tensor's inferred type; with ``feeds``, inferred at the feeds' shapes (dynamic inputs
+    pinned) so that most dims come out concrete."""
+    if feeds is not None:
+        pinned = onnx.ModelProto()
+        pinned.CopyFrom(model)
+        for graph_input in pinned.graph.input:
+            if graph_input.name in feeds and graph_input.type.HasField("tensor_type"):
+                shape = graph_input.type.tensor_type.shape
+                shape.ClearField("dim")
+                for size in np.shape(feeds[graph_input.name]):
+                    shape.dim.add().dim_value = int(size)
+        model = pinned
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=feeds is not None)
+    except Exception:  # noqa: BLE001 - a custom domain op stops inference; graph types still serve
+        inferred = model
+    graph = inferred.graph
+    return {vi.name: vi.type for vi in [*graph.value_info, *graph.input, *graph.output]}
+
+
+def estimated_bytes(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], outputs: list[NodeOutput]) -> list[int]:
+    """Each output's size at these feeds, from shape inference; where a dim stays unknown (after a
+    custom-domain op, a data-dependent shape) the nearest earlier known size stands in: layers of a
+    network change tensor sizes gradually, and an underestimate only makes one run hold more."""
+    types = _tensor_types(model, feeds)
+    known = max((np.asarray(v).nbytes for v in feeds.values()), default=0)
+    sizes = []
+    for out in outputs:
+        tensor_type = types.get(out.tensor)
+        dims = list(tensor_type.tensor_type.shape.dim) if tensor_type is not None and tensor_type.HasField("tensor_type") else []
+        if tensor_type is not None and tensor_type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in dims):
+            item = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.tensor_type.elem_type).itemsize
+            known = item * math.prod(d.dim_value for d in dims)
+        sizes.append(known)
+    return sizes
+
+
+def exposure_runs(outputs: list[NodeOutput], sizes: list[int], budget_bytes: int) -> list[list[NodeOutput]]:
+    """Consecutive runs of ``outputs`` (graph order) whose estimated sizes add up to at most
+    ``budget_bytes``; an output larger than the budget is a run of its own."""
+    runs: list[list[NodeOutput]] = []
+    held = budget_bytes + 1
+    for out, size in zip(outputs, sizes):
+        if held + size > budget_bytes:
+            runs.append([])
+            held = 0
+        runs[-1].append(out)
+        held += size
+    return runs
+
+
+def memory_budget_bytes() -> int:
+    """Bytes of intermediates one triage run exposes per side: ``ZOO_TRIAGE_MEMORY_MB``, else a
+    sixth of the memory available now. A run holds the exposed tensors twice on each side (the
+    runtime's buffers and the arrays it returns) and the comparison widens one pair to float64, so
+    a sixth keeps the triage near half of what is free (measured: GMA at 440 x 1024, 7.3 GB of
+    intermediates exposed at once, peaked at 20.8 GB)."""
+    configured = os.environ.get("ZOO_TRIAGE_MEMORY_MB")
+    if configured:
+        try:
+            megabytes = float(configured)
+        except ValueError:
+            raise ValueError(f"ZOO_TRIAGE_MEMORY_MB={configured!r} is not a number of megabytes") from None
+        if megabytes <= 0:
+            raise ValueError(f"ZOO_TRIAGE_MEMORY_MB={configured!r} must be positive")
+        return int(megabytes * 2**20)
+    return _available_bytes() // 6
+
+
+def _available_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def first_divergence(
@@ -168,26 +266,40 @@ def first_divergence(
     tolerance: Tolerance,
     what: str,
     workdir: Path | None = None,
+    budget_bytes: int | None = None,
 ) -> TriageReport:
-    """Run the intermediate-exposed graph on both sides and name the first node out of tolerance."""
-    exposed, outputs = expose_intermediates(model)
-    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-        path = Path(tmp) / "exposed.onnx"
-        onnx.save(exposed, str(path))
-        expected = reference(path).run(feeds)
-        actual = candidate(path).run(feeds)
+    """Run the intermediate-exposed graph on both sides and name the first node out of tolerance.
+
+    The intermediates are exposed a run at a time, in graph order, each run's estimated size within
+    ``budget_bytes`` (default ``memory_budget_bytes()``): exposing all of a deploy-shape graph at once
+    holds every intermediate of both sides together (GMA at 440 x 1024: 7.3 GB each), more than a
+    host may have. The search stops at the run holding the first divergence; each run executes the
+    whole graph again (and compiles it again, for a compiling backend)."""
+    outputs = comparable_outputs(model)
+    budget = memory_budget_bytes() if budget_bytes is None else budget_bytes
+    runs = exposure_runs(outputs, estimated_bytes(model, feeds, outputs), budget)
     compared, missing = 0, []
-    for out in outputs:
-        if out.tensor not in actual or out.tensor not in expected:
-            missing.append(out.tensor)
-            continue
-        compared += 1
-        if np.array_equal(actual[out.tensor], expected[out.tensor]):
-            continue  # bit-identical (most nodes of a sound backend): skip the statistics
-        stats = compare_array(out.tensor, actual[out.tensor], expected[out.tensor], tolerance)
-        if not stats.passed:
-            return TriageReport(what, len(model.graph.node), compared, Divergence(out, stats), missing)
-    return TriageReport(what, len(model.graph.node), compared, None, missing)
+    for number, run in enumerate(runs, start=1):
+        exposed, _ = expose_intermediates(model, run)
+        with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+            path = Path(tmp) / "exposed.onnx"
+            onnx.save(exposed, str(path))
+            expected = reference(path).run(feeds)
+            actual = candidate(path).run(feeds)
+        del exposed
+        for out in run:
+            if out.tensor not in actual or out.tensor not in expected:
+                missing.append(out.tensor)
+                continue
+            compared += 1
+            if np.array_equal(actual[out.tensor], expected[out.tensor]):
+                continue  # bit-identical (most nodes of a sound backend): skip the statistics
+            stats = compare_array(out.tensor, actual[out.tensor], expected[out.tensor], tolerance)
+            if not stats.passed:
+                return TriageReport(what, len(model.graph.node), compared, Divergence(out, stats), missing,
+                                    runs=number, budget_bytes=budget)
+        del expected, actual
+    return TriageReport(what, len(model.graph.node), compared, None, missing, runs=len(runs), budget_bytes=budget)
 
 
 def node_tolerance(tolerances: Mapping[str, Tolerance]) -> Tolerance:
@@ -343,7 +455,8 @@ def triage_case(handle, case, backend_name: str, feeds: Mapping[str, np.ndarray]
 
     def candidate(path: Path):
         path = perturb(path) if perturb else path
-        exposed_request = replace(request, onnx_path=path, expected_output_shapes=lambda: {})
+        graph_outputs = tuple(o.name for o in onnx.load(str(path), load_external_data=False).graph.output)
+        exposed_request = replace(request, onnx_path=path, expected_output_shapes=lambda: {}, output_names=graph_outputs)
         if backend.needs_compile:
             staging = path.parent / f"{backend_name}-artifact"
             staging.mkdir()

@@ -734,3 +734,26 @@ def test_doctor_reports_unhealthy_chips(toolkit_bin):
     _script(toolkit_bin / "npu-smi", f"exec {shutil.which('cat', path='/bin:/usr/bin')} {shlex.quote(str(sick))}")
     check = check_npus()
     assert not check.ok and "devices [1] are not healthy" in check.detail
+
+
+@pytest.mark.videopose3d
+def test_om_triage_names_the_node_the_om_miscomputes(npu_host, tmp_path, monkeypatch):
+    """The first-divergence triage on the OM: the exposed graph goes through ATC like the case's own,
+    ais_bench returns its many outputs by position and they are named after that graph's outputs
+    (not the network's one), here a run at a time under a small memory budget; a Conv whose weight
+    the OM holds 1.5x too large is the node named, and no earlier node diverges (fp16 rounding
+    stays within the om@force_fp16 tolerances)."""
+    from tests.engine.test_triage import scaled_initializer
+    from tooling.triage import triage_case
+
+    monkeypatch.setenv("ZOO_TRIAGE_MEMORY_MB", "0.25")
+    zoo = Workspace(Roots.resolve(cache_dir=tmp_path / "cache"), Options(weights="seeded"))
+    handle = zoo.model("videopose3d")
+    case = next(c for c in planning.cases(handle.spec)
+                if (c.profile, c.batch, c.exporter) == ("smoke_min", 1, "torchscript"))
+    model = onnx.load(str(handle.onnx(case)))
+    target = [n for n in model.graph.node if n.op_type == "Conv"][3]
+    report = triage_case(handle, case, "om", perturb=scaled_initializer(target.input[1], 1.5))
+    assert report.first is not None, report.summary()
+    assert report.first.output.node == target.name and not report.not_exposed
+    assert report.runs > 1 and "om vs ONNX Runtime" in report.what

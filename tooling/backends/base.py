@@ -68,6 +68,9 @@ class CompileRequest:
     # Output shapes of the torch reference on example_feeds; computed only for backends that
     # check them (some runtimes return wrongly shaped outputs without an error).
     expected_output_shapes: Callable[[], dict[str, tuple[int, ...]]] = lambda: {}
+    # The graph's outputs in order where they are not the network's (the triage's graph with its
+    # intermediates exposed), for runtimes that return outputs by position.
+    output_names: tuple[str, ...] | None = None
 
     def backend_options(self, backend: str) -> dict[str, Any]:
         """The model's ``backend_options.<backend>`` from its yaml (tuning that is data, not code)."""

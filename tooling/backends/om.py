@@ -121,4 +121,5 @@ class OmBackend(Backend):
         net = request.spec.networks[request.case.network]
         signature = tuple(tuple(request.example_feeds[i.name].shape) for i in net.inputs)
         expected = {signature: request.expected_output_shapes()}
-        return OmSession(session, net, OmSettings.of(request.spec, request.case.network).dynamic_dims, expected)
+        return OmSession(session, net, OmSettings.of(request.spec, request.case.network).dynamic_dims, expected,
+                         output_names=request.output_names)

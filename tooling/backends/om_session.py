@@ -34,15 +34,17 @@ def call_duration_ms(entry: Any) -> float:
 class OmSession:
     """ais_bench's ``InferSession`` behind the suite's ``run(feeds) -> {name: array}``.
 
-    OM outputs come back as a list in the ONNX graph's output order; they are named by position.
+    OM outputs come back as a list in the ONNX graph's output order; they are named by position,
+    after the network's outputs or, for a graph with more (the triage's), after ``output_names``.
     """
 
     def __init__(self, infer_session, net: NetworkSpec, dynamic: DynamicDims | None,
-                 expected_shapes: dict[tuple, dict[str, tuple[int, ...]]]):
+                 expected_shapes: dict[tuple, dict[str, tuple[int, ...]]],
+                 output_names: tuple[str, ...] | None = None):
         self.session = infer_session
         self.net = net
         self.dynamic = dynamic
-        self.output_names = net.output_names
+        self.output_names = tuple(output_names) if output_names is not None else net.output_names
         self.expected_shapes = expected_shapes  # per input-shape signature, for the shapes known
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> Arrays:
@@ -57,7 +59,8 @@ class OmSession:
         except Exception as exc:  # noqa: BLE001 - aclruntime raises RuntimeError with ACL's error code
             raise BackendError(f"ais_bench infer ({mode}) failed for {self.net.name}: {exc}") from exc
         if len(values) != len(self.output_names):
-            raise BackendError(f"the OM returned {len(values)} outputs, the network declares {self.output_names}")
+            raise BackendError(f"the OM returned {len(values)} outputs, the graph declares {len(self.output_names)}: "
+                               f"{list(self.output_names)[:8]}{' ...' if len(self.output_names) > 8 else ''}")
         outputs = {name: np.asarray(v) for name, v in zip(self.output_names, values)}
         expected = self.expected_shapes.get(tuple(shapes[i.name] for i in self.net.inputs), {})
         for name, shape in expected.items():
