@@ -122,6 +122,22 @@ def test_samplers_interpolate_with_zero_outside(sample):
     np.testing.assert_allclose(actual, expected, atol=1e-5)
 
 
+def test_gather_sampler_indexes_in_integers_so_fp16_arithmetic_fetches_the_right_cells():
+    """ATC runs float arithmetic in fp16 (the guide's precision), where integers past 2048 are not
+    all representable: a 60 x 60 map (62 x 62 padded, flat indices up to 3843) sampled on pixel
+    centres in half precision must read exactly the cells float32 reads. A flat index computed in
+    float and then cast (the first port) read a neighbour for every odd index past 2048; on the
+    fake ATC's fp16 OM of GMA at 440 x 1024 that moved the flow by up to 10 px (0.64 px after)."""
+    g = torch.Generator().manual_seed(2)
+    image = torch.rand(1, 1, 60, 60, generator=g).half()
+    rows, cols = torch.meshgrid(torch.arange(30.0, 60.0), torch.arange(0.0, 60.0), indexing="ij")
+    points = torch.stack([cols, rows], -1)[None]  # x, y: rows 30-59 lie past flat index 2048
+    in_half = sample_gather(image, points.half()).float()
+    in_float = sample_gather(image.float(), points)
+    assert torch.equal(in_half, in_float)
+    assert torch.equal(in_float[0, 0], image.float()[0, 0, 30:])
+
+
 def test_window_moves_x_along_the_slow_channel_index():
     offsets = window_offsets(4)
     assert offsets[0, 8].tolist() == [-4.0, 4.0]  # channel (a+4)*9 + (b+4) = 8: x offset -4, y offset +4

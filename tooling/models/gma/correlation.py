@@ -1,8 +1,8 @@
 """All-pairs correlation pyramid and its windowed lookup (spec §2.5), with two bilinear samplers.
 
 ``grid_sample`` uses ``F.grid_sample`` (ONNX GridSample, opset 16+); ``gather`` is the guide's
-opset-12 path: zero-pad by one pixel, fetch the four corners with a gather, blend with weights
-from the unclamped coordinates. Both compute plain bilinear interpolation at pixel positions with
+opset-12 path: zero-pad by one pixel, fetch the four corners with a gather at integer indices,
+blend with weights from the unclamped coordinates. Both compute plain bilinear interpolation at pixel positions with
 zero contribution from corners outside the image.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ def sample_grid_sample(image: torch.Tensor, points: torch.Tensor) -> torch.Tenso
 
 
 def sample_gather(image: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-    """Same contract as ``sample_grid_sample``, built from Pad, Floor, Clip and GatherElements."""
+    """Same contract as ``sample_grid_sample``, built from Pad, Floor, integer Where and GatherElements."""
     batch, channels, height, width = image.shape
     _, out_h, out_w, _ = points.shape
     padded = F.pad(image, (1, 1, 1, 1)).reshape(batch, channels, (height + 2) * (width + 2))
@@ -40,12 +40,21 @@ def sample_gather(image: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
                (x0, y1, (x1 - x) * (y - y0)), (x1, y1, (x - x0) * (y - y0)))
     result = None
     for cx, cy, weight in corners:
-        cx = torch.clamp(cx, 0, width + 1)
-        cy = torch.clamp(cy, 0, height + 1)
-        index = (cy * (width + 2) + cx).to(torch.int64).expand(batch, channels, out_h * out_w)
+        # Integer corner and flat-index arithmetic, as mmcv's sampler does it: ATC runs float
+        # arithmetic in fp16, where integers past 2048 are not all representable, so a flat index
+        # computed in float fetched neighbouring cells of a 440 x 1024 pyramid (57 x 130 cells).
+        # Clipped with where, as there: the graph ATC takes holds no Clip on integers.
+        cx = _clip(cx.to(torch.int64), width + 1)
+        cy = _clip(cy.to(torch.int64), height + 1)
+        index = (cy * (width + 2) + cx).expand(batch, channels, out_h * out_w)
         term = torch.gather(padded, 2, index) * weight
         result = term if result is None else result + term
     return result.reshape(batch, channels, out_h, out_w)
+
+
+def _clip(index: torch.Tensor, largest: int) -> torch.Tensor:
+    index = torch.where(index < 0, torch.zeros_like(index), index)
+    return torch.where(index > largest, torch.full_like(index, largest), index)
 
 
 SAMPLE = {"grid_sample": sample_grid_sample, "gather": sample_gather}
