@@ -29,7 +29,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, TypeVar
 
 import numpy as np
 import onnx
@@ -50,6 +50,7 @@ COMPARABLE = {
 # narrow it (OpenVINO holds int64 slice bounds such as INT64_MAX as int32).
 NOT_COMPUTED = {"Constant"}
 
+T = TypeVar("T")
 Runner = Callable[[Path], Any]  # exposed-graph path -> a session with run(feeds) -> {name: array}
 
 
@@ -215,10 +216,10 @@ def estimated_bytes(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], out
     return sizes
 
 
-def exposure_runs(outputs: list[NodeOutput], sizes: list[int], budget_bytes: int) -> list[list[NodeOutput]]:
-    """Consecutive runs of ``outputs`` (graph order) whose estimated sizes add up to at most
+def exposure_runs(outputs: list[T], sizes: list[int], budget_bytes: int) -> list[list[T]]:
+    """Consecutive runs of ``outputs`` (graph or call order) whose sizes add up to at most
     ``budget_bytes``; an output larger than the budget is a run of its own."""
-    runs: list[list[NodeOutput]] = []
+    runs: list[list[T]] = []
     held = budget_bytes + 1
     for out, size in zip(outputs, sizes):
         if held + size > budget_bytes:
@@ -324,20 +325,24 @@ class _ModuleProbes(torch.nn.Module):
         super().__init__()
         self.network = network
         self.output_names = output_names
-        self.probes = probes  # None: record which calls there are (the first, eager pass)
+        self.probes = probes  # None: record which calls there are and their sizes, capture none
         self.seen: list[str] = []
+        self.sizes: list[int] = []
 
     def forward(self, *inputs):
         captured: list[torch.Tensor] = []
         calls: dict[str, int] = {}
-        self.seen = []
+        self.seen, self.sizes = [], []
 
         def hook(name):
             def record(module, args, output):
                 if isinstance(output, torch.Tensor) and output.is_floating_point():
                     count = calls[name] = calls.get(name, 0) + 1
                     label = name if count == 1 else f"{name}#{count}"
-                    if self.probes is None or label in self.probes:
+                    if self.probes is None:
+                        self.seen.append(label)
+                        self.sizes.append(output.numel() * output.element_size())
+                    elif label in self.probes:
                         self.seen.append(label)
                         captured.append(output.clone())
             return record
@@ -357,36 +362,40 @@ class _ModuleProbes(torch.nn.Module):
 
 def probe_modules(network: torch.nn.Module, feeds: Mapping[str, np.ndarray], output_names: list[str],
                   tolerance: Tolerance, export: Callable[[torch.nn.Module, list[str], Path], None], what: str,
-                  perturb: Callable[[Path], Path] | None = None) -> TriageReport:
+                  perturb: Callable[[Path], Path] | None = None, budget_bytes: int | None = None) -> TriageReport:
     """Torch eager against ONNX Runtime (no rewrites) per submodule output: the first module whose
-    exported output exceeds ``tolerance``, with the graph node computing it."""
+    exported output exceeds ``tolerance``, with the graph node computing it. The probes go out in
+    consecutive runs within the memory budget (``first_divergence``), each run one more export."""
     args = [torch.from_numpy(np.ascontiguousarray(v)) for v in feeds.values()]
     discover = _ModuleProbes(network, output_names).eval()
     with torch.inference_mode():
         discover(*args)
-    probes = list(discover.seen)
-    wrapper = _ModuleProbes(network, output_names, probes).eval()
-    with torch.inference_mode():
-        eager = [t.numpy() for t in wrapper(*args)[len(output_names):]]
-    names = [f"probe:{p}" for p in probes]
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "probes.onnx"
-        export(wrapper, output_names + names, path)
-        model = onnx.load(str(path))
-        run_path = perturb(path) if perturb else path
-        session = _reference_session(run_path)
-        exported = session.run(dict(feeds))
-    compared = 0
-    for probe, name, expected in zip(probes, names, eager):
-        out = _computing_node(model, name)
-        if out is None or name not in exported:
-            continue
-        compared += 1
-        stats = compare_array(name, exported[name], expected, tolerance)
-        if not stats.passed:
-            located = NodeOutput(out.position, out.node, out.op_type, out.tensor, out.feeds_from, module=probe)
-            return TriageReport(what, len(model.graph.node), compared, Divergence(located, stats))
-    return TriageReport(what, len(model.graph.node), compared, None)
+    budget = memory_budget_bytes() if budget_bytes is None else budget_bytes
+    runs = exposure_runs(list(discover.seen), discover.sizes, budget)
+    compared, nodes = 0, 0
+    for number, probes in enumerate(runs, start=1):
+        wrapper = _ModuleProbes(network, output_names, probes).eval()
+        with torch.inference_mode():
+            eager = [t.numpy() for t in wrapper(*args)[len(output_names):]]
+        names = [f"probe:{p}" for p in probes]
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "probes.onnx"
+            export(wrapper, output_names + names, path)
+            model = onnx.load(str(path))
+            run_path = perturb(path) if perturb else path
+            exported = _reference_session(run_path).run(dict(feeds))
+        nodes = len(model.graph.node)
+        for probe, name, expected in zip(probes, names, eager):
+            out = _computing_node(model, name)
+            if out is None or name not in exported:
+                continue
+            compared += 1
+            stats = compare_array(name, exported[name], expected, tolerance)
+            if not stats.passed:
+                located = NodeOutput(out.position, out.node, out.op_type, out.tensor, out.feeds_from, module=probe)
+                return TriageReport(what, nodes, compared, Divergence(located, stats), runs=number, budget_bytes=budget)
+        del eager, exported, model
+    return TriageReport(what, nodes, compared, None, runs=len(runs), budget_bytes=budget)
 
 
 def _computing_node(model: onnx.ModelProto, tensor: str) -> NodeOutput | None:

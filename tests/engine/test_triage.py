@@ -212,10 +212,14 @@ def test_failed_gate_message_and_report_name_the_first_diverging_node(vp3d, monk
 
 
 @pytest.mark.videopose3d
-def test_onnx_vs_torch_fault_names_the_torch_module_and_its_node(vp3d):
+@pytest.mark.parametrize("budget_mb", [None, "0.25"])
+def test_onnx_vs_torch_fault_names_the_torch_module_and_its_node(vp3d, monkeypatch, budget_mb):
     """onnx-vs-torch: the export probing every submodule output computes one Conv 2 % too large
-    (as a wrong export of that op would): that Conv's module and node are named."""
+    (as a wrong export of that op would): that Conv's module and node are named; the same when the
+    probes go out a quarter megabyte (one export) at a time."""
     handle, case = vp3d
+    if budget_mb:
+        monkeypatch.setenv("ZOO_TRIAGE_MEMORY_MB", budget_mb)
     chosen = {}
 
     def faulty_export(path: Path) -> Path:
@@ -231,6 +235,7 @@ def test_onnx_vs_torch_fault_names_the_torch_module_and_its_node(vp3d):
     assert report.first.output.module.startswith("layers_conv."), report.first.output.module
     assert chosen["weight"].endswith(report.first.output.module + ".weight")
     assert f"first diverging module {report.first.output.module!r}, computed by node" in report.summary()
+    assert (report.runs > 1) == bool(budget_mb), report.runs
 
 
 def test_torch_is_no_backend_to_triage(vp3d):
