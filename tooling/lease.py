@@ -25,6 +25,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tooling.envvars import positive_from_env
+
 HOST_ENV = "ZOO_HOST"  # this host's name in leases (default: the hostname); a loopback fleet sets one per server
 LEASE_TIMEOUT_ENV = "ZOO_LEASE_TIMEOUT"
 DEFAULT_LEASE_TIMEOUT_S = 120.0  # a live holder beats every quarter of this; NFS attribute caches lag ~60 s at most
@@ -37,16 +39,7 @@ def host_name() -> str:
 
 def seconds_from_env(name: str, default: float) -> float:
     """A positive number of seconds from the environment variable ``name`` (``default`` if unset)."""
-    raw = os.environ.get(name)
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"{name}={raw!r}: not a number of seconds") from None
-    if value <= 0:
-        raise ValueError(f"{name}={raw!r}: must be positive")
-    return value
+    return positive_from_env(name, default, "seconds")
 
 
 def lease_timeout_s() -> float:

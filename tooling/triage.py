@@ -37,6 +37,7 @@ import torch
 
 from tooling import planning
 from tooling.compare import OutputStats, compare_array
+from tooling.envvars import positive_from_env
 from tooling.model_spec import Tolerance
 
 # Element types whose values the comparison is meaningful for (integer indices are compared too:
@@ -236,14 +237,8 @@ def memory_budget_bytes() -> int:
     runtime's buffers and the arrays it returns) and the comparison widens one pair to float64, so
     a sixth keeps the triage near half of what is free (measured: GMA at 440 x 1024, 7.3 GB of
     intermediates exposed at once, peaked at 20.8 GB)."""
-    configured = os.environ.get("ZOO_TRIAGE_MEMORY_MB")
-    if configured:
-        try:
-            megabytes = float(configured)
-        except ValueError:
-            raise ValueError(f"ZOO_TRIAGE_MEMORY_MB={configured!r} is not a number of megabytes") from None
-        if megabytes <= 0:
-            raise ValueError(f"ZOO_TRIAGE_MEMORY_MB={configured!r} must be positive")
+    megabytes = positive_from_env("ZOO_TRIAGE_MEMORY_MB", None, "megabytes")
+    if megabytes is not None:
         return int(megabytes * 2**20)
     return _available_bytes() // 6
 

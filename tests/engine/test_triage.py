@@ -150,7 +150,7 @@ def test_the_budget_comes_from_the_environment_or_the_free_memory(monkeypatch):
     assert memory_budget_bytes() == 2**19
     for bad in ("lots", "0"):
         monkeypatch.setenv("ZOO_TRIAGE_MEMORY_MB", bad)
-        with pytest.raises(ValueError, match=f"ZOO_TRIAGE_MEMORY_MB={bad!r}"):
+        with pytest.raises(ValueError, match=f"ZOO_TRIAGE_MEMORY_MB={bad!r}: (not a number of megabytes|must be positive)"):
             memory_budget_bytes()
     monkeypatch.delenv("ZOO_TRIAGE_MEMORY_MB")
     free = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemAvailable:"))
