@@ -114,6 +114,14 @@ def verdict_key(instance: GateInstance, workspace) -> VerdictKey:
     return VerdictKey(hashlib.sha256(blob).hexdigest()[:32], inputs, gate.timed)
 
 
+# ZOO_* variables that name a run or bound a wait, and change no result: the CI and nightly scripts
+# export a new ZOO_SESSION_ID per invocation, which kept every slice test from being reused.
+NOT_RESULT_INPUTS = frozenset({
+    "ZOO_SESSION_ID", "ZOO_HOST", "ZOO_HISTORY", "ZOO_REPORTS", "ZOO_WORKERS",
+    "ZOO_LOCK_TIMEOUT", "ZOO_LEASE_TIMEOUT", "ZOO_TRIAGE_MEMORY_MB",
+})
+
+
 def slice_test_key(nodeid: str, params: Mapping[str, Any], test_files: tuple[Path, ...], workspace,
                    models: tuple[str, ...] = ()) -> VerdictKey:
     """The key of a slice's own test (tests/models/<model>/: ports, processing, export variants),
@@ -137,7 +145,8 @@ def slice_test_key(nodeid: str, params: Mapping[str, Any], test_files: tuple[Pat
         "models": list(models),
         "code": code,
         "project": project_digests(),
-        "environment": {k: v for k, v in sorted(os.environ.items()) if k.startswith("ZOO_")},
+        "environment": {k: v for k, v in sorted(os.environ.items())
+                        if k.startswith("ZOO_") and k not in NOT_RESULT_INPUTS},
         "options": _plain(dataclasses.asdict(workspace.options) | {"run_id": None}),
         "libraries": library_versions(),
         # Runtimes and toolchains by version and path, not by asking each backend (AOTInductor's

@@ -260,6 +260,27 @@ def test_one_slice_code_reruns_that_models_slice_tests_only(engine_copy, tmp_pat
     assert changed(after, keys()) == set(before)
 
 
+def test_a_new_session_id_keeps_slice_tests_reusable_a_fixture_root_does_not(tmp_path, monkeypatch):
+    """.ci/conformance and tooling/nightly.sh export a new ZOO_SESSION_ID per invocation: it names the
+    run and changes no result, so a slice test's key ignores it (before, no slice test was ever
+    reused from one invocation to the next); a ZOO_* variable that moves what is read still counts."""
+    from tooling.verdict_key import slice_test_key
+
+    workspace = Workspace(Roots(None, None, None, tmp_path / "cache"), Options())
+    test = PROJECT_ROOT / "tests" / "models" / "gma" / "test_port.py"
+
+    def key() -> str:
+        return slice_test_key("t", {}, (test,), workspace, ("gma",)).digest
+
+    monkeypatch.setenv("ZOO_SESSION_ID", "conformance-1")
+    first = key()
+    monkeypatch.setenv("ZOO_SESSION_ID", "conformance-2")
+    monkeypatch.setenv("ZOO_HOST", "another-name")
+    assert key() == first
+    monkeypatch.setenv("ZOO_FIXTURES_DIR", str(tmp_path))
+    assert key() != first
+
+
 def test_a_function_parameter_is_keyed_by_name_not_by_its_address(tmp_path):
     """A slice test parametrized with functions (a sampler, a lambda mangling a file) gets the same
     key in every process: a repr's memory address would make it never reusable."""
