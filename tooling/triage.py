@@ -52,6 +52,7 @@ COMPARABLE = {
 NOT_COMPUTED = {"Constant"}
 
 T = TypeVar("T")
+TRIAGE_MEMORY_ENV = "ZOO_TRIAGE_MEMORY_MB"  # megabytes of intermediates one triage run exposes per side
 Runner = Callable[[Path], Any]  # exposed-graph path -> a session with run(feeds) -> {name: array}
 
 
@@ -95,7 +96,7 @@ class TriageReport:
     first: Divergence | None
     not_exposed: list[str] = field(default_factory=list)  # tensors the candidate did not return
     runs: int = 1  # graph runs per side: intermediates are exposed a memory budget at a time
-    budget_bytes: int | None = None  # that budget (None: all exposed at once, as the module probes are)
+    budget_bytes: int | None = None  # that budget (None: not reported by the caller)
 
     @property
     def _runs(self) -> str:
@@ -145,10 +146,9 @@ def node_outputs(model: onnx.ModelProto) -> list[NodeOutput]:
     return result
 
 
-def comparable_outputs(model: onnx.ModelProto) -> list[NodeOutput]:
-    """The node outputs whose values can be compared, in graph order: typed, of a comparable element
-    type, computed (not Constant)."""
-    types = _tensor_types(model)
+def comparable_outputs(model: onnx.ModelProto, types: Mapping[str, Any]) -> list[NodeOutput]:
+    """The node outputs whose values can be compared, in graph order: typed (``types``, from
+    ``_tensor_types``), of a comparable element type, computed (not Constant)."""
     comparable = []
     for out in node_outputs(model):
         if out.op_type in NOT_COMPUTED:
@@ -162,12 +162,8 @@ def comparable_outputs(model: onnx.ModelProto) -> list[NodeOutput]:
     return comparable
 
 
-def expose_intermediates(model: onnx.ModelProto, only: list[NodeOutput] | None = None
-                         ) -> tuple[onnx.ModelProto, list[NodeOutput]]:
-    """A copy of ``model`` whose graph outputs include every comparable intermediate tensor (or those
-    of ``only``), and those node outputs (in graph order)."""
-    types = _tensor_types(model)
-    outputs = comparable_outputs(model) if only is None else only
+def expose_intermediates(model: onnx.ModelProto, outputs: list[NodeOutput], types: Mapping[str, Any]) -> onnx.ModelProto:
+    """A copy of ``model`` whose graph outputs also include the tensors of ``outputs``."""
     exposed = onnx.ModelProto()
     exposed.CopyFrom(model)
     present = {o.name for o in exposed.graph.output}
@@ -176,7 +172,7 @@ def expose_intermediates(model: onnx.ModelProto, only: list[NodeOutput] | None =
             elem_type = types[out.tensor].tensor_type.elem_type
             exposed.graph.output.append(onnx.helper.make_tensor_value_info(out.tensor, elem_type, None))
             present.add(out.tensor)
-    return exposed, outputs
+    return exposed
 
 
 def _tensor_types(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:
@@ -209,10 +205,10 @@ def estimated_bytes(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], out
     sizes = []
     for out in outputs:
         tensor_type = types.get(out.tensor)
-        dims = list(tensor_type.tensor_type.shape.dim) if tensor_type is not None and tensor_type.HasField("tensor_type") else []
-        if tensor_type is not None and tensor_type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in dims):
-            item = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.tensor_type.elem_type).itemsize
-            known = item * math.prod(d.dim_value for d in dims)
+        tensor = tensor_type.tensor_type if tensor_type is not None and tensor_type.HasField("tensor_type") else None
+        if tensor is not None and tensor.HasField("shape") and all(d.HasField("dim_value") for d in tensor.shape.dim):
+            item = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).itemsize
+            known = item * math.prod(d.dim_value for d in tensor.shape.dim)
         sizes.append(known)
     return sizes
 
@@ -237,7 +233,7 @@ def memory_budget_bytes() -> int:
     runtime's buffers and the arrays it returns) and the comparison widens one pair to float64, so
     a sixth keeps the triage near half of what is free (measured: GMA at 440 x 1024, 7.3 GB of
     intermediates exposed at once, peaked at 20.8 GB)."""
-    megabytes = positive_from_env("ZOO_TRIAGE_MEMORY_MB", None, "megabytes")
+    megabytes = positive_from_env(TRIAGE_MEMORY_ENV, None, "megabytes")
     if megabytes is not None:
         return int(megabytes * 2**20)
     return _available_bytes() // 6
@@ -271,12 +267,13 @@ def first_divergence(
     holds every intermediate of both sides together (GMA at 440 x 1024: 7.3 GB each), more than a
     host may have. The search stops at the run holding the first divergence; each run executes the
     whole graph again (and compiles it again, for a compiling backend)."""
-    outputs = comparable_outputs(model)
+    types = _tensor_types(model)
+    outputs = comparable_outputs(model, types)
     budget = memory_budget_bytes() if budget_bytes is None else budget_bytes
     runs = exposure_runs(outputs, estimated_bytes(model, feeds, outputs), budget)
     compared, missing = 0, []
     for number, run in enumerate(runs, start=1):
-        exposed, _ = expose_intermediates(model, run)
+        exposed = expose_intermediates(model, run, types)
         with tempfile.TemporaryDirectory(dir=workdir) as tmp:
             path = Path(tmp) / "exposed.onnx"
             onnx.save(exposed, str(path))

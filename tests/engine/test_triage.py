@@ -18,7 +18,7 @@ from tooling.compare import ComparisonError
 from tooling.conformance import triaged
 from tooling.locations import Roots
 from tooling.model_spec import Tolerance
-from tooling.triage import (TriageUnsupported, comparable_outputs, estimated_bytes, first_divergence,
+from tooling.triage import (TriageUnsupported, estimated_bytes, first_divergence,
                             memory_budget_bytes, node_outputs, triage_case)
 from tooling.workspace import Options, Workspace
 
