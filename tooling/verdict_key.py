@@ -43,10 +43,14 @@ from packaging.requirements import Requirement
 from tooling import baseline
 from tooling import model_spec as model_specs
 from tooling.backends import BACKENDS
+from tooling.cache import LOCK_TIMEOUT_ENV
 from tooling.fingerprint import ENGINE_PACKAGE, content_digest, engine_imports, file_digest, source_files, source_label
 from tooling.gates import GATES, gate_backends, serving_backends
+from tooling.history.session import SESSION_ENV
+from tooling.lease import HOST_ENV, LEASE_TIMEOUT_ENV
 from tooling.locations import Roots, data_paths, find_checkpoint
 from tooling.sources import patches_digest
+from tooling.triage import TRIAGE_MEMORY_ENV
 
 # The suite's entry points: the gate bodies and the plugin. Their import closure is the engine a
 # verdict runs (workspace, backends, export, compare, ...); the slice adds the model's own code.
@@ -116,9 +120,10 @@ def verdict_key(instance: GateInstance, workspace) -> VerdictKey:
 
 # ZOO_* variables that name a run or bound a wait, and change no result: the CI and nightly scripts
 # export a new ZOO_SESSION_ID per invocation, which kept every slice test from being reused.
+# (ZOO_HISTORY, ZOO_REPORTS and ZOO_WORKERS are read by the scripts and the history path alone.)
 NOT_RESULT_INPUTS = frozenset({
-    "ZOO_SESSION_ID", "ZOO_HOST", "ZOO_HISTORY", "ZOO_REPORTS", "ZOO_WORKERS",
-    "ZOO_LOCK_TIMEOUT", "ZOO_LEASE_TIMEOUT", "ZOO_TRIAGE_MEMORY_MB",
+    SESSION_ENV, HOST_ENV, LEASE_TIMEOUT_ENV, LOCK_TIMEOUT_ENV, TRIAGE_MEMORY_ENV,
+    "ZOO_HISTORY", "ZOO_REPORTS", "ZOO_WORKERS",
 })
 
 
